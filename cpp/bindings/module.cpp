@@ -1,0 +1,531 @@
+// pybind11 module qkv_native._core: buffer checks, output allocation, GIL release.
+// No math here: every op forwards to a driver in cpp/src. The Python layer
+// (python/qkv_native/functional.py) owns defaults and most user-facing checks; the
+// checks here are the ones memory safety depends on, so a direct call cannot crash.
+#include <omp.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "qkv/attention.h"
+#include "qkv/dispatch.h"
+#include "qkv/gemm.h"
+#include "qkv/projection.h"
+
+namespace py = pybind11;
+using qkv::idx;
+
+namespace {
+
+// A float32 NumPy array seen as a pointer, shape and element strides.
+struct Arr {
+  float* ptr = nullptr;
+  std::vector<idx> shape, strides;
+  idx size() const {
+    idx n = 1;
+    for (idx s : shape) n *= s;
+    return n;
+  }
+};
+
+std::string shape_str(const std::vector<idx>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = false) {
+  if (!py::isinstance<py::array>(obj))
+    type_error(std::string(name) + " must be a numpy.ndarray of float32, got " + std::string(py::str(py::type::of(obj))));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<float>()))
+    type_error(std::string(name) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
+               " (convert explicitly with .astype(np.float32))");
+  if (a.ndim() != ndim)
+    value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                shape_str(std::vector<idx>(a.shape(), a.shape() + a.ndim())));
+  if (writable && !a.writeable()) value_error(std::string(name) + " must be writeable");
+  Arr r;
+  r.ptr = static_cast<float*>(const_cast<void*>(a.data()));
+  for (int i = 0; i < ndim; ++i) {
+    r.shape.push_back(a.shape(i));
+    const idx st = a.strides(i);
+    if (st % static_cast<idx>(sizeof(float)) != 0)
+      value_error(std::string(name) + " has a stride that is not a multiple of 4 bytes (misaligned view)");
+    r.strides.push_back(st / static_cast<idx>(sizeof(float)));
+  }
+  if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1)
+    value_error(std::string(name) + " must be contiguous in its last axis (stride 1), got stride " +
+                std::to_string(r.strides.back()) + " elements; pass np.ascontiguousarray(" + name + ")");
+  return r;
+}
+
+void expect_shape(const Arr& a, const char* name, const std::vector<idx>& shape) {
+  if (a.shape != shape)
+    value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_str(a.shape));
+}
+
+// Checked product of sizes: a ValueError, not an overflow, for absurd shapes.
+idx checked_numel(const std::vector<idx>& shape, const char* what) {
+  idx n = 1;
+  for (idx s : shape) {
+    if (s < 0) value_error(std::string(what) + ": negative size");
+    if (__builtin_mul_overflow(n, s, &n) || n > (idx(1) << 40))
+      value_error(std::string(what) + " of shape " + shape_str(shape) + " is too large");
+  }
+  return n;
+}
+
+py::array_t<float> empty_f32(const std::vector<idx>& shape, const char* what) {
+  checked_numel(shape, what);
+  return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+}
+
+Arr view_of(py::array_t<float>& a) {
+  Arr r;
+  r.ptr = a.mutable_data();
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    r.shape.push_back(a.shape(i));
+    r.strides.push_back(a.strides(i) / static_cast<idx>(sizeof(float)));
+  }
+  return r;
+}
+
+// Output: the given `out` (checked: float32, shape, writeable) or a new array.
+std::pair<py::array_t<float>, Arr> output(const py::object& out, const char* name, const std::vector<idx>& shape) {
+  if (out.is_none()) {
+    py::array_t<float> a = empty_f32(shape, name);
+    Arr v = view_of(a);
+    return {a, v};
+  }
+  Arr v = as_f32(out, name, static_cast<int>(shape.size()), true);
+  expect_shape(v, name, shape);
+  return {py::reinterpret_borrow<py::array_t<float>>(out), v};
+}
+
+qkv::Tensor4 tensor4(const Arr& a) {
+  qkv::Tensor4 t;
+  t.ptr = a.ptr;
+  t.batch = a.shape[0];
+  t.heads = a.shape[1];
+  t.seq = a.shape[2];
+  t.dim = a.shape[3];
+  t.bs = a.strides[0];
+  t.hs = a.strides[1];
+  t.ss = a.strides[2];
+  return t;
+}
+
+std::atomic<int> g_num_threads{0};
+
+const qkv::KernelTable& active_kernels() {
+  try {
+    return qkv::kernels();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(std::string("QKV_NATIVE_ISA: ") + e.what());
+  }
+}
+
+// Runs f with the GIL released and this thread's OpenMP limit set from set_num_threads.
+template <class F>
+void run_native(F&& f) {
+  const int n = g_num_threads.load();
+  py::gil_scoped_release release;
+  if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+  f();
+}
+
+// ---------------------------------------------------------------------------
+py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a, bool trans_b, float alpha,
+                          float beta, const py::object& out) {
+  const auto& kt = active_kernels();
+  py::array a_arr = py::reinterpret_borrow<py::array>(a_obj);
+  py::array b_arr = py::reinterpret_borrow<py::array>(b_obj);
+  if (!py::isinstance<py::array>(a_obj)) type_error("a must be a numpy.ndarray of float32");
+  if (!py::isinstance<py::array>(b_obj)) type_error("b must be a numpy.ndarray of float32");
+  const int nda = static_cast<int>(a_arr.ndim()), ndb = static_cast<int>(b_arr.ndim());
+  if (nda != 2 && nda != 3) value_error("a must be 2-D (M, K) or 3-D (batch, M, K), got " + std::to_string(nda) + "-D");
+  if (ndb != 2 && ndb != 3) value_error("b must be 2-D (K, N) or 3-D (batch, K, N), got " + std::to_string(ndb) + "-D");
+  Arr a = as_f32(a_obj, "a", nda), b = as_f32(b_obj, "b", ndb);
+  const idx ba = nda == 3 ? a.shape[0] : 1, bb = ndb == 3 ? b.shape[0] : 1;
+  if (nda == 3 && ndb == 3 && ba != bb)
+    value_error("a and b must have the same batch size, got " + std::to_string(ba) + " and " + std::to_string(bb));
+  const idx batch = std::max(ba, bb);
+  const int oa = nda - 2, ob = ndb - 2;
+  const idx M = trans_a ? a.shape[oa + 1] : a.shape[oa], Ka = trans_a ? a.shape[oa] : a.shape[oa + 1];
+  const idx Kb = trans_b ? b.shape[ob + 1] : b.shape[ob], N = trans_b ? b.shape[ob] : b.shape[ob + 1];
+  if (Ka != Kb)
+    value_error("inner dimensions differ: op(a) is " + shape_str({M, Ka}) + " and op(b) is " + shape_str({Kb, N}));
+  std::vector<idx> oshape = (nda == 3 || ndb == 3) ? std::vector<idx>{batch, M, N} : std::vector<idx>{M, N};
+  if (beta != 0.0f && out.is_none()) value_error("beta != 0 needs out= (the C that beta scales)");
+  auto [res, c] = output(out, "out", oshape);
+  const idx c_rs = c.strides[c.shape.size() - 2];
+  // element strides of op(a), op(b) for one batch item
+  const idx a_rs = a.strides[oa], a_cs = a.strides[oa + 1];
+  const idx b_rs = b.strides[ob], b_cs = b.strides[ob + 1];
+  run_native([&] {
+    for (idx i = 0; i < batch; ++i) {
+      const float* ap = a.ptr + (nda == 3 ? i * a.strides[0] : 0);
+      const float* bp = b.ptr + (ndb == 3 ? i * b.strides[0] : 0);
+      float* cp = c.ptr + (oshape.size() == 3 ? i * c.strides[0] : 0);
+      qkv::PlainMat A(ap, trans_a ? a_cs : a_rs, trans_a ? a_rs : a_cs);
+      qkv::PlainMat B(bp, trans_b ? b_cs : b_rs, trans_b ? b_rs : b_cs);
+      qkv::PlainMat C(cp, c_rs, 1);
+      qkv::gemm(kt, M, N, Ka, alpha, A.map, B.map, beta, C.map, nullptr);
+    }
+  });
+  return res;
+}
+
+// Segments of one head-major (batch, heads, seq, d_head) tensor, appended to segs.
+void add_head_segments(std::vector<qkv::Segment>& segs, const Arr& t) {
+  for (idx h = 0; h < t.shape[1]; ++h) segs.push_back({t.ptr + h * t.strides[1], t.strides[0], t.strides[2]});
+}
+// Segments of the column blocks of a (d_model, heads·d_head) weight: one per head.
+void add_weight_segments(std::vector<qkv::Segment>& segs, const Arr& w, idx d_head) {
+  for (idx h = 0; h * d_head < w.shape[1]; ++h) segs.push_back({w.ptr + h * d_head * w.strides[1], 0, w.strides[0]});
+}
+
+struct ProjShapes {
+  idx batch, seq, d_model, num_heads, num_kv_heads, d_head, d_q, d_kv, N;
+};
+
+ProjShapes check_projection(const Arr& x, const Arr& wq, const Arr& wk, const Arr& wv, idx num_heads,
+                            idx num_kv_heads) {
+  ProjShapes s;
+  s.batch = x.shape[0];
+  s.seq = x.shape[1];
+  s.d_model = x.shape[2];
+  if (num_heads <= 0) value_error("num_heads must be positive, got " + std::to_string(num_heads));
+  if (num_kv_heads <= 0) value_error("num_kv_heads must be positive, got " + std::to_string(num_kv_heads));
+  if (num_heads % num_kv_heads != 0)
+    value_error("num_kv_heads must divide num_heads, got num_heads=" + std::to_string(num_heads) +
+                ", num_kv_heads=" + std::to_string(num_kv_heads));
+  if (wq.shape[0] != s.d_model) value_error("w_q must have shape (d_model=" + std::to_string(s.d_model) + ", d_q), got " + shape_str(wq.shape));
+  s.d_q = wq.shape[1];
+  if (s.d_q % num_heads != 0)
+    value_error("num_heads=" + std::to_string(num_heads) + " must divide d_q=" + std::to_string(s.d_q));
+  s.num_heads = num_heads;
+  s.num_kv_heads = num_kv_heads;
+  s.d_head = s.d_q / num_heads;
+  s.d_kv = num_kv_heads * s.d_head;
+  expect_shape(wk, "w_k", {s.d_model, s.d_kv});
+  expect_shape(wv, "w_v", {s.d_model, s.d_kv});
+  if (s.d_head == 0) value_error("d_head must be positive (w_q has 0 columns)");
+  s.N = s.d_q + 2 * s.d_kv;
+  checked_numel({s.batch, s.seq, s.N}, "projection output");
+  return s;
+}
+
+py::tuple qkv_project(const py::object& x_obj, const py::object& wq_obj, const py::object& wk_obj,
+                      const py::object& wv_obj, const py::object& bq_obj, const py::object& bk_obj,
+                      const py::object& bv_obj, idx num_heads, idx num_kv_heads, const py::object& q_out,
+                      const py::object& k_out, const py::object& v_out) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 3), wq = as_f32(wq_obj, "w_q", 2), wk = as_f32(wk_obj, "w_k", 2),
+      wv = as_f32(wv_obj, "w_v", 2);
+  const ProjShapes s = check_projection(x, wq, wk, wv, num_heads, num_kv_heads);
+  std::vector<float> bias;
+  const bool any_bias = !bq_obj.is_none() || !bk_obj.is_none() || !bv_obj.is_none();
+  if (any_bias) {
+    bias.assign(static_cast<size_t>(s.N), 0.0f);
+    const py::object* objs[3] = {&bq_obj, &bk_obj, &bv_obj};
+    const char* names[3] = {"b_q", "b_k", "b_v"};
+    const idx lens[3] = {s.d_q, s.d_kv, s.d_kv}, offs[3] = {0, s.d_q, s.d_q + s.d_kv};
+    for (int t = 0; t < 3; ++t) {
+      if (objs[t]->is_none()) continue;
+      Arr bt = as_f32(*objs[t], names[t], 1);
+      expect_shape(bt, names[t], {lens[t]});
+      for (idx j = 0; j < lens[t]; ++j) bias[offs[t] + j] = bt.ptr[j * bt.strides[0]];
+    }
+  }
+  auto [q, qa] = output(q_out, "q_out", {s.batch, s.num_heads, s.seq, s.d_head});
+  auto [k, ka] = output(k_out, "k_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  auto [v, va] = output(v_out, "v_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  std::vector<qkv::Segment> wsegs, osegs;
+  add_weight_segments(wsegs, wq, s.d_head);
+  add_weight_segments(wsegs, wk, s.d_head);
+  add_weight_segments(wsegs, wv, s.d_head);
+  add_head_segments(osegs, qa);
+  add_head_segments(osegs, ka);
+  add_head_segments(osegs, va);
+  qkv::Segment xseg{x.ptr, x.strides[0], x.strides[1]};
+  qkv::MatMap xm{&xseg, 1, qkv::MatMap().seg_cols, std::max<idx>(s.seq, 1), false};
+  qkv::MatMap wm{wsegs.data(), 1, s.d_head, qkv::MatMap().rows_per_batch, false};
+  qkv::MatMap om{osegs.data(), 1, s.d_head, std::max<idx>(s.seq, 1), false};
+  run_native([&] {
+    qkv::project_forward(kt, s.batch * s.seq, s.d_model, s.N, xm, wm, any_bias ? bias.data() : nullptr, om);
+  });
+  return py::make_tuple(q, k, v);
+}
+
+py::tuple qkv_project_backward(const py::object& x_obj, const py::object& wq_obj, const py::object& wk_obj,
+                               const py::object& wv_obj, const py::object& dq_obj, const py::object& dk_obj,
+                               const py::object& dv_obj, idx num_heads, idx num_kv_heads, bool need_dx,
+                               bool need_dw, bool need_db) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 3), wq = as_f32(wq_obj, "w_q", 2), wk = as_f32(wk_obj, "w_k", 2),
+      wv = as_f32(wv_obj, "w_v", 2);
+  const ProjShapes s = check_projection(x, wq, wk, wv, num_heads, num_kv_heads);
+  Arr dq = as_f32(dq_obj, "dq", 4), dk = as_f32(dk_obj, "dk", 4), dv = as_f32(dv_obj, "dv", 4);
+  expect_shape(dq, "dq", {s.batch, s.num_heads, s.seq, s.d_head});
+  expect_shape(dk, "dk", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  expect_shape(dv, "dv", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  py::object dx = py::none(), dwq = py::none(), dwk = py::none(), dwv = py::none(), dbq = py::none(),
+             dbk = py::none(), dbv = py::none();
+  std::vector<qkv::Segment> wsegs, dsegs, dwsegs;
+  add_weight_segments(wsegs, wq, s.d_head);
+  add_weight_segments(wsegs, wk, s.d_head);
+  add_weight_segments(wsegs, wv, s.d_head);
+  add_head_segments(dsegs, dq);
+  add_head_segments(dsegs, dk);
+  add_head_segments(dsegs, dv);
+  qkv::Segment xseg{x.ptr, x.strides[0], x.strides[1]};
+  qkv::MatMap xm{&xseg, 1, qkv::MatMap().seg_cols, std::max<idx>(s.seq, 1), false};
+  qkv::MatMap wm{wsegs.data(), 1, s.d_head, qkv::MatMap().rows_per_batch, false};
+  qkv::MatMap dm{dsegs.data(), 1, s.d_head, std::max<idx>(s.seq, 1), false};
+  qkv::Segment dxseg{nullptr, 0, 0};
+  qkv::MatMap dxm{&dxseg, 1, qkv::MatMap().seg_cols, std::max<idx>(s.seq, 1), false};
+  qkv::MatMap dwm{nullptr, 1, s.d_head, qkv::MatMap().rows_per_batch, false};
+  std::vector<float> db;
+  if (need_dx) {
+    py::array_t<float> a = empty_f32({s.batch, s.seq, s.d_model}, "dx");
+    dxseg = {a.mutable_data(), s.seq * s.d_model, s.d_model};
+    dx = a;
+  }
+  if (need_dw) {
+    py::array_t<float> a = empty_f32({s.d_model, s.d_q}, "dw_q"), b = empty_f32({s.d_model, s.d_kv}, "dw_k"),
+                       c = empty_f32({s.d_model, s.d_kv}, "dw_v");
+    Arr av = view_of(a), bv2 = view_of(b), cv = view_of(c);
+    add_weight_segments(dwsegs, av, s.d_head);
+    add_weight_segments(dwsegs, bv2, s.d_head);
+    add_weight_segments(dwsegs, cv, s.d_head);
+    dwm.segs = dwsegs.data();
+    dwq = a;
+    dwk = b;
+    dwv = c;
+  }
+  if (need_db) db.assign(static_cast<size_t>(s.N), 0.0f);
+  run_native([&] {
+    qkv::project_backward(kt, s.batch * s.seq, s.d_model, s.N, xm, wm, dm, need_dx ? &dxm : nullptr,
+                          need_dw ? &dwm : nullptr, need_db ? db.data() : nullptr);
+  });
+  if (need_db) {
+    py::array_t<float> a(s.d_q), b(s.d_kv), c(s.d_kv);
+    std::copy(db.begin(), db.begin() + s.d_q, a.mutable_data());
+    std::copy(db.begin() + s.d_q, db.begin() + s.d_q + s.d_kv, b.mutable_data());
+    std::copy(db.begin() + s.d_q + s.d_kv, db.end(), c.mutable_data());
+    dbq = a;
+    dbk = b;
+    dbv = c;
+  }
+  return py::make_tuple(dx, dwq, dwk, dwv, dbq, dbk, dbv);
+}
+
+// The shared checks of attention forward and backward; fills args (not o, lse).
+void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const Arr& v, bool causal,
+                    const py::object& key_lengths, const py::object& bias, float scale,
+                    std::vector<idx>& lengths_store) {
+  const idx B = q.shape[0], H = q.shape[1], Sq = q.shape[2], D = q.shape[3];
+  const idx Hkv = k.shape[1], Sk = k.shape[2];
+  if (k.shape[0] != B || k.shape[3] != D)
+    value_error("k must have shape (batch=" + std::to_string(B) + ", num_kv_heads, seq_k, d_head=" + std::to_string(D) +
+                "), got " + shape_str(k.shape));
+  if (v.shape[0] != B || v.shape[1] != Hkv || v.shape[2] != Sk)
+    value_error("v must have shape (batch=" + std::to_string(B) + ", num_kv_heads=" + std::to_string(Hkv) +
+                ", seq_k=" + std::to_string(Sk) + ", d_v), got " + shape_str(v.shape));
+  if (Hkv == 0 || H % Hkv != 0)
+    value_error("the number of kv heads must divide the number of query heads, got num_heads=" + std::to_string(H) +
+                ", num_kv_heads=" + std::to_string(Hkv));
+  if (Sk >= INT_MAX || Sq >= INT_MAX || D >= INT_MAX || v.shape[3] >= INT_MAX)
+    value_error("sequence lengths and head dims must be below 2**31");
+  checked_numel({B, H, Sq, std::max<idx>(v.shape[3], 1)}, "attention output");
+  if (!std::isfinite(scale)) value_error("scale must be finite");
+  args.q = tensor4(q);
+  args.k = tensor4(k);
+  args.v = tensor4(v);
+  args.scale = scale;
+  args.causal = causal;
+  if (!key_lengths.is_none()) {
+    py::array kl = py::reinterpret_borrow<py::array>(key_lengths);
+    if (!py::isinstance<py::array>(key_lengths) || !(kl.dtype().is(py::dtype::of<int64_t>()) || kl.dtype().is(py::dtype::of<int32_t>())))
+      type_error("key_lengths must be a numpy array of int32 or int64");
+    if (kl.ndim() != 1 || kl.shape(0) != B)
+      value_error("key_lengths must have shape (batch=" + std::to_string(B) + ",)");
+    lengths_store.resize(static_cast<size_t>(B));
+    for (idx b = 0; b < B; ++b) {
+      const char* p = static_cast<const char*>(kl.data()) + b * kl.strides(0);
+      const idx len = kl.dtype().is(py::dtype::of<int64_t>()) ? *reinterpret_cast<const int64_t*>(p)
+                                                               : *reinterpret_cast<const int32_t*>(p);
+      if (len < 0 || len > Sk)
+        value_error("key_lengths[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside [0, seq_k=" +
+                    std::to_string(Sk) + "]");
+      lengths_store[static_cast<size_t>(b)] = len;
+    }
+    args.key_lengths = lengths_store.data();
+  }
+  if (!bias.is_none()) {
+    Arr bv;
+    // bias is broadcast to (batch, num_heads, seq_q, seq_k) by the Python layer (zero strides)
+    if (!py::isinstance<py::array>(bias)) type_error("bias must be a numpy.ndarray of float32");
+    py::array ba = py::reinterpret_borrow<py::array>(bias);
+    if (!ba.dtype().is(py::dtype::of<float>())) type_error("bias must have dtype float32, got " + std::string(py::str(ba.dtype())));
+    if (ba.ndim() != 4) value_error("bias must be 4-D (batch, num_heads, seq_q, seq_k)");
+    std::vector<idx> shape(ba.shape(), ba.shape() + 4);
+    expect_shape(Arr{nullptr, shape, {}}, "bias", {B, H, Sq, Sk});
+    args.bias = static_cast<const float*>(ba.data());
+    idx st[4];
+    for (int i = 0; i < 4; ++i) {
+      if (ba.strides(i) % 4 != 0) value_error("bias has a stride that is not a multiple of 4 bytes");
+      st[i] = ba.strides(i) / 4;
+    }
+    args.bias_bs = st[0];
+    args.bias_hs = st[1];
+    args.bias_qs = st[2];
+    args.bias_ks = st[3];
+  }
+}
+
+py::object attention(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj, bool causal,
+                     const py::object& key_lengths, const py::object& bias, float scale, bool return_lse,
+                     const py::object& out) {
+  const auto& kt = active_kernels();
+  Arr q = as_f32(q_obj, "q", 4), k = as_f32(k_obj, "k", 4), v = as_f32(v_obj, "v", 4);
+  qkv::AttentionArgs args;
+  std::vector<idx> lengths;
+  attention_args(args, q, k, v, causal, key_lengths, bias, scale, lengths);
+  const idx B = q.shape[0], H = q.shape[1], Sq = q.shape[2], Dv = v.shape[3];
+  auto [o, oa] = output(out, "out", {B, H, Sq, Dv});
+  args.o = tensor4(oa);
+  py::array_t<float> lse;
+  if (return_lse) {
+    lse = empty_f32({B, H, Sq}, "lse");
+    args.lse = lse.mutable_data();
+  }
+  run_native([&] { qkv::attention_forward(kt, args); });
+  if (return_lse) return py::make_tuple(o, lse);
+  return o;
+}
+
+py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, const py::object& k_obj,
+                             const py::object& v_obj, const py::object& o_obj, const py::object& lse_obj, bool causal,
+                             const py::object& key_lengths, const py::object& bias, float scale) {
+  const auto& kt = active_kernels();
+  Arr q = as_f32(q_obj, "q", 4), k = as_f32(k_obj, "k", 4), v = as_f32(v_obj, "v", 4);
+  qkv::AttentionArgs args;
+  std::vector<idx> lengths;
+  attention_args(args, q, k, v, causal, key_lengths, bias, scale, lengths);
+  const idx B = q.shape[0], H = q.shape[1], Sq = q.shape[2];
+  Arr o = as_f32(o_obj, "o", 4), d_o = as_f32(do_obj, "do", 4), lse = as_f32(lse_obj, "lse", 3);
+  expect_shape(o, "o", {B, H, Sq, v.shape[3]});
+  expect_shape(d_o, "do", {B, H, Sq, v.shape[3]});
+  expect_shape(lse, "lse", {B, H, Sq});
+  if (lse.strides[0] != H * Sq || lse.strides[1] != Sq || (Sq > 1 && lse.strides[2] != 1))
+    value_error("lse must be C-contiguous (the array attention() returned)");
+  args.o = tensor4(o);
+  args.lse = lse.ptr;
+  auto [dq, dqa] = output(py::none(), "dq", q.shape);
+  auto [dk, dka] = output(py::none(), "dk", k.shape);
+  auto [dv, dva] = output(py::none(), "dv", v.shape);
+  run_native([&] { qkv::attention_backward(kt, args, tensor4(d_o), tensor4(dqa), tensor4(dka), tensor4(dva)); });
+  return py::make_tuple(dq, dk, dv);
+}
+
+py::dict cpu_info() {
+  const qkv::CpuFeatures& f = qkv::cpu_features();
+  py::dict d;
+  d["vendor"] = f.vendor;
+  d["brand"] = f.brand;
+  py::dict feats;
+  feats["avx2"] = f.avx2;
+  feats["fma"] = f.fma;
+  feats["avx512f"] = f.avx512f;
+  feats["avx512bw"] = f.avx512bw;
+  feats["avx512vl"] = f.avx512vl;
+  feats["avx512dq"] = f.avx512dq;
+  feats["os_saves_ymm"] = f.os_ymm;
+  feats["os_saves_zmm"] = f.os_zmm;
+  d["features"] = feats;
+  d["supported_isas"] = qkv::supported_isas();
+  d["isa"] = std::string(active_kernels().isa);
+  const int n = g_num_threads.load();
+  d["num_threads"] = n > 0 ? n : omp_get_max_threads();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "qkv_native native core (private; use the qkv_native package)";
+  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
+        py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("out") = py::none());
+  m.def("qkv_project", &qkv_project, py::arg("x"), py::arg("w_q"), py::arg("w_k"), py::arg("w_v"),
+        py::arg("b_q") = py::none(), py::arg("b_k") = py::none(), py::arg("b_v") = py::none(), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("q_out") = py::none(), py::arg("k_out") = py::none(),
+        py::arg("v_out") = py::none());
+  m.def("qkv_project_backward", &qkv_project_backward, py::arg("x"), py::arg("w_q"), py::arg("w_k"), py::arg("w_v"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("need_dx") = true, py::arg("need_dw") = true, py::arg("need_db") = true);
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("causal") = false,
+        py::arg("key_lengths") = py::none(), py::arg("bias") = py::none(), py::arg("scale"),
+        py::arg("return_lse") = false, py::arg("out") = py::none());
+  m.def("attention_backward", &attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("o"), py::arg("lse"), py::arg("causal") = false, py::arg("key_lengths") = py::none(),
+        py::arg("bias") = py::none(), py::arg("scale"));
+  m.def("cpu_info", &cpu_info);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    g_num_threads.store(n);
+    omp_set_num_threads(n);
+  });
+  m.def("get_num_threads", [] {
+    const int n = g_num_threads.load();
+    return n > 0 ? n : omp_get_max_threads();
+  });
+  m.def("set_isa", [](const std::string& isa) {
+    try {
+      qkv::set_active_isa(isa);
+    } catch (const std::invalid_argument& e) {
+      throw py::value_error(e.what());
+    }
+  });
+  m.def("get_isa", [] { return std::string(active_kernels().isa); });
+  m.def("supported_isas", &qkv::supported_isas);
+  m.def("exp", [](const py::object& x_obj) {
+    Arr x = as_f32(x_obj, "x", 1);
+    py::array_t<float> y(x.shape[0]);
+    if (x.shape[0] > 1 && x.strides[0] != 1) value_error("x must be contiguous");
+    const auto& kt = active_kernels();
+    float* yp = y.mutable_data();
+    run_native([&] { kt.exp(x.ptr, yp, x.shape[0]); });
+    return y;
+  }, py::arg("x"), "exp of a contiguous float32 vector with the active ISA's polynomial (for tests)");
+  m.def("fma_probe", [](double seconds) {
+    // FMA throughput of the active ISA on all threads: GFLOP/s over ~seconds.
+    const auto& kt = active_kernels();
+    double gflops = 0.0;
+    run_native([&] {
+      const int nt = omp_get_max_threads();
+      double total = 0.0;
+      const double t0 = omp_get_wtime();
+      const qkv::idx iters = 1 << 20;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+      {
+        double flops = 0.0;
+        while (omp_get_wtime() - t0 < seconds) flops += kt.fma_probe(iters);
+        total += flops;
+      }
+      gflops = total / (omp_get_wtime() - t0) / 1e9;
+    });
+    return gflops;
+  }, py::arg("seconds") = 0.2);
+}

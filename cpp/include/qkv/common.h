@@ -1,0 +1,43 @@
+// Small shared pieces of the drivers: index type, aligned buffers, thread count.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <new>
+
+namespace qkv {
+
+using idx = std::int64_t;
+
+inline idx ceil_div(idx a, idx b) { return (a + b - 1) / b; }
+
+// An uninitialised, 64-byte aligned float buffer (workspace, packed panels).
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(idx n) { resize(n); }
+  void resize(idx n) {
+    if (n <= size_) return;
+    const std::size_t bytes = ((static_cast<std::size_t>(n) * sizeof(float) + 63) / 64) * 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    ptr_.reset(static_cast<float*>(p));
+    size_ = n;
+  }
+  float* data() const { return ptr_.get(); }
+  idx size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> ptr_;
+  idx size_ = 0;
+};
+
+// Threads a driver may use: the OpenMP setting, capped so that each thread gets at
+// least `min_work` units of `work` (small problems do not pay for idle threads).
+int threads_for(double work, double min_work);
+
+}  // namespace qkv

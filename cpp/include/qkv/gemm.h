@@ -1,0 +1,67 @@
+// The packed SGEMM driver (BLIS scheme; the micro-tile is the ISA kernel).
+#pragma once
+#include <limits>
+
+#include "qkv/common.h"
+#include "qkv/kernels.h"
+
+namespace qkv {
+
+// A 2-D matrix laid out in memory as batches of rows and segments of columns, so
+// that the projection reads and writes head-major (batch, heads, seq, d_head)
+// tensors as if they were one (batch·seq) × (heads·d_head) matrix, with no copy:
+//   b = i / rows_per_batch, r = i % rows_per_batch, s = j / seg_cols, c = j % seg_cols
+//   M(i, j) = segs[s].ptr[b*segs[s].bs + r*segs[s].rs + c*cs]
+// With trans, the view is of the transpose: M(i, j) = (the above)(j, i).
+// A plain row-major matrix is one segment with rows_per_batch and seg_cols = ∞.
+struct Segment {
+  float* ptr;
+  idx bs, rs;
+};
+
+struct MatMap {
+  const Segment* segs;
+  idx cs = 1;
+  idx seg_cols = std::numeric_limits<idx>::max();
+  idx rows_per_batch = std::numeric_limits<idx>::max();
+  bool trans = false;
+
+  // Pointer to element (i, j), the step to (i, j+1), and how many elements from j
+  // on share that step (up to the next segment or batch boundary).
+  float* run(idx i, idx j, idx* step, idx* len) const {
+    const idx r0 = trans ? j : i, c0 = trans ? i : j;  // coordinates in the stored matrix
+    const idx b = r0 / rows_per_batch, r = r0 - b * rows_per_batch;
+    const idx s = c0 / seg_cols, c = c0 - s * seg_cols;
+    const Segment& g = segs[s];
+    if (trans) {
+      *step = g.rs;
+      *len = rows_per_batch - r;
+    } else {
+      *step = cs;
+      *len = seg_cols - c;
+    }
+    return g.ptr + b * g.bs + r * g.rs + c * cs;
+  }
+};
+
+// A plain matrix: element (i, j) at ptr[i*rs + j*cs]. Holds its one segment.
+struct PlainMat {
+  Segment seg;
+  MatMap map;
+  PlainMat(const float* ptr, idx rs, idx cs, bool trans = false)
+      : seg{const_cast<float*>(ptr), 0, rs} {
+    map.segs = &seg;
+    map.cs = cs;
+    map.trans = trans;
+  }
+  PlainMat(const PlainMat&) = delete;
+  PlainMat& operator=(const PlainMat&) = delete;
+};
+
+// C(M×N) = alpha·A(M×K)·B(K×N) + beta·C + bias (bias: (N,) or null, added once).
+// beta == 0 never reads C. C must not be transposed and must have cs == 1.
+// Threads split the M and N loops, never K.
+void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
+          float beta, const MatMap& C, const float* bias);
+
+}  // namespace qkv

@@ -1,0 +1,64 @@
+// The kernel table: the inner loops that are compiled once per ISA.
+// See Note [per-ISA kernels] in CMakeLists.txt. This header holds no ISA code.
+#pragma once
+#include <cstdint>
+
+namespace qkv {
+
+using idx = std::int64_t;
+
+// One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):
+//   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * b[p*rs_b + j] (+ bias[j]) (+ beta * c_rows[i][j])
+// for i < m <= mr, j < n <= nr, p < k. b is contiguous along j (a packed panel has
+// rs_b = nr). beta == 0 never reads C; bias may be null.
+struct GemmTile {
+  idx k;
+  int m, n;
+  const float* a;
+  idx rs_a, cs_a;
+  const float* b;
+  idx rs_b;
+  float* const* c_rows;  // m row pointers, each to column 0 of the tile
+  float alpha, beta;
+  const float* bias;     // (n,) or null
+};
+
+// Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.
+struct BiasView {
+  const float* ptr = nullptr;
+  idx rs = 0, cs = 0;
+};
+
+struct KernelTable {
+  const char* isa;
+  int mr, nr;          // GEMM micro-tile
+  int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
+  void (*gemm_tile)(const GemmTile& t);
+
+  // Online-softmax step of the flash forward, for a block of rows of S:
+  // s: (rows, cols) with row stride lds, already scaled (S = Q·Kᵀ·scale).
+  // For row i: s_ij += bias(i, j); keys j >= lim[i] are masked (-inf).
+  // m, l: running max and sum per row (in/out). o: (rows, dv) output accumulator,
+  // row stride ldo, rescaled by exp(m_old - m_new) when the max moves.
+  // On return s holds P = exp(s - m_new) (0 where masked).
+  void (*softmax_fwd)(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
+                      float* m, float* l, float* o, idx ldo, int dv);
+
+  // Backward recompute: s (rows, cols) := exp(s + bias - lse_i) for j < lim[i], else 0;
+  // rows with lse_i = -inf (fully masked) give 0.
+  void (*softmax_bwd_p)(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
+                        const float* lse);
+  // dS = P ∘ (dP − D_i), in place in dp (rows, cols), row strides ld.
+  void (*softmax_bwd_ds)(const float* p, float* dp, idx ld, int rows, int cols, const float* d);
+
+  // y[i] = exp(x[i]) for the whole range (exposed for tests of the exp polynomial).
+  void (*exp)(const float* x, float* y, idx n);
+  // Runs a dependent-free FMA loop for `iters` iterations; returns the FLOPs done.
+  double (*fma_probe)(idx iters);
+};
+
+namespace scalar { const KernelTable& kernel_table(); }
+namespace avx2 { const KernelTable& kernel_table(); }
+namespace avx512 { const KernelTable& kernel_table(); }
+
+}  // namespace qkv

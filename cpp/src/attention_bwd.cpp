@@ -1,0 +1,152 @@
+// Attention backward (FA2 scheme, two deterministic passes).
+//   D_i = rowsum(dO ∘ O)_i                                   (per query row)
+//   pass 1, tasks (batch, kv head, key block): walk the query blocks of every query
+//     head in the group; P = exp(S − lse); dV += Pᵀ·dO; dP = dO·Vᵀ;
+//     dS = P∘(dP − D); dK += dSᵀ·Q·scale. Each task owns its dK/dV rows.
+//   pass 2, tasks (batch, head, query block): recompute P and dS over the key
+//     blocks; dQ += dS·K·scale. Each task owns its dQ rows.
+// Every output element is summed by one task in a fixed order, so results are
+// identical whatever the thread count. Extra memory: D (batch·heads·seq_q) and
+// per-thread blocks.
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "attention_common.h"
+
+namespace qkv {
+
+namespace {
+
+struct BlockBufs {
+  AlignedBuffer s, dp, kp, vp;
+  BlockBufs(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv)
+      : s(blk.bq * blk.bk),
+        dp(blk.bq * blk.bk),
+        kp(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(D, 1)),
+        vp(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(Dv, 1)) {}
+};
+
+// For query rows [q0, q0+nq) of head h against keys [k0, k0+nk) (K/V already packed
+// transposed in bufs.kp / bufs.vp): leaves P in bufs.s and dS (unscaled) in bufs.dp.
+void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
+              const detail::Blocks& blk, idx b, idx h, idx q0, idx nq, idx k0, idx nk, BlockBufs& bufs,
+              std::vector<int>& lim_rel) {
+  const idx H = a.q.heads, Sq = a.q.seq, D = a.q.dim, Dv = a.v.dim;
+  // S (nq × nk) = scale · Q·Kᵀ, then P = exp(S + bias − lse) on allowed keys
+  detail::block_gemm(kt, nq, nk, D, a.scale, a.q.row(b, h, q0), a.q.ss, 1, bufs.kp.data(), true, 0, 0.0f,
+                     bufs.s.data(), blk.bk);
+  for (idx i = 0; i < nq; ++i)
+    lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(detail::key_limit(a, b, q0 + i) - k0, nk)));
+  BiasView bias;
+  if (a.bias) {
+    bias.ptr = a.bias + b * a.bias_bs + h * a.bias_hs + q0 * a.bias_qs + k0 * a.bias_ks;
+    bias.rs = a.bias_qs;
+    bias.cs = a.bias_ks;
+  }
+  const float* lse = a.lse + (b * H + h) * Sq + q0;
+  kt.softmax_bwd_p(bufs.s.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk), bias, lim_rel.data(), lse);
+  // dP (nq × nk) = dO (nq × Dv) · Vᵀ (Dv × nk); dS = P ∘ (dP − D)
+  detail::block_gemm(kt, nq, nk, Dv, 1.0f, d_o.row(b, h, q0), d_o.ss, 1, bufs.vp.data(), true, 0, 0.0f,
+                     bufs.dp.data(), blk.bk);
+  kt.softmax_bwd_ds(bufs.s.data(), bufs.dp.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk),
+                    dsum + (b * H + h) * Sq + q0);
+}
+
+}  // namespace
+
+void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const Tensor4& dq,
+                        const Tensor4& dk, const Tensor4& dv) {
+  const idx B = a.q.batch, H = a.q.heads, Hkv = a.k.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim,
+            Dv = a.v.dim;
+  const idx group = Hkv > 0 ? H / Hkv : 1;
+  const detail::Blocks blk = detail::choose_blocks(kt, D, Dv);
+  const double flops = 10.0 * static_cast<double>(B) * H * std::max<idx>(Sq, 1) * std::max<idx>(Sk, 1) *
+                       std::max<idx>(D + Dv, 1) / 2;
+  const int nt_max = threads_for(flops, 2.0e6);
+
+  // D_i = Σ_d dO_id · O_id
+  std::vector<float> dsum(static_cast<size_t>(B * H * Sq));
+#pragma omp parallel for num_threads(nt_max) schedule(static)
+  for (idx r = 0; r < B * H * Sq; ++r) {
+    const idx i = r % Sq, bh = r / Sq, h = bh % H, b = bh / H;
+    const float* x = d_o.row(b, h, i);
+    const float* y = a.o.row(b, h, i);
+    float acc = 0.0f;
+    for (idx d = 0; d < Dv; ++d) acc += x[d] * y[d];
+    dsum[r] = acc;
+  }
+
+  // Pass 1: dK, dV. Task = (batch, kv head, key block).
+  const idx n_kb = ceil_div(Sk, blk.bk);
+  const idx n_tasks1 = B * Hkv * n_kb;
+  const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
+#pragma omp parallel num_threads(nt1)
+  {
+    BlockBufs bufs(kt, blk, D, Dv);
+    AlignedBuffer dk_acc(blk.bk * std::max<idx>(D, 1)), dv_acc(blk.bk * std::max<idx>(Dv, 1));
+    std::vector<int> lim_rel(blk.bq);
+#pragma omp for schedule(dynamic, 1)
+    for (idx task = 0; task < n_tasks1; ++task) {
+      const idx kb = task % n_kb, bh = task / n_kb, hk = bh % Hkv, b = bh / Hkv;
+      const idx k0 = kb * blk.bk, nk = std::min<idx>(blk.bk, Sk - k0);
+      std::fill(dk_acc.data(), dk_acc.data() + nk * D, 0.0f);
+      std::fill(dv_acc.data(), dv_acc.data() + nk * Dv, 0.0f);
+      detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
+      detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
+      // The first query row that may see key k0: lim(b, i) > k0.
+      idx i_first = 0;
+      if (a.causal) i_first = std::max<idx>(0, k0 - (Sk - Sq));
+      if (a.key_lengths && a.key_lengths[b] <= k0) i_first = Sq;
+      for (idx h = hk * group; h < (hk + 1) * group; ++h) {
+        for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < Sq; q0 += blk.bq) {
+          const idx nq = std::min<idx>(blk.bq, Sq - q0);
+          p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+          // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
+          detail::block_gemm(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), false, d_o.ss, 1.0f,
+                             dv_acc.data(), Dv);
+          // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
+          detail::block_gemm(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), false, a.q.ss,
+                             1.0f, dk_acc.data(), D);
+        }
+      }
+      for (idx j = 0; j < nk; ++j) {
+        std::copy(dk_acc.data() + j * D, dk_acc.data() + (j + 1) * D, dk.row(b, hk, k0 + j));
+        std::copy(dv_acc.data() + j * Dv, dv_acc.data() + (j + 1) * Dv, dv.row(b, hk, k0 + j));
+      }
+    }
+  }
+
+  // Pass 2: dQ. Task = (batch, head, query block).
+  const idx n_qb = ceil_div(Sq, blk.bq);
+  const idx n_tasks2 = B * H * n_qb;
+  const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
+#pragma omp parallel num_threads(nt2)
+  {
+    BlockBufs bufs(kt, blk, D, Dv);
+    std::vector<int> lim_rel(blk.bq);
+#pragma omp for schedule(dynamic, 1)
+    for (idx task = 0; task < n_tasks2; ++task) {
+      const idx qb = task % n_qb, bh = task / n_qb, h = bh % H, b = bh / H, hk = h / group;
+      const idx q0 = qb * blk.bq, nq = std::min<idx>(blk.bq, Sq - q0);
+      float* dqrow = dq.row(b, h, q0);
+      idx kmax = 0;
+      for (idx i = 0; i < nq; ++i) {
+        kmax = std::max(kmax, detail::key_limit(a, b, q0 + i));
+        std::fill(dqrow + i * dq.ss, dqrow + i * dq.ss + D, 0.0f);
+      }
+      for (idx k0 = 0; k0 < kmax; k0 += blk.bk) {
+        const idx nk = std::min<idx>(blk.bk, kmax - k0);
+        detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
+        detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
+        p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
+        detail::block_gemm(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), false, a.k.ss,
+                           1.0f, dqrow, dq.ss);
+      }
+    }
+  }
+}
+
+}  // namespace qkv

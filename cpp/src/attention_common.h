@@ -1,0 +1,81 @@
+// Pieces shared by the attention forward and backward drivers.
+#pragma once
+#include <algorithm>
+
+#include "qkv/attention.h"
+
+namespace qkv {
+namespace detail {
+
+// lim(b, i) of Note [attention masking].
+inline idx key_limit(const AttentionArgs& a, idx b, idx i) {
+  const idx seq_q = a.q.seq, seq_k = a.k.seq;
+  idx lim = seq_k;
+  if (a.key_lengths) lim = std::min(lim, a.key_lengths[b]);
+  if (a.causal) lim = std::min(lim, i + (seq_k - seq_q) + 1);
+  return std::max<idx>(lim, 0);
+}
+
+// Rows per query block and keys per key block. Query blocks are a multiple of the
+// micro-tile's rows; key blocks a multiple of its columns.
+struct Blocks {
+  idx bq, bk;
+};
+inline Blocks choose_blocks(const KernelTable& kt, idx d, idx dv) {
+  const idx bq = kt.mr * ceil_div(64, kt.mr);
+  // keep the packed K/V block (bk × max(d, dv)) within about 64 KiB
+  idx bk = 128;
+  const idx dmax = std::max<idx>({d, dv, 1});
+  while (bk > kt.nr && bk * dmax * 4 > 64 * 1024) bk /= 2;
+  bk = std::max<idx>(kt.nr, (bk / kt.nr) * kt.nr);
+  return {bq, bk};
+}
+
+// Packs rows [j0, j0+n) of a (seq, dim) matrix transposed into micro-panels of nr
+// keys: dst[panel][d][jj] (dim × nr each), keys past n zero-filled. The panels are
+// the B operand of S = Q·Kᵀ (and dP = dO·Vᵀ).
+inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, int nr, float* dst) {
+  for (idx p0 = 0; p0 < n; p0 += nr) {
+    float* panel = dst + (p0 / nr) * dim * nr;
+    const idx m = std::min<idx>(nr, n - p0);
+    for (idx jj = 0; jj < m; ++jj) {
+      const float* row = src + (j0 + p0 + jj) * ss;
+      for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = row[d];
+    }
+    for (idx jj = m; jj < nr; ++jj)
+      for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = 0.0f;
+  }
+}
+
+// c(m×n) (+)= alpha · a(m×k) · b(k×n) over micro-tiles, for the small products
+// inside an attention block. a(i, p) = a[i*rs_a + p*cs_a]; b is either packed
+// panels (b_packed: panel stride k*nr, row stride nr) or plain rows (row stride rs_b).
+inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
+                       idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc) {
+  const int mr = kt.mr, nr = kt.nr;
+  float* rows[64];
+  for (idx j0 = 0; j0 < n; j0 += nr) {
+    const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
+    for (idx i0 = 0; i0 < m; i0 += mr) {
+      const int mt = static_cast<int>(std::min<idx>(mr, m - i0));
+      for (int i = 0; i < mt; ++i) rows[i] = c + (i0 + i) * ldc + j0;
+      GemmTile t;
+      t.k = k;
+      t.m = mt;
+      t.n = static_cast<int>(std::min<idx>(nr, n - j0));
+      t.a = a + i0 * rs_a;
+      t.rs_a = rs_a;
+      t.cs_a = cs_a;
+      t.b = bj;
+      t.rs_b = b_packed ? nr : rs_b;
+      t.c_rows = rows;
+      t.alpha = alpha;
+      t.beta = beta;
+      t.bias = nullptr;
+      kt.gemm_tile(t);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace qkv

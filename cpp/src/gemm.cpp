@@ -1,0 +1,169 @@
+// The packed SGEMM driver: the five BLIS loops around the ISA micro-tile.
+//
+//   for jc in N step nc:                 B panel (kc × nc) packed once, shared (L3)
+//     for pc in K step kc:
+//       for ic in M step mc (threads):   A block (mc × kc) packed per thread (L2)
+//         for jr in nc step nr:          B micro-panel (kc × nr) (L1)
+//           for ir in mc step mr:        micro-tile mr × nr, kc rank-1 updates
+//
+// Threads split ic (M) and, when M has fewer blocks than threads, jr (N); never K.
+#include "qkv/gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace qkv {
+
+int threads_for(double work, double min_work) {
+  const int max_t = omp_get_max_threads();
+  const double t = work / min_work;
+  if (t < 2.0) return 1;
+  return t >= max_t ? max_t : static_cast<int>(t);
+}
+
+namespace {
+
+// Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels: ap[panel][p][i],
+// rows past mc zero-filled.
+void pack_a(const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
+  for (idx i0 = 0; i0 < mc; i0 += mr) {
+    const int m = static_cast<int>(std::min<idx>(mr, mc - i0));
+    float* dst = ap + i0 * kc;
+    for (int i = 0; i < m; ++i) {
+      idx p = 0;
+      while (p < kc) {
+        idx step, len;
+        const float* src = A.run(ic + i0 + i, pc + p, &step, &len);
+        len = std::min<idx>(len, kc - p);
+        for (idx q = 0; q < len; ++q) dst[(p + q) * mr + i] = src[q * step];
+        p += len;
+      }
+    }
+    for (idx p = 0; p < kc; ++p)
+      for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
+  }
+}
+
+// Packs the micro-panel of B[pc:pc+kc, j0:j0+nr]: bp[p][j] (nr wide), columns
+// past nc_left zero-filled.
+void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, float* bp) {
+  const int n = static_cast<int>(std::min<idx>(nr, nc_left));
+  for (idx p = 0; p < kc; ++p) {
+    float* dst = bp + p * nr;
+    int j = 0;
+    while (j < n) {
+      idx step, len;
+      const float* src = B.run(pc + p, j0 + j, &step, &len);
+      len = std::min<idx>(len, n - j);
+      if (step == 1)
+        for (idx q = 0; q < len; ++q) dst[j + q] = src[q];
+      else
+        for (idx q = 0; q < len; ++q) dst[j + q] = src[q * step];
+      j += static_cast<int>(len);
+    }
+    for (int jj = n; jj < nr; ++jj) dst[jj] = 0.0f;
+  }
+}
+
+// Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
+// splitting each tile at segment boundaries of the output map.
+void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, idx ic, idx mc, idx jc, idx j_begin,
+                  idx j_end, idx kc, float alpha, float beta, const MatMap& C, const float* bias) {
+  const int mr = kt.mr, nr = kt.nr;
+  float* rows[64];
+  for (idx jr = j_begin; jr < j_end; jr += nr) {
+    const idx n_tile = std::min<idx>(nr, j_end - jr);
+    const float* bpanel = bp + (jr / nr) * kc * nr;
+    for (idx ir = 0; ir < mc; ir += mr) {
+      const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
+      // split [jc+jr, jc+jr+n_tile) at segment boundaries
+      idx j = 0;
+      while (j < n_tile) {
+        const idx gj = jc + jr + j;
+        idx step, len;
+        for (int i = 0; i < m; ++i) rows[i] = C.run(ic + ir + i, gj, &step, &len);
+        const idx n = std::min<idx>(n_tile - j, len);
+        GemmTile t;
+        t.k = kc;
+        t.m = m;
+        t.n = static_cast<int>(n);
+        t.a = ap + ir * kc;
+        t.rs_a = 1;
+        t.cs_a = mr;
+        t.b = bpanel + j;
+        t.rs_b = nr;
+        t.c_rows = rows;
+        t.alpha = alpha;
+        t.beta = beta;
+        t.bias = bias ? bias + gj : nullptr;
+        kt.gemm_tile(t);
+        j += n;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
+          float beta, const MatMap& C, const float* bias) {
+  if (M <= 0 || N <= 0) return;
+  const int mr = kt.mr, nr = kt.nr;
+  if (K <= 0 || alpha == 0.0f) {
+    // C = beta·C + bias, no product to form. Uses a zero-length micro-tile pass.
+    K = 0;
+  }
+  const idx kc_max = std::max<idx>(1, std::min<idx>(kt.kc, K));
+  const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
+  const idx mc_max = std::min<idx>(ceil_div(kt.mc, mr) * mr, ceil_div(M, mr) * mr);
+
+  const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);
+  const int nt = threads_for(flops, 4.0e6);
+
+  AlignedBuffer bpack(kc_max * nc_max);
+  std::vector<AlignedBuffer> apack(nt);
+  const idx n_ic = ceil_div(M, mc_max);
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    AlignedBuffer& ap = apack[tid];
+    ap.resize(mc_max * kc_max);
+    for (idx jc = 0; jc < N; jc += nc_max) {
+      const idx nc = std::min<idx>(nc_max, N - jc);
+      const idx n_panels = ceil_div(nc, nr);
+      // Split the jr loop too when the M blocks cannot keep every thread busy.
+      const idx n_jchunks = std::min<idx>(n_panels, std::max<idx>(1, ceil_div(nt, n_ic)));
+      for (idx pc = 0; pc < std::max<idx>(K, 1); pc += kc_max) {
+        const idx kc = K == 0 ? 0 : std::min<idx>(kc_max, K - pc);
+        const bool first = pc == 0;
+#pragma omp for schedule(static)
+        for (idx jp = 0; jp < n_panels; ++jp)
+          pack_b_panel(B, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack.data() + jp * kc * nr);
+        // (implicit barrier: the B panel is complete)
+        idx packed_ic = -1;
+#pragma omp for schedule(static)
+        for (idx item = 0; item < n_ic * n_jchunks; ++item) {
+          const idx icb = item / n_jchunks, jcb = item % n_jchunks;
+          const idx ic = icb * mc_max;
+          const idx mc = std::min<idx>(mc_max, M - ic);
+          if (packed_ic != ic) {
+            pack_a(A, ic, mc, pc, kc, mr, ap.data());
+            packed_ic = ic;
+          }
+          const idx per = ceil_div(n_panels, n_jchunks);
+          const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
+          const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
+          if (j_begin >= j_end) continue;
+          macro_kernel(kt, ap.data(), bpack.data(), ic, mc, jc, j_begin, j_end, kc, alpha,
+                       first ? beta : 1.0f, C, first ? bias : nullptr);
+        }
+        // (implicit barrier: nobody still reads the B panel when it is repacked)
+      }
+    }
+  }
+}
+
+}  // namespace qkv

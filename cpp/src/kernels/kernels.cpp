@@ -1,0 +1,281 @@
+// The per-ISA inner loops: GEMM micro-tile, online softmax steps, exp.
+// Compiled once per ISA (Note [per-ISA kernels] in CMakeLists.txt); everything
+// below lives in qkv::<isa> with internal linkage except kernel_table().
+#include "kernels/vec.h"
+#include "qkv/kernels.h"
+
+#include <utility>
+
+namespace qkv {
+namespace QKV_NS {
+namespace {
+
+using V = Vec;
+constexpr int W = V::W;
+
+#if defined(QKV_ISA_AVX512)
+constexpr int MR = 14, NV = 2;            // 14 x 32 tile: 28 of 32 zmm are accumulators
+constexpr int KC = 256, MC = 112, NC = 2048;
+#elif defined(QKV_ISA_AVX2)
+constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
+constexpr int KC = 256, MC = 96, NC = 1024;
+#else
+constexpr int MR = 4, NV = 8;             // 4 x 8 tile of plain floats
+constexpr int KC = 256, MC = 64, NC = 512;
+#endif
+constexpr int NR = NV * W;
+
+inline int imin(int a, int b) { return a < b ? a : b; }
+inline float fmaxf_(float a, float b) { return a > b ? a : b; }
+constexpr float kNegInf = -__builtin_inff();
+
+// ---------------------------------------------------------------------------
+// GEMM micro-tile (see GemmTile in qkv/kernels.h).
+// A is read either column-contiguous (rs_a == 1: packed panels, transposed
+// operands) or row-contiguous (cs_a == 1: Q or P rows in attention).
+
+template <int M, bool ColA, bool FullN>
+void gemm_tile_m(const GemmTile& t) {
+  V::reg acc[M][NV];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+
+  // Lanes of vector v that lie inside the tile (n may be < NR).
+  V::tail tails[NV];
+  int lanes[NV];
+  for (int v = 0; v < NV; ++v) {
+    int l = t.n - v * W;
+    lanes[v] = l < 0 ? 0 : (l > W ? W : l);
+    tails[v] = V::tail_mask(lanes[v]);
+  }
+
+  const float* __restrict a = t.a;
+  const float* __restrict b = t.b;
+  const idx rs_a = t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
+  for (idx p = 0; p < t.k; ++p) {
+    V::reg bv[NV];
+    const float* bp = b + p * rs_b;
+    for (int v = 0; v < NV; ++v) {
+      if (FullN) bv[v] = V::load(bp + v * W);
+      else bv[v] = lanes[v] == W ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
+    }
+    for (int i = 0; i < M; ++i) {
+      const float ai = ColA ? a[p * cs_a + i] : a[i * rs_a + p];
+      const V::reg av = V::set1(ai);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
+    }
+  }
+
+  const V::reg alpha = V::set1(t.alpha);
+  const V::reg beta = V::set1(t.beta);
+  V::reg biasv[NV];
+  for (int v = 0; v < NV; ++v)
+    biasv[v] = t.bias ? (lanes[v] == W ? V::load(t.bias + v * W) : V::load(t.bias + v * W, tails[v])) : V::zero();
+  for (int i = 0; i < M; ++i) {
+    float* c = t.c_rows[i];
+    for (int v = 0; v < NV; ++v) {
+      if (!FullN && lanes[v] == 0) continue;
+      V::reg x = V::fmadd(acc[i][v], alpha, biasv[v]);
+      const bool full = FullN || lanes[v] == W;
+      if (t.beta != 0.0f) {
+        V::reg cv = full ? V::load(c + v * W) : V::load(c + v * W, tails[v]);
+        x = V::fmadd(cv, beta, x);
+      }
+      if (full) V::store(c + v * W, x);
+      else V::store(c + v * W, x, tails[v]);
+    }
+  }
+}
+
+template <bool ColA, bool FullN, int... Ms>
+struct TileTable {
+  static constexpr void (*fns[])(const GemmTile&) = {gemm_tile_m<Ms + 1, ColA, FullN>...};
+};
+
+template <bool ColA, bool FullN, int... Ms>
+constexpr void (*TileTable<ColA, FullN, Ms...>::fns[])(const GemmTile&);
+
+template <bool ColA, bool FullN, int... Ms>
+void run_tile(const GemmTile& t, std::integer_sequence<int, Ms...>) {
+  TileTable<ColA, FullN, Ms...>::fns[t.m - 1](t);
+}
+
+void gemm_tile(const GemmTile& t) {
+  if (t.m <= 0 || t.n <= 0) return;
+  using Seq = std::make_integer_sequence<int, MR>;
+  const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
+  const bool full_n = t.n == NR;
+  if (col_a) {
+    if (full_n) run_tile<true, true>(t, Seq{});
+    else run_tile<true, false>(t, Seq{});
+  } else {
+    if (full_n) run_tile<false, true>(t, Seq{});
+    else run_tile<false, false>(t, Seq{});
+  }
+}
+
+// ---------------------------------------------------------------------------
+// exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
+// exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n
+// built in the exponent bits as 2^n1 · 2^n2 so that denormal results and overflow
+// come out right. x is clamped to [-104, 88.8]: below -104 (and at -inf) the
+// result is exactly 0, above 88.72 it overflows to +inf; NaN propagates.
+inline V::reg exp_v(V::reg x) {
+  // max(lo, x) and the min via max keep NaN (x86 max returns its second operand on NaN)
+  V::reg xs = V::max(V::set1(-104.0f), x);
+  xs = V::sub(xs, V::max(V::zero(), V::sub(xs, V::set1(88.8f))));
+  V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
+  V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
+  r = V::fmadd(n, V::set1(2.12194440e-4f), r);
+  V::reg p = V::set1(1.0f / 5040.0f);
+  p = V::fmadd(p, r, V::set1(1.0f / 720.0f));
+  p = V::fmadd(p, r, V::set1(1.0f / 120.0f));
+  p = V::fmadd(p, r, V::set1(1.0f / 24.0f));
+  p = V::fmadd(p, r, V::set1(1.0f / 6.0f));
+  p = V::fmadd(p, r, V::set1(0.5f));
+  p = V::fmadd(p, r, V::set1(1.0f));
+  p = V::fmadd(p, r, V::set1(1.0f));
+  const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
+  const V::reg n2 = V::sub(n, n1);
+  V::reg y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(n2));
+  return V::replace_below(x, -104.0f, y, 0.0f);
+}
+
+float exp_s(float x) {
+  return V::reduce_max(exp_v(V::set1(x)));
+}
+
+void exp_array(const float* x, float* y, idx n) {
+  idx i = 0;
+  for (; i + W <= n; i += W) V::store(y + i, exp_v(V::load(x + i)));
+  for (; i < n; ++i) y[i] = exp_s(x[i]);
+}
+
+// Loads W lanes of bias row `b` starting at column j (cs = column stride; 0 broadcasts).
+inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
+  if (cs == 1) return lanes == W ? V::load(b + j) : V::load(b + j, V::tail_mask(lanes));
+  if (cs == 0) return V::set1(b[0]);
+  alignas(64) float tmp[W];
+  for (int q = 0; q < W; ++q) tmp[q] = q < lanes ? b[(j + q) * cs] : 0.0f;
+  return V::load(tmp);
+}
+
+// Adds bias and applies the key limit to one row of S in place; returns the row max.
+inline float bias_mask_row(float* s, int cols, const float* brow, idx bcs, int lim) {
+  const int lim_c = imin(lim, cols);  // lanes past cols are -inf for the max, never stored
+  V::reg mx = V::set1(kNegInf);
+  for (int j = 0; j < cols; j += W) {
+    const int lanes = imin(W, cols - j);
+    V::reg x = lanes == W ? V::load(s + j) : V::load(s + j, V::tail_mask(lanes));
+    if (brow) x = V::add(x, load_bias(brow, bcs, j, lanes));
+    x = V::mask_from(x, j, lim_c);
+    if (lanes == W) V::store(s + j, x);
+    else V::store(s + j, x, V::tail_mask(lanes));
+    mx = V::max(mx, x);
+  }
+  return V::reduce_max(mx);
+}
+
+// s := exp(s - m) in place; returns the row sum.
+inline float exp_sub_row(float* s, int cols, float m) {
+  const V::reg mv = V::set1(m);
+  V::reg sum = V::zero();
+  int j = 0;
+  for (; j + W <= cols; j += W) {
+    V::reg e = exp_v(V::sub(V::load(s + j), mv));
+    V::store(s + j, e);
+    sum = V::add(sum, e);
+  }
+  float tail = 0.0f;
+  for (; j < cols; ++j) {
+    s[j] = exp_s(s[j] - m);
+    tail += s[j];
+  }
+  return V::reduce_add(sum) + tail;
+}
+
+inline void scale_row(float* o, int n, float c) {
+  const V::reg cv = V::set1(c);
+  int j = 0;
+  for (; j + W <= n; j += W) V::store(o + j, V::mul(V::load(o + j), cv));
+  for (; j < n; ++j) o[j] *= c;
+}
+
+void softmax_fwd(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
+                 float* m, float* l, float* o, idx ldo, int dv) {
+  for (int i = 0; i < rows; ++i) {
+    float* srow = s + i * lds;
+    const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
+    const float rmax = bias_mask_row(srow, cols, brow, bias.cs, lim[i]);
+    const float m_old = m[i];
+    const float m_new = fmaxf_(m_old, rmax);
+    if (m_new == kNegInf) {  // everything so far masked: P row is 0, nothing to rescale
+      for (int j = 0; j < cols; ++j) srow[j] = 0.0f;
+      continue;
+    }
+    const float corr = m_old == kNegInf ? 0.0f : exp_s(m_old - m_new);
+    const float rsum = exp_sub_row(srow, cols, m_new);
+    l[i] = l[i] * corr + rsum;
+    m[i] = m_new;
+    if (corr != 1.0f) scale_row(o + i * ldo, dv, corr);
+  }
+}
+
+void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
+                   const float* lse) {
+  for (int i = 0; i < rows; ++i) {
+    float* srow = s + i * lds;
+    if (lse[i] == kNegInf) {
+      for (int j = 0; j < cols; ++j) srow[j] = 0.0f;
+      continue;
+    }
+    const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
+    bias_mask_row(srow, cols, brow, bias.cs, lim[i]);
+    exp_sub_row(srow, cols, lse[i]);
+  }
+}
+
+void softmax_bwd_ds(const float* p, float* dp, idx ld, int rows, int cols, const float* d) {
+  for (int i = 0; i < rows; ++i) {
+    const float* prow = p + i * ld;
+    float* drow = dp + i * ld;
+    const V::reg dv = V::set1(d[i]);
+    int j = 0;
+    for (; j + W <= cols; j += W)
+      V::store(drow + j, V::mul(V::load(prow + j), V::sub(V::load(drow + j), dv)));
+    for (; j < cols; ++j) drow[j] = prow[j] * (drow[j] - d[i]);
+  }
+}
+
+// 2*NACC independent FMA chains keep both FMA pipes busy; returns FLOPs done.
+double fma_probe(idx iters) {
+  constexpr int NACC = 12;
+  V::reg acc[NACC];
+  for (int i = 0; i < NACC; ++i) acc[i] = V::set1(1.0f + 1e-3f * static_cast<float>(i));
+  const V::reg a = V::set1(0.999999f), b = V::set1(1e-7f);
+  for (idx it = 0; it < iters; ++it)
+    for (int i = 0; i < NACC; ++i) acc[i] = V::fmadd(acc[i], a, b);
+  float sink = 0.0f;
+  for (int i = 0; i < NACC; ++i) sink += V::reduce_add(acc[i]);
+  volatile float keep = sink;
+  (void)keep;
+  return 2.0 * NACC * W * static_cast<double>(iters);
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table = {
+#if defined(QKV_ISA_AVX512)
+      "avx512",
+#elif defined(QKV_ISA_AVX2)
+      "avx2",
+#else
+      "scalar",
+#endif
+      MR, NR, KC, MC, NC, gemm_tile, softmax_fwd, softmax_bwd_p, softmax_bwd_ds, exp_array, fma_probe};
+  return table;
+}
+
+}  // namespace QKV_NS
+}  // namespace qkv

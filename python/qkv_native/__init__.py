@@ -1,0 +1,80 @@
+"""qkv_native: fast, exact, trainable attention for CPUs.
+
+The native core (``qkv_native._core``) is compiled once per instruction set
+(scalar, AVX2+FMA, AVX-512) and picks the best one the CPU supports at import;
+``QKV_NATIVE_ISA=scalar|avx2|avx512`` forces one. See :func:`cpu_info`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from . import _core
+from .functional import (
+    attention,
+    attention_backward,
+    matmul,
+    qkv_project,
+    qkv_project_backward,
+    qkv_project_packed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "attention_backward",
+    "matmul",
+    "qkv_project",
+    "qkv_project_backward",
+    "qkv_project_packed",
+    "cpu_info",
+    "set_num_threads",
+    "get_num_threads",
+    "supported_isas",
+    "use_isa",
+]
+
+
+def cpu_info() -> dict:
+    """The CPU's features, the ISA variants it can run, the chosen one and the thread count.
+
+    Keys: ``vendor``, ``brand``, ``features`` (dict of bools), ``supported_isas``
+    (list, best last), ``isa`` (the active variant), ``num_threads``.
+    """
+    return _core.cpu_info()
+
+
+def set_num_threads(n: int) -> None:
+    """Limit the OpenMP threads every native op uses (default: OMP_NUM_THREADS or all cores)."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """The number of threads native ops use."""
+    return _core.get_num_threads()
+
+
+def supported_isas() -> list:
+    """The ISA variants compiled in and runnable on this CPU, best last."""
+    return list(_core.supported_isas())
+
+
+@contextlib.contextmanager
+def use_isa(isa: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on one ISA variant (``scalar``, ``avx2``, ``avx512``).
+
+    Process-wide (not thread-local): meant for tests and benchmarks. Raises
+    ValueError for a variant this CPU cannot run.
+    """
+    previous = _core.get_isa()
+    _core.set_isa(isa)
+    try:
+        yield
+    finally:
+        _core.set_isa(previous)
+
+
+# Fail at import, not at first use, when QKV_NATIVE_ISA names a variant this CPU lacks.
+_core.get_isa()

@@ -1,0 +1,318 @@
+"""The native ops, with NumPy arrays in and out.
+
+Shapes use the project's names: ``batch``, ``seq`` (``seq_q``/``seq_k``),
+``d_model``, ``num_heads``, ``num_kv_heads``, ``d_head``, ``d_v``.
+
+Arrays must be ``float32`` with unit stride in the last axis; anything else is a
+``TypeError``/``ValueError`` naming the argument (nothing is silently converted or
+copied). Views such as ``qkv[:, :, 0].transpose(0, 2, 1, 3)`` are used in place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "matmul",
+    "qkv_project",
+    "qkv_project_packed",
+    "qkv_project_backward",
+    "attention",
+    "attention_backward",
+]
+
+
+def _check_array(x, name: str, ndim=None) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(
+            f"{name} must have dtype float32, got {x.dtype} (convert explicitly with .astype(np.float32))"
+        )
+    if ndim is not None and x.ndim not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    return x
+
+
+def _check_no_overlap(out: Optional[np.ndarray], out_name: str, **inputs) -> None:
+    if out is None:
+        return
+    for name, arr in inputs.items():
+        if arr is not None and isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
+            raise ValueError(f"{out_name} must not overlap the input {name}")
+
+
+def matmul(
+    a: np.ndarray,
+    b: np.ndarray,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """``alpha · op(a) · op(b) + beta · out``, with op(x) = xᵀ when ``trans_x``.
+
+    a: (M, K) or (batch, M, K) — (K, M) / (batch, K, M) when ``trans_a``.
+    b: (K, N) or (batch, K, N) — (N, K) / (batch, N, K) when ``trans_b``.
+    A 2-D operand is broadcast against a 3-D one. Returns (M, N) or (batch, M, N),
+    written into ``out`` when given (``beta != 0`` needs ``out``; ``beta == 0``
+    never reads it).
+    """
+    _check_array(a, "a", (2, 3))
+    _check_array(b, "b", (2, 3))
+    if out is not None:
+        _check_array(out, "out")
+        _check_no_overlap(out, "out", a=a, b=b)
+    return _core.matmul(a, b, bool(trans_a), bool(trans_b), float(alpha), float(beta), out)
+
+
+def qkv_project(
+    x: np.ndarray,
+    w_q: np.ndarray,
+    w_k: np.ndarray,
+    w_v: np.ndarray,
+    b_q: Optional[np.ndarray] = None,
+    b_k: Optional[np.ndarray] = None,
+    b_v: Optional[np.ndarray] = None,
+    *,
+    num_heads: int,
+    num_kv_heads: Optional[int] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q = x·W_Q + b_Q, K = x·W_K + b_K, V = x·W_V + b_V in one GEMM, head-major.
+
+    x: (batch, seq, d_model); w_q: (d_model, d_q) with d_q = num_heads·d_head;
+    w_k, w_v: (d_model, num_kv_heads·d_head); biases (d_q,) / (num_kv_heads·d_head,).
+    Returns q (batch, num_heads, seq, d_head) and k, v (batch, num_kv_heads, seq,
+    d_head), written straight in that layout (no transpose copy), or into
+    ``out = (q, k, v)`` when given.
+    """
+    _check_array(x, "x", 3)
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
+        _check_array(w, name, 2)
+    for name, bvec in (("b_q", b_q), ("b_k", b_k), ("b_v", b_v)):
+        if bvec is not None:
+            _check_array(bvec, name, 1)
+    num_heads = _positive_int(num_heads, "num_heads")
+    num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+    q_out = k_out = v_out = None
+    if out is not None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 3):
+            raise TypeError("out must be a tuple (q, k, v) of float32 arrays")
+        q_out, k_out, v_out = out
+        for name, o in (("out[0]", q_out), ("out[1]", k_out), ("out[2]", v_out)):
+            _check_array(o, name, 4)
+            _check_no_overlap(o, name, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
+        if np.may_share_memory(q_out, k_out) or np.may_share_memory(q_out, v_out) or np.may_share_memory(k_out, v_out):
+            raise ValueError("out arrays must not overlap each other")
+    return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, q_out, k_out, v_out)
+
+
+def qkv_project_packed(
+    x: np.ndarray,
+    w_qkv: np.ndarray,
+    b_qkv: Optional[np.ndarray] = None,
+    *,
+    num_heads: int,
+    num_kv_heads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`qkv_project` with the packed weight [W_Q | W_K | W_V].
+
+    w_qkv: (d_model, d_q + 2·d_kv); b_qkv: (d_q + 2·d_kv,). d_head is
+    w_qkv.shape[1] / (num_heads + 2·num_kv_heads). The slices are views (no copy).
+    """
+    _check_array(w_qkv, "w_qkv", 2)
+    num_heads = _positive_int(num_heads, "num_heads")
+    num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+    n = w_qkv.shape[1]
+    heads = num_heads + 2 * num_kv_heads
+    if n % heads != 0:
+        raise ValueError(
+            f"w_qkv must have (num_heads + 2*num_kv_heads)*d_head = {heads}*d_head columns, got shape {w_qkv.shape}"
+        )
+    d_head = n // heads
+    d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
+    if b_qkv is not None:
+        _check_array(b_qkv, "b_qkv", 1)
+        if b_qkv.shape != (n,):
+            raise ValueError(f"b_qkv must have shape ({n},), got {b_qkv.shape}")
+        bq, bk, bv = b_qkv[:d_q], b_qkv[d_q : d_q + d_kv], b_qkv[d_q + d_kv :]
+    else:
+        bq = bk = bv = None
+    return qkv_project(
+        x,
+        w_qkv[:, :d_q],
+        w_qkv[:, d_q : d_q + d_kv],
+        w_qkv[:, d_q + d_kv :],
+        bq,
+        bk,
+        bv,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+    )
+
+
+def qkv_project_backward(
+    x: np.ndarray,
+    w_q: np.ndarray,
+    w_k: np.ndarray,
+    w_v: np.ndarray,
+    dq: np.ndarray,
+    dk: np.ndarray,
+    dv: np.ndarray,
+) -> Tuple[np.ndarray, ...]:
+    """Gradients of :func:`qkv_project`.
+
+    dq: (batch, num_heads, seq, d_head); dk, dv: (batch, num_kv_heads, seq, d_head).
+    Returns (dx, dw_q, dw_k, dw_v, db_q, db_k, db_v) with the shapes of x, the
+    weights and the biases: dx = [dQ|dK|dV]·[W_Q|W_K|W_V]ᵀ and
+    dW = xᵀ·[dQ|dK|dV] are one GEMM each; db are column sums.
+    """
+    _check_array(x, "x", 3)
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v)):
+        _check_array(w, name, 2)
+    for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+        _check_array(g, name, 4)
+    num_heads, num_kv_heads = dq.shape[1], dk.shape[1]
+    if num_heads == 0 or num_kv_heads == 0:
+        raise ValueError(f"dq and dk must have at least one head, got {dq.shape} and {dk.shape}")
+    return _core.qkv_project_backward(x, w_q, w_k, w_v, dq, dk, dv, num_heads, num_kv_heads, True, True, True)
+
+
+def _positive_int(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n <= 0:
+        raise ValueError(f"{name} must be positive, got {n}")
+    return int(n)
+
+
+def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
+    _check_array(q, "q", 4)
+    _check_array(k, "k", 4)
+    _check_array(v, "v", 4)
+    batch, num_heads, seq_q, d_head = q.shape
+    seq_k = k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != d_head:
+        raise ValueError(
+            f"k must have shape (batch={batch}, num_kv_heads, seq_k, d_head={d_head}), got {k.shape}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape ({k.shape[0]}, {k.shape[1]}, {k.shape[2]}, d_v), got {v.shape}")
+    num_kv_heads = k.shape[1]
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_kv_heads (k.shape[1]={num_kv_heads}) must divide num_heads (q.shape[1]={num_heads})"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if key_lengths is not None:
+        kl = key_lengths
+        if not isinstance(kl, np.ndarray) or kl.dtype.kind not in "iu":
+            raise TypeError("key_lengths must be a numpy array of integers, shape (batch,)")
+        if kl.shape != (batch,):
+            raise ValueError(f"key_lengths must have shape (batch={batch},), got {kl.shape}")
+        if kl.size and (kl.min() < 0 or kl.max() > seq_k):
+            raise ValueError(f"key_lengths must lie in [0, seq_k={seq_k}], got min {kl.min()} and max {kl.max()}")
+        key_lengths = kl.astype(np.int64, copy=False)
+    full = (batch, num_heads, seq_q, seq_k)
+    add = None
+    if bias is not None:
+        _check_array(bias, "bias")
+        add = _broadcast4(bias, "bias", full)
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
+            raise TypeError("mask must be a boolean numpy array (True = may attend)")
+        m = _broadcast4(mask, "mask", full)
+        madd = np.where(m, np.float32(0.0), np.float32(-np.inf))
+        add = madd if add is None else (add + madd)
+    return scale, key_lengths, add
+
+
+def _broadcast4(a: np.ndarray, name: str, full) -> np.ndarray:
+    if a.ndim > 4:
+        raise ValueError(f"{name} must be broadcastable to (batch, num_heads, seq_q, seq_k) = {full}, got {a.shape}")
+    try:
+        return np.broadcast_to(a, full)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be broadcastable to (batch, num_heads, seq_q, seq_k) = {full}, got {a.shape}"
+        ) from None
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    key_lengths: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    mask: Optional[np.ndarray] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    out: Optional[np.ndarray] = None,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """softmax(q·kᵀ·scale + bias + mask)·v, flash style (no (seq_q, seq_k) matrix).
+
+    q: (batch, num_heads, seq_q, d_head); k: (batch, num_kv_heads, seq_k, d_head);
+    v: (batch, num_kv_heads, seq_k, d_v). num_kv_heads divides num_heads
+    (grouped-query attention: query head h reads kv head h // (num_heads // num_kv_heads),
+    without copying k/v). Any strides are accepted as long as the last axis is
+    contiguous.
+
+    causal: query i attends key j iff j <= i + (seq_k - seq_q) — aligned
+    bottom-right, so a block of new queries after a key cache sees the whole
+    cache; for seq_q == seq_k this is the usual top-left causal mask.
+    key_lengths: (batch,) ints; keys j >= key_lengths[b] are ignored (right padding).
+    bias: float32 additive, broadcastable to (batch, num_heads, seq_q, seq_k); -inf masks.
+    mask: bool, broadcastable likewise; False masks (materialised as an additive bias).
+    scale: defaults to 1/sqrt(d_head).
+    A query row with no key left gives output 0 (and lse -inf), never NaN.
+
+    Returns o: (batch, num_heads, seq_q, d_v), and with ``return_lse`` also
+    lse: (batch, num_heads, seq_q) = log Σ_j exp(s_ij), which the backward needs.
+    """
+    scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
+    if out is not None:
+        _check_array(out, "out", 4)
+        _check_no_overlap(out, "out", q=q, k=k, v=v, bias=add)
+    return _core.attention(q, k, v, bool(causal), key_lengths, add, scale, bool(return_lse), out)
+
+
+def attention_backward(
+    do: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    o: np.ndarray,
+    lse: np.ndarray,
+    *,
+    causal: bool = False,
+    key_lengths: Optional[np.ndarray] = None,
+    bias: Optional[np.ndarray] = None,
+    mask: Optional[np.ndarray] = None,
+    scale: Optional[float] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    do, o: (batch, num_heads, seq_q, d_v); lse: (batch, num_heads, seq_q) from
+    ``attention(..., return_lse=True)``; the masking arguments must be those of
+    the forward. Returns (dq, dk, dv) with the shapes of q, k, v (for grouped-query
+    attention dk/dv sum over the query heads of each group). Fully masked rows
+    get zero gradients. Results do not depend on the thread count.
+    """
+    scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
+    _check_array(do, "do", 4)
+    _check_array(o, "o", 4)
+    _check_array(lse, "lse", 3)
+    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale)

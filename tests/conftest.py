@@ -1,0 +1,17 @@
+"""Shared fixtures: every test that takes `isa` runs once per ISA variant this CPU supports."""
+
+import numpy as np
+import pytest
+
+import qkv_native as qn
+
+
+@pytest.fixture(params=qn.supported_isas())
+def isa(request):
+    with qn.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
