@@ -16,12 +16,13 @@
 namespace qkv {
 
 void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
+  // Sq, Sk: the longest sequences (packed form: the totals; only for the thread count)
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim, Dv = a.v.dim;
   if (B == 0 || H == 0 || Sq == 0) return;
   const idx group = H / a.k.heads;
   const detail::Blocks blk = detail::choose_blocks(kt, D, Dv);
-  const idx n_qb = ceil_div(Sq, blk.bq);
-  const idx n_tasks = B * H * n_qb;
+  const detail::BlockTasks tasks(a.q, H, blk.bq);
+  const idx n_tasks = tasks.count();
   const double flops = 4.0 * static_cast<double>(B) * H * Sq * std::max<idx>(Sk, 1) * std::max<idx>(D + Dv, 1) / 2;
   const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -34,8 +35,9 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
     std::vector<idx> lim(blk.bq);
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
-      const idx qb = task % n_qb, bh = task / n_qb, h = bh % H, b = bh / H, hk = h / group;
-      const idx q0 = qb * blk.bq, nq = std::min<idx>(blk.bq, Sq - q0);
+      idx b, h, q0;
+      tasks.decode(task, &b, &h, &q0);
+      const idx hk = h / group, nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
       float* m = stats.data();
       float* l = m + blk.bq;
       const float* qrow = a.q.row(b, h, q0);
@@ -75,7 +77,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         const bool empty = l[i] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l[i];
         for (idx d = 0; d < Dv; ++d) o[d] *= inv;
-        if (a.lse) a.lse[(b * H + h) * Sq + q0 + i] = empty ? neg_inf : m[i] + std::log(l[i]);
+        if (a.lse) a.lse[detail::lse_offset(a, b, h) + q0 + i] = empty ? neg_inf : m[i] + std::log(l[i]);
       }
     }
   }
