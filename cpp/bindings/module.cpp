@@ -63,7 +63,7 @@ Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = fa
       value_error(std::string(name) + " has a stride that is not a multiple of 4 bytes (misaligned view)");
     r.strides.push_back(st / static_cast<idx>(sizeof(float)));
   }
-  if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1)
+  if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1 && r.size() > 0)
     value_error(std::string(name) + " must be contiguous in its last axis (stride 1), got stride " +
                 std::to_string(r.strides.back()) + " elements; pass np.ascontiguousarray(" + name + ")");
   return r;
@@ -135,12 +135,14 @@ const qkv::KernelTable& active_kernels() {
   }
 }
 
-// Runs f with the GIL released and this thread's OpenMP limit set from set_num_threads.
+// Runs f with the GIL released, under this thread's OpenMP limit and set_num_threads.
 template <class F>
 void run_native(F&& f) {
   const int n = g_num_threads.load();
   py::gil_scoped_release release;
-  if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+  // set_num_threads is a ceiling for every calling thread; a lower limit already in
+  // force in this thread (threadpoolctl, omp_set_num_threads) is kept.
+  if (n > 0 && n < omp_get_max_threads()) omp_set_num_threads(n);
   f();
 }
 

@@ -98,16 +98,19 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
-      const idx nk = std::min<idx>(blk.bk, a.k.seq_of(b) - k0);
       const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
-      std::fill(dk_acc.data(), dk_acc.data() + nk * D, 0.0f);
-      std::fill(dv_acc.data(), dv_acc.data() + nk * Dv, 0.0f);
+      const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows this task writes
+      // keys past key_lengths are never read (their rows of dK/dV are 0)
+      const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
+      const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
+      std::fill(dk_acc.data(), dk_acc.data() + n_rows * D, 0.0f);
+      std::fill(dv_acc.data(), dv_acc.data() + n_rows * Dv, 0.0f);
       detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
       detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
       // The first query row that may see key k0: lim(b, i) > k0.
       idx i_first = 0;
       if (a.causal) i_first = std::max<idx>(0, k0 - (seq_k - seq_q));
-      if (a.key_lengths && a.key_lengths[b] <= k0) i_first = seq_q;
+      if (nk == 0) i_first = seq_q;
       for (idx h = hk * group; h < (hk + 1) * group; ++h) {
         for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
           const idx nq = std::min<idx>(blk.bq, seq_q - q0);
@@ -120,7 +123,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
                              1.0f, dk_acc.data(), D);
         }
       }
-      for (idx j = 0; j < nk; ++j) {
+      for (idx j = 0; j < n_rows; ++j) {
         std::copy(dk_acc.data() + j * D, dk_acc.data() + (j + 1) * D, dk.row(b, hk, k0 + j));
         std::copy(dv_acc.data() + j * Dv, dv_acc.data() + (j + 1) * Dv, dv.row(b, hk, k0 + j));
       }

@@ -46,18 +46,20 @@ class BlockTasks {
   std::vector<idx> first_;
 };
 
-// Rows per query block and keys per key block. Query blocks are a multiple of the
-// micro-tile's rows; key blocks a multiple of its columns.
+// Rows per query block and keys per key block: multiples of the micro-tile's
+// rows and columns where possible (96 = lcm(12, 32) for AVX-512, 2·lcm(6, 16) for
+// AVX2), so that the products inside a block have no ragged tiles.
 struct Blocks {
   idx bq, bk;
 };
 inline Blocks choose_blocks(const KernelTable& kt, idx d, idx dv) {
-  const idx bq = kt.mr * ceil_div(64, kt.mr);
-  // keep the packed K/V block (bk × max(d, dv)) within about 64 KiB
-  idx bk = 128;
+  idx l = kt.mr;
+  while (l % kt.nr != 0) l += kt.mr;  // lcm(mr, nr)
+  const idx bq = std::max<idx>(l, (128 / l) * l);
+  // the backward packs K and V blocks (bk × max(d, dv)): keep each within ~64 KiB
+  idx bk = bq;
   const idx dmax = std::max<idx>({d, dv, 1});
-  while (bk > kt.nr && bk * dmax * 4 > 64 * 1024) bk /= 2;
-  bk = std::max<idx>(kt.nr, (bk / kt.nr) * kt.nr);
+  while (bk > l && bk * dmax * 4 > 64 * 1024) bk -= l;
   return {bq, bk};
 }
 

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <vector>
-#include <cstdlib>
 
 namespace qkv {
 
@@ -174,13 +173,12 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
     // C = beta·C + bias, no product to form. Uses a zero-length micro-tile pass.
     K = 0;
   }
-  static const idx ekc = getenv("QKV_KC") ? atol(getenv("QKV_KC")) : kt.kc;
-  static const idx emc = getenv("QKV_MC") ? atol(getenv("QKV_MC")) : kt.mc;
-  static const idx enc = getenv("QKV_NC") ? atol(getenv("QKV_NC")) : kt.nc;
-  const idx kc_max = std::max<idx>(1, std::min<idx>(ekc, K));
-  const idx nc_max = std::min<idx>(ceil_div(enc, nr) * nr, ceil_div(N, nr) * nr);
-  idx mc_max = std::min<idx>(ceil_div(emc, mr) * mr, ceil_div(M, mr) * mr);
-
+  // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
+  // blocks of at most kc; M and N blocks as the kernel table says.
+  const idx n_kb = K <= kt.kc * 4 / 3 ? 1 : ceil_div(K, kt.kc);
+  const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
+  const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
+  idx mc_max = std::min<idx>(ceil_div(kt.mc, mr) * mr, ceil_div(M, mr) * mr);
   const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);
   const int nt = threads_for(flops, 4.0e6);
   // Few M blocks: size them so that every thread gets an equal share of rows.
