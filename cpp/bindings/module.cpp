@@ -63,7 +63,7 @@ Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = fa
       value_error(std::string(name) + " has a stride that is not a multiple of 4 bytes (misaligned view)");
     r.strides.push_back(st / static_cast<idx>(sizeof(float)));
   }
-  if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1)
+  if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1 && r.size() > 0)
     value_error(std::string(name) + " must be contiguous in its last axis (stride 1), got stride " +
                 std::to_string(r.strides.back()) + " elements; pass np.ascontiguousarray(" + name + ")");
   return r;
@@ -135,12 +135,14 @@ const qkv::KernelTable& active_kernels() {
   }
 }
 
-// Runs f with the GIL released and this thread's OpenMP limit set from set_num_threads.
+// Runs f with the GIL released, under this thread's OpenMP limit and set_num_threads.
 template <class F>
 void run_native(F&& f) {
   const int n = g_num_threads.load();
   py::gil_scoped_release release;
-  if (n > 0 && omp_get_max_threads() != n) omp_set_num_threads(n);
+  // set_num_threads is a ceiling for every calling thread; a lower limit already in
+  // force in this thread (threadpoolctl, omp_set_num_threads) is kept.
+  if (n > 0 && n < omp_get_max_threads()) omp_set_num_threads(n);
   f();
 }
 
@@ -395,6 +397,112 @@ void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const 
   }
 }
 
+// A packed-form tensor: (total, heads, dim) with offsets cu (batch+1).
+qkv::Tensor4 packed_tensor(const Arr& a, const std::vector<idx>& cu) {
+  qkv::Tensor4 t;
+  t.ptr = a.ptr;
+  t.batch = static_cast<idx>(cu.size()) - 1;
+  t.heads = a.shape[1];
+  t.seq = a.shape[0];
+  t.dim = a.shape[2];
+  t.hs = a.strides[1];
+  t.ss = a.strides[0];
+  t.cu = cu.data();
+  return t;
+}
+
+// cu_seqlens: int32/int64 (batch+1,), cu[0] = 0, non-decreasing, cu[batch] = total.
+std::vector<idx> read_offsets(const py::object& obj, const char* name, idx total) {
+  if (!py::isinstance<py::array>(obj)) type_error(std::string(name) + " must be a numpy array of int32 or int64");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  const bool i64 = a.dtype().is(py::dtype::of<int64_t>()), i32 = a.dtype().is(py::dtype::of<int32_t>());
+  if (!i64 && !i32) type_error(std::string(name) + " must have dtype int32 or int64, got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != 1 || a.shape(0) < 1) value_error(std::string(name) + " must have shape (batch + 1,)");
+  std::vector<idx> cu(static_cast<size_t>(a.shape(0)));
+  for (py::ssize_t i = 0; i < a.shape(0); ++i) {
+    const char* p = static_cast<const char*>(a.data()) + i * a.strides(0);
+    cu[static_cast<size_t>(i)] = i64 ? *reinterpret_cast<const int64_t*>(p) : *reinterpret_cast<const int32_t*>(p);
+    if ((i == 0 && cu[0] != 0) || (i > 0 && cu[static_cast<size_t>(i)] < cu[static_cast<size_t>(i) - 1]))
+      value_error(std::string(name) + " must start at 0 and be non-decreasing");
+  }
+  if (cu.back() != total)
+    value_error(std::string(name) + "[-1] = " + std::to_string(cu.back()) + " must equal the number of rows " +
+                std::to_string(total));
+  return cu;
+}
+
+py::object attention_varlen(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
+                            const py::object& cu_q_obj, const py::object& cu_k_obj, bool causal, float scale,
+                            bool return_lse, const py::object& out) {
+  const auto& kt = active_kernels();
+  Arr q = as_f32(q_obj, "q", 3), k = as_f32(k_obj, "k", 3), v = as_f32(v_obj, "v", 3);
+  const idx H = q.shape[1], D = q.shape[2], Hkv = k.shape[1];
+  if (k.shape[2] != D) value_error("k must have shape (total_k, num_kv_heads, d_head=" + std::to_string(D) + "), got " + shape_str(k.shape));
+  if (v.shape[0] != k.shape[0] || v.shape[1] != Hkv)
+    value_error("v must have shape (total_k=" + std::to_string(k.shape[0]) + ", num_kv_heads=" + std::to_string(Hkv) +
+                ", d_v), got " + shape_str(v.shape));
+  if (Hkv == 0 || H % Hkv != 0)
+    value_error("the number of kv heads must divide the number of query heads, got num_heads=" + std::to_string(H) +
+                ", num_kv_heads=" + std::to_string(Hkv));
+  if (q.shape[0] >= INT_MAX || k.shape[0] >= INT_MAX) value_error("total lengths must be below 2**31");
+  if (!std::isfinite(scale)) value_error("scale must be finite");
+  std::vector<idx> cu_q = read_offsets(cu_q_obj, "cu_seqlens_q", q.shape[0]);
+  std::vector<idx> cu_k = read_offsets(cu_k_obj, "cu_seqlens_k", k.shape[0]);
+  if (cu_q.size() != cu_k.size()) value_error("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)");
+  qkv::AttentionArgs args;
+  args.q = packed_tensor(q, cu_q);
+  args.k = packed_tensor(k, cu_k);
+  args.v = packed_tensor(v, cu_k);
+  args.scale = scale;
+  args.causal = causal;
+  auto [o, oa] = output(out, "out", {q.shape[0], H, v.shape[2]});
+  args.o = packed_tensor(oa, cu_q);
+  py::array_t<float> lse;
+  if (return_lse) {
+    lse = empty_f32({H, q.shape[0]}, "lse");
+    args.lse = lse.mutable_data();
+  }
+  run_native([&] { qkv::attention_forward(kt, args); });
+  if (return_lse) return py::make_tuple(o, lse);
+  return o;
+}
+
+py::tuple attention_varlen_backward(const py::object& do_obj, const py::object& q_obj, const py::object& k_obj,
+                                    const py::object& v_obj, const py::object& o_obj, const py::object& lse_obj,
+                                    const py::object& cu_q_obj, const py::object& cu_k_obj, bool causal, float scale) {
+  const auto& kt = active_kernels();
+  Arr q = as_f32(q_obj, "q", 3), k = as_f32(k_obj, "k", 3), v = as_f32(v_obj, "v", 3);
+  const idx H = q.shape[1], D = q.shape[2], Hkv = k.shape[1];
+  if (k.shape[2] != D) value_error("k must have shape (total_k, num_kv_heads, d_head=" + std::to_string(D) + "), got " + shape_str(k.shape));
+  if (v.shape[0] != k.shape[0] || v.shape[1] != Hkv) value_error("v must have shape (total_k, num_kv_heads, d_v), got " + shape_str(v.shape));
+  if (Hkv == 0 || H % Hkv != 0) value_error("the number of kv heads must divide the number of query heads");
+  if (!std::isfinite(scale)) value_error("scale must be finite");
+  std::vector<idx> cu_q = read_offsets(cu_q_obj, "cu_seqlens_q", q.shape[0]);
+  std::vector<idx> cu_k = read_offsets(cu_k_obj, "cu_seqlens_k", k.shape[0]);
+  if (cu_q.size() != cu_k.size()) value_error("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)");
+  Arr o = as_f32(o_obj, "o", 3), d_o = as_f32(do_obj, "do", 3), lse = as_f32(lse_obj, "lse", 2);
+  expect_shape(o, "o", {q.shape[0], H, v.shape[2]});
+  expect_shape(d_o, "do", {q.shape[0], H, v.shape[2]});
+  expect_shape(lse, "lse", {H, q.shape[0]});
+  if ((q.shape[0] > 1 && lse.strides[1] != 1) || lse.strides[0] != q.shape[0])
+    value_error("lse must be C-contiguous (the array attention_varlen() returned)");
+  qkv::AttentionArgs args;
+  args.q = packed_tensor(q, cu_q);
+  args.k = packed_tensor(k, cu_k);
+  args.v = packed_tensor(v, cu_k);
+  args.o = packed_tensor(o, cu_q);
+  args.lse = lse.ptr;
+  args.scale = scale;
+  args.causal = causal;
+  auto [dq, dqa] = output(py::none(), "dq", q.shape);
+  auto [dk, dka] = output(py::none(), "dk", k.shape);
+  auto [dv, dva] = output(py::none(), "dv", v.shape);
+  qkv::Tensor4 tdo = packed_tensor(d_o, cu_q), tdq = packed_tensor(dqa, cu_q), tdk = packed_tensor(dka, cu_k),
+               tdv = packed_tensor(dva, cu_k);
+  run_native([&] { qkv::attention_backward(kt, args, tdo, tdq, tdk, tdv); });
+  return py::make_tuple(dq, dk, dv);
+}
+
 py::object attention(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj, bool causal,
                      const py::object& key_lengths, const py::object& bias, float scale, bool return_lse,
                      const py::object& out) {
@@ -481,6 +589,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_backward", &attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("lse"), py::arg("causal") = false, py::arg("key_lengths") = py::none(),
         py::arg("bias") = py::none(), py::arg("scale"));
+  m.def("attention_varlen", &attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("causal") = false, py::arg("scale"), py::arg("return_lse") = false,
+        py::arg("out") = py::none());
+  m.def("attention_varlen_backward", &attention_varlen_backward, py::arg("do"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("causal") = false, py::arg("scale"));
   m.def("cpu_info", &cpu_info);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));

@@ -33,7 +33,7 @@ struct BlockBufs {
 void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
               const detail::Blocks& blk, idx b, idx h, idx q0, idx nq, idx k0, idx nk, BlockBufs& bufs,
               std::vector<int>& lim_rel) {
-  const idx H = a.q.heads, Sq = a.q.seq, D = a.q.dim, Dv = a.v.dim;
+  const idx D = a.q.dim, Dv = a.v.dim;
   // S (nq × nk) = scale · Q·Kᵀ, then P = exp(S + bias − lse) on allowed keys
   detail::block_gemm(kt, nq, nk, D, a.scale, a.q.row(b, h, q0), a.q.ss, 1, bufs.kp.data(), true, 0, 0.0f,
                      bufs.s.data(), blk.bk);
@@ -45,19 +45,20 @@ void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o,
     bias.rs = a.bias_qs;
     bias.cs = a.bias_ks;
   }
-  const float* lse = a.lse + (b * H + h) * Sq + q0;
+  const float* lse = a.lse + detail::lse_offset(a, b, h) + q0;
   kt.softmax_bwd_p(bufs.s.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk), bias, lim_rel.data(), lse);
   // dP (nq × nk) = dO (nq × Dv) · Vᵀ (Dv × nk); dS = P ∘ (dP − D)
   detail::block_gemm(kt, nq, nk, Dv, 1.0f, d_o.row(b, h, q0), d_o.ss, 1, bufs.vp.data(), true, 0, 0.0f,
                      bufs.dp.data(), blk.bk);
   kt.softmax_bwd_ds(bufs.s.data(), bufs.dp.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk),
-                    dsum + (b * H + h) * Sq + q0);
+                    dsum + detail::lse_offset(a, b, h) + q0);
 }
 
 }  // namespace
 
 void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const Tensor4& dq,
                         const Tensor4& dk, const Tensor4& dv) {
+  // Sq, Sk: the longest sequences (packed form: the totals)
   const idx B = a.q.batch, H = a.q.heads, Hkv = a.k.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim,
             Dv = a.v.dim;
   const idx group = Hkv > 0 ? H / Hkv : 1;
@@ -66,21 +67,27 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
                        std::max<idx>(D + Dv, 1) / 2;
   const int nt_max = threads_for(flops, 2.0e6);
 
-  // D_i = Σ_d dO_id · O_id
-  std::vector<float> dsum(static_cast<size_t>(B * H * Sq));
+  // D_i = Σ_d dO_id · O_id, laid out like lse
+  const detail::BlockTasks row_tasks(a.q, H, blk.bq);
+  std::vector<float> dsum(static_cast<size_t>(a.q.cu ? H * a.q.cu[B] : B * H * Sq));
 #pragma omp parallel for num_threads(nt_max) schedule(static)
-  for (idx r = 0; r < B * H * Sq; ++r) {
-    const idx i = r % Sq, bh = r / Sq, h = bh % H, b = bh / H;
-    const float* x = d_o.row(b, h, i);
-    const float* y = a.o.row(b, h, i);
-    float acc = 0.0f;
-    for (idx d = 0; d < Dv; ++d) acc += x[d] * y[d];
-    dsum[r] = acc;
+  for (idx task = 0; task < row_tasks.count(); ++task) {
+    idx b, h, q0;
+    row_tasks.decode(task, &b, &h, &q0);
+    const idx nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
+    float* out = dsum.data() + detail::lse_offset(a, b, h) + q0;
+    for (idx i = 0; i < nq; ++i) {
+      const float* x = d_o.row(b, h, q0 + i);
+      const float* y = a.o.row(b, h, q0 + i);
+      float acc = 0.0f;
+      for (idx d = 0; d < Dv; ++d) acc += x[d] * y[d];
+      out[i] = acc;
+    }
   }
 
   // Pass 1: dK, dV. Task = (batch, kv head, key block).
-  const idx n_kb = ceil_div(Sk, blk.bk);
-  const idx n_tasks1 = B * Hkv * n_kb;
+  const detail::BlockTasks tasks1(a.k, Hkv, blk.bk);
+  const idx n_tasks1 = tasks1.count();
   const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
 #pragma omp parallel num_threads(nt1)
   {
@@ -89,19 +96,24 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     std::vector<int> lim_rel(blk.bq);
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks1; ++task) {
-      const idx kb = task % n_kb, bh = task / n_kb, hk = bh % Hkv, b = bh / Hkv;
-      const idx k0 = kb * blk.bk, nk = std::min<idx>(blk.bk, Sk - k0);
-      std::fill(dk_acc.data(), dk_acc.data() + nk * D, 0.0f);
-      std::fill(dv_acc.data(), dv_acc.data() + nk * Dv, 0.0f);
+      idx b, hk, k0;
+      tasks1.decode(task, &b, &hk, &k0);
+      const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
+      const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows this task writes
+      // keys past key_lengths are never read (their rows of dK/dV are 0)
+      const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
+      const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
+      std::fill(dk_acc.data(), dk_acc.data() + n_rows * D, 0.0f);
+      std::fill(dv_acc.data(), dv_acc.data() + n_rows * Dv, 0.0f);
       detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
       detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
       // The first query row that may see key k0: lim(b, i) > k0.
       idx i_first = 0;
-      if (a.causal) i_first = std::max<idx>(0, k0 - (Sk - Sq));
-      if (a.key_lengths && a.key_lengths[b] <= k0) i_first = Sq;
+      if (a.causal) i_first = std::max<idx>(0, k0 - (seq_k - seq_q));
+      if (nk == 0) i_first = seq_q;
       for (idx h = hk * group; h < (hk + 1) * group; ++h) {
-        for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < Sq; q0 += blk.bq) {
-          const idx nq = std::min<idx>(blk.bq, Sq - q0);
+        for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
+          const idx nq = std::min<idx>(blk.bq, seq_q - q0);
           p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
           // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
           detail::block_gemm(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), false, d_o.ss, 1.0f,
@@ -111,7 +123,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
                              1.0f, dk_acc.data(), D);
         }
       }
-      for (idx j = 0; j < nk; ++j) {
+      for (idx j = 0; j < n_rows; ++j) {
         std::copy(dk_acc.data() + j * D, dk_acc.data() + (j + 1) * D, dk.row(b, hk, k0 + j));
         std::copy(dv_acc.data() + j * Dv, dv_acc.data() + (j + 1) * Dv, dv.row(b, hk, k0 + j));
       }
@@ -119,8 +131,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   }
 
   // Pass 2: dQ. Task = (batch, head, query block).
-  const idx n_qb = ceil_div(Sq, blk.bq);
-  const idx n_tasks2 = B * H * n_qb;
+  const idx n_tasks2 = row_tasks.count();
   const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
 #pragma omp parallel num_threads(nt2)
   {
@@ -128,8 +139,9 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     std::vector<int> lim_rel(blk.bq);
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks2; ++task) {
-      const idx qb = task % n_qb, bh = task / n_qb, h = bh % H, b = bh / H, hk = h / group;
-      const idx q0 = qb * blk.bq, nq = std::min<idx>(blk.bq, Sq - q0);
+      idx b, h, q0;
+      row_tasks.decode(task, &b, &h, &q0);
+      const idx hk = h / group, nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
       float* dqrow = dq.row(b, h, q0);
       idx kmax = 0;
       for (idx i = 0; i < nq; ++i) {

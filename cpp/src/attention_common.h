@@ -1,6 +1,7 @@
 // Pieces shared by the attention forward and backward drivers.
 #pragma once
 #include <algorithm>
+#include <vector>
 
 #include "qkv/attention.h"
 
@@ -9,25 +10,56 @@ namespace detail {
 
 // lim(b, i) of Note [attention masking].
 inline idx key_limit(const AttentionArgs& a, idx b, idx i) {
-  const idx seq_q = a.q.seq, seq_k = a.k.seq;
+  const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
   idx lim = seq_k;
   if (a.key_lengths) lim = std::min(lim, a.key_lengths[b]);
   if (a.causal) lim = std::min(lim, i + (seq_k - seq_q) + 1);
   return std::max<idx>(lim, 0);
 }
 
-// Rows per query block and keys per key block. Query blocks are a multiple of the
-// micro-tile's rows; key blocks a multiple of its columns.
+// Offset of lse(b, h, 0): (batch, heads, seq_q) dense, (heads, total_q) packed.
+inline idx lse_offset(const AttentionArgs& a, idx b, idx h) {
+  return a.q.cu ? h * a.q.cu[a.q.batch] + a.q.cu[b] : (b * a.q.heads + h) * a.q.seq;
+}
+
+// Tasks (batch, head, block) enumerated over sequences of different lengths:
+// sequence b owns tasks [first[b], first[b+1]), heads × ceil(len(b) / block) of them.
+class BlockTasks {
+ public:
+  BlockTasks(const Tensor4& t, idx heads, idx block) : heads_(heads), block_(block) {
+    first_.resize(static_cast<size_t>(t.batch) + 1);
+    first_[0] = 0;
+    for (idx b = 0; b < t.batch; ++b) first_[b + 1] = first_[b] + heads * ceil_div(t.seq_of(b), block);
+  }
+  idx count() const { return first_.back(); }
+  // task -> (b, h, block start)
+  void decode(idx task, idx* b, idx* h, idx* start) const {
+    const idx bb = std::upper_bound(first_.begin(), first_.end(), task) - first_.begin() - 1;
+    const idx r = task - first_[bb], n_blocks = (first_[bb + 1] - first_[bb]) / heads_;
+    *b = bb;
+    *h = r / n_blocks;
+    *start = (r % n_blocks) * block_;
+  }
+
+ private:
+  idx heads_, block_;
+  std::vector<idx> first_;
+};
+
+// Rows per query block and keys per key block: multiples of the micro-tile's
+// rows and columns where possible (96 = lcm(12, 32) for AVX-512, 2·lcm(6, 16) for
+// AVX2), so that the products inside a block have no ragged tiles.
 struct Blocks {
   idx bq, bk;
 };
 inline Blocks choose_blocks(const KernelTable& kt, idx d, idx dv) {
-  const idx bq = kt.mr * ceil_div(64, kt.mr);
-  // keep the packed K/V block (bk × max(d, dv)) within about 64 KiB
-  idx bk = 128;
+  idx l = kt.mr;
+  while (l % kt.nr != 0) l += kt.mr;  // lcm(mr, nr)
+  const idx bq = std::max<idx>(l, (128 / l) * l);
+  // the backward packs K and V blocks (bk × max(d, dv)): keep each within ~64 KiB
+  idx bk = bq;
   const idx dmax = std::max<idx>({d, dv, 1});
-  while (bk > kt.nr && bk * dmax * 4 > 64 * 1024) bk /= 2;
-  bk = std::max<idx>(kt.nr, (bk / kt.nr) * kt.nr);
+  while (bk > l && bk * dmax * 4 > 64 * 1024) bk -= l;
   return {bq, bk};
 }
 

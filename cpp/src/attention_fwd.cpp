@@ -1,10 +1,11 @@
 // Attention forward, flash style. Tasks are (batch, head, query block); each
-// streams key/value blocks:
-//   S = Q·Kᵀ·scale (micro-tiles against K packed transposed)
-//   online softmax: running row max m and sum l, O rescaled when m moves, S := P
-//   O += P·V
-// and finally O /= l, lse = m + log(l). Extra memory: per thread, one S block and
-// one packed K block; the (seq_q, seq_k) score matrix never exists.
+// packs its Q block transposed once, then streams key/value blocks:
+//   Sᵀ = K·Qᵀ·scale (keys × queries: micro-tiles read K rows in place)
+//   online softmax down the key axis (vertical: lanes are queries), O rescaled
+//   where a query's running max moves, Sᵀ := Pᵀ
+//   O += P·V (P read column-wise from Pᵀ, V rows in place)
+// and finally O /= l, lse = m + log(l). Extra memory: per thread one score block
+// and one packed Q block; the (seq_q, seq_k) score matrix never exists.
 #include <omp.h>
 
 #include <cmath>
@@ -16,58 +17,60 @@
 namespace qkv {
 
 void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
+  // Sq, Sk: the longest sequences (packed form: the totals; only for the thread count)
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim, Dv = a.v.dim;
   if (B == 0 || H == 0 || Sq == 0) return;
   const idx group = H / a.k.heads;
   const detail::Blocks blk = detail::choose_blocks(kt, D, Dv);
-  const idx n_qb = ceil_div(Sq, blk.bq);
-  const idx n_tasks = B * H * n_qb;
+  const detail::BlockTasks tasks(a.q, H, blk.bq);
+  const idx n_tasks = tasks.count();
   const double flops = 4.0 * static_cast<double>(B) * H * Sq * std::max<idx>(Sk, 1) * std::max<idx>(D + Dv, 1) / 2;
   const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const idx kpanel = ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(D, 1);
+  const idx bq_pad = ceil_div(blk.bq, kt.nr) * kt.nr;  // Qᵀ panels and Sᵀ rows
+  const idx qpanel = bq_pad * std::max<idx>(D, 1);
 
 #pragma omp parallel num_threads(nt)
   {
-    AlignedBuffer s_buf(blk.bq * blk.bk), k_buf(kpanel), stats(3 * blk.bq);
-    std::vector<int> lim_rel(blk.bq);
-    std::vector<idx> lim(blk.bq);
+    AlignedBuffer st_buf(blk.bk * bq_pad), q_buf(qpanel), m_buf(bq_pad), l_buf(bq_pad);
+    std::vector<int> lim_rel(static_cast<size_t>(bq_pad));
+    std::vector<idx> lim(static_cast<size_t>(bq_pad));
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
-      const idx qb = task % n_qb, bh = task / n_qb, h = bh % H, b = bh / H, hk = h / group;
-      const idx q0 = qb * blk.bq, nq = std::min<idx>(blk.bq, Sq - q0);
-      float* m = stats.data();
-      float* l = m + blk.bq;
-      const float* qrow = a.q.row(b, h, q0);
+      idx b, h, q0;
+      tasks.decode(task, &b, &h, &q0);
+      const idx hk = h / group, nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
+      float* m = m_buf.data();
+      float* l = l_buf.data();
       const float* krow = a.k.row(b, hk, 0);
       const float* vrow = a.v.row(b, hk, 0);
       float* orow = a.o.row(b, h, q0);
       idx kmax = 0;
-      for (idx i = 0; i < nq; ++i) {
-        lim[i] = detail::key_limit(a, b, q0 + i);
+      for (idx i = 0; i < bq_pad; ++i) {
+        lim[i] = i < nq ? detail::key_limit(a, b, q0 + i) : 0;  // padding lanes: fully masked
         kmax = std::max(kmax, lim[i]);
         m[i] = neg_inf;
         l[i] = 0.0f;
-        float* o = orow + i * a.o.ss;
-        for (idx d = 0; d < Dv; ++d) o[d] = 0.0f;
       }
+      for (idx i = 0; i < nq; ++i) std::fill(orow + i * a.o.ss, orow + i * a.o.ss + Dv, 0.0f);
+      detail::pack_transposed(a.q.row(b, h, q0), a.q.ss, 0, nq, D, kt.nr, q_buf.data());
       for (idx k0 = 0; k0 < kmax; k0 += blk.bk) {
         const idx nk = std::min<idx>(blk.bk, kmax - k0);
-        detail::pack_transposed(krow, a.k.ss, k0, nk, D, kt.nr, k_buf.data());
-        // S (nq × nk) = scale · Q (nq × D) · Kᵀ (D × nk)
-        detail::block_gemm(kt, nq, nk, D, a.scale, qrow, a.q.ss, 1, k_buf.data(), true, 0, 0.0f, s_buf.data(),
-                           blk.bk);
-        for (idx i = 0; i < nq; ++i) lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(lim[i] - k0, nk)));
+        // Sᵀ (nk × nq) = scale · K (nk × D) · Qᵀ (D × nq)
+        detail::block_gemm(kt, nk, nq, D, a.scale, krow + k0 * a.k.ss, a.k.ss, 1, q_buf.data(), true, 0, 0.0f,
+                           st_buf.data(), bq_pad);
+        for (idx i = 0; i < bq_pad; ++i)
+          lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(lim[i] - k0, nk)));
         BiasView bias;
         if (a.bias) {
           bias.ptr = a.bias + b * a.bias_bs + h * a.bias_hs + q0 * a.bias_qs + k0 * a.bias_ks;
           bias.rs = a.bias_qs;
           bias.cs = a.bias_ks;
         }
-        kt.softmax_fwd(s_buf.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk), bias, lim_rel.data(), m, l,
+        kt.softmax_fwd(st_buf.data(), bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, lim_rel.data(), m, l,
                        orow, a.o.ss, static_cast<int>(Dv));
-        // O (nq × Dv) += P (nq × nk) · V (nk × Dv)
-        detail::block_gemm(kt, nq, Dv, nk, 1.0f, s_buf.data(), blk.bk, 1, vrow + k0 * a.v.ss, false, a.v.ss, 1.0f,
+        // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]
+        detail::block_gemm(kt, nq, Dv, nk, 1.0f, st_buf.data(), 1, bq_pad, vrow + k0 * a.v.ss, false, a.v.ss, 1.0f,
                            orow, a.o.ss);
       }
       for (idx i = 0; i < nq; ++i) {
@@ -75,7 +78,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         const bool empty = l[i] == 0.0f;
         const float inv = empty ? 0.0f : 1.0f / l[i];
         for (idx d = 0; d < Dv; ++d) o[d] *= inv;
-        if (a.lse) a.lse[(b * H + h) * Sq + q0 + i] = empty ? neg_inf : m[i] + std::log(l[i]);
+        if (a.lse) a.lse[detail::lse_offset(a, b, h) + q0 + i] = empty ? neg_inf : m[i] + std::log(l[i]);
       }
     }
   }

@@ -68,23 +68,26 @@ void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, 
 }
 
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
-// splitting each tile at segment boundaries of the output map.
-void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, idx ic, idx mc, idx jc, idx j_begin,
-                  idx j_end, idx kc, float alpha, float beta, const MatMap& C, const float* bias) {
+// splitting each tile at segment boundaries of the output map. rb/rr: the batch
+// and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
+void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const idx* rb, const idx* rr, idx mc,
+                  idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
+                  const float* bias) {
   const int mr = kt.mr, nr = kt.nr;
   float* rows[64];
   for (idx jr = j_begin; jr < j_end; jr += nr) {
     const idx n_tile = std::min<idx>(nr, j_end - jr);
     const float* bpanel = bp + (jr / nr) * kc * nr;
-    for (idx ir = 0; ir < mc; ir += mr) {
-      const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
-      // split [jc+jr, jc+jr+n_tile) at segment boundaries
-      idx j = 0;
-      while (j < n_tile) {
-        const idx gj = jc + jr + j;
-        idx step, len;
-        for (int i = 0; i < m; ++i) rows[i] = C.run(ic + ir + i, gj, &step, &len);
-        const idx n = std::min<idx>(n_tile - j, len);
+    idx j = 0;
+    while (j < n_tile) {  // split [jc+jr, jc+jr+n_tile) at segment boundaries
+      const idx gj = jc + jr + j;
+      const idx s = gj / C.seg_cols, c = gj - s * C.seg_cols;
+      const Segment& g = C.segs[s];
+      const idx n = std::min<idx>(n_tile - j, C.seg_cols - c);
+      float* col = g.ptr + c * C.cs;
+      for (idx ir = 0; ir < mc; ir += mr) {
+        const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
+        for (int i = 0; i < m; ++i) rows[i] = col + rb[ir + i] * g.bs + rr[ir + i] * g.rs;
         GemmTile t;
         t.k = kc;
         t.m = m;
@@ -99,10 +102,61 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, idx i
         t.beta = beta;
         t.bias = bias ? bias + gj : nullptr;
         kt.gemm_tile(t);
-        j += n;
       }
+      j += n;
     }
   }
+}
+
+// Small M (a few rows, e.g. one token): packing B would cost as much as the
+// product, so the micro-tiles read A and B in place and threads split N. Each
+// B element is read once: the loop runs at memory bandwidth.
+void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
+                  float beta, const MatMap& C, const float* bias) {
+  const int nr = kt.nr;
+  const idx n_strips = ceil_div(N, nr);
+  const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * M * N * K, 1.0e6), n_strips));
+  // A rows must be contiguous along K within a batch (row-major, unsplit K).
+  const idx a_rs = A.row_step(0);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (idx strip = 0; strip < n_strips; ++strip) {
+    float* rows[64];
+    const idx j_end = std::min<idx>(N, (strip + 1) * nr);
+    idx j = strip * nr;
+    while (j < j_end) {
+      idx step, len, cstep, clen;
+      const float* bp = B.run(0, j, &step, &len);
+      const idx n = std::min<idx>(j_end - j, len);
+      for (idx i0 = 0; i0 < M; i0 += kt.mr) {
+        const int m = static_cast<int>(std::min<idx>(kt.mr, M - i0));
+        for (int i = 0; i < m; ++i) rows[i] = C.run(i0 + i, j, &cstep, &clen);
+        idx astep, alen;
+        GemmTile t;
+        t.k = K;
+        t.m = m;
+        t.n = static_cast<int>(std::min<idx>(n, clen));
+        t.a = A.run(i0, 0, &astep, &alen);
+        t.rs_a = a_rs;
+        t.cs_a = 1;
+        t.b = bp;
+        t.rs_b = B.row_step(j);
+        t.c_rows = rows;
+        t.alpha = alpha;
+        t.beta = beta;
+        t.bias = bias ? bias + j : nullptr;
+        kt.gemm_tile(t);
+      }
+      j += std::min<idx>(n, clen);
+    }
+  }
+}
+
+// True when the no-pack path can read the operands in place: A row-major with
+// whole rows in one batch, B with unit column steps (not transposed).
+bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const MatMap& B) {
+  if (M > kt.mr || A.trans || B.trans || B.cs != 1 || A.cs != 1) return false;
+  if (A.seg_cols != MatMap().seg_cols) return false;
+  return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
 
 }  // namespace
@@ -111,16 +165,24 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           float beta, const MatMap& C, const float* bias) {
   if (M <= 0 || N <= 0) return;
   const int mr = kt.mr, nr = kt.nr;
+  if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, A, B)) {
+    gemm_small_m(kt, M, N, K, alpha, A, B, beta, C, bias);
+    return;
+  }
   if (K <= 0 || alpha == 0.0f) {
     // C = beta·C + bias, no product to form. Uses a zero-length micro-tile pass.
     K = 0;
   }
-  const idx kc_max = std::max<idx>(1, std::min<idx>(kt.kc, K));
+  // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
+  // blocks of at most kc; M and N blocks as the kernel table says.
+  const idx n_kb = K <= kt.kc * 4 / 3 ? 1 : ceil_div(K, kt.kc);
+  const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
   const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
-  const idx mc_max = std::min<idx>(ceil_div(kt.mc, mr) * mr, ceil_div(M, mr) * mr);
-
+  idx mc_max = std::min<idx>(ceil_div(kt.mc, mr) * mr, ceil_div(M, mr) * mr);
   const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);
   const int nt = threads_for(flops, 4.0e6);
+  // Few M blocks: size them so that every thread gets an equal share of rows.
+  if (ceil_div(M, mc_max) < 2 * nt) mc_max = std::max<idx>(mr, ceil_div(ceil_div(M, nt), mr) * mr);
 
   AlignedBuffer bpack(kc_max * nc_max);
   std::vector<AlignedBuffer> apack(nt);
@@ -131,6 +193,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
     const int tid = omp_get_thread_num();
     AlignedBuffer& ap = apack[tid];
     ap.resize(mc_max * kc_max);
+    std::vector<idx> rb(static_cast<size_t>(mc_max)), rr(static_cast<size_t>(mc_max));
     for (idx jc = 0; jc < N; jc += nc_max) {
       const idx nc = std::min<idx>(nc_max, N - jc);
       const idx n_panels = ceil_div(nc, nr);
@@ -151,13 +214,14 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
             pack_a(A, ic, mc, pc, kc, mr, ap.data());
+            for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, &rb[i], &rr[i]);
             packed_ic = ic;
           }
           const idx per = ceil_div(n_panels, n_jchunks);
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, ap.data(), bpack.data(), ic, mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, ap.data(), bpack.data(), rb.data(), rr.data(), mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)

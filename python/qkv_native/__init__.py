@@ -14,6 +14,8 @@ from . import _core
 from .functional import (
     attention,
     attention_backward,
+    attention_varlen,
+    attention_varlen_backward,
     matmul,
     qkv_project,
     qkv_project_backward,
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attention",
     "attention_backward",
+    "attention_varlen",
+    "attention_varlen_backward",
     "matmul",
     "qkv_project",
     "qkv_project_backward",

@@ -24,6 +24,8 @@ __all__ = [
     "qkv_project_backward",
     "attention",
     "attention_backward",
+    "attention_varlen",
+    "attention_varlen_backward",
 ]
 
 
@@ -316,3 +318,79 @@ def attention_backward(
     _check_array(o, "o", 4)
     _check_array(lse, "lse", 3)
     return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale)
+
+
+def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
+    _check_array(q, "q", 3)
+    _check_array(k, "k", 3)
+    _check_array(v, "v", 3)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, np.ndarray) or cu.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be a numpy array of integers, shape (batch + 1,)")
+        if cu.ndim != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (batch + 1,), got {cu.shape}")
+        if cu[0] != 0 or np.any(np.diff(cu) < 0) or cu[-1] != total:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end at {total} (the rows of its tensor)")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same shape, got {cu_seqlens_q.shape} and {cu_seqlens_k.shape}"
+        )
+    d_head = q.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
+    return float(scale), cu_seqlens_q.astype(np.int64, copy=False), cu_seqlens_k.astype(np.int64, copy=False)
+
+
+def attention_varlen(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cu_seqlens_q: np.ndarray,
+    cu_seqlens_k: np.ndarray,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    out: Optional[np.ndarray] = None,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """Attention over packed variable-length sequences: no compute spent on padding.
+
+    Sequences of different lengths are concatenated along the first axis:
+    q: (total_q, num_heads, d_head); k: (total_k, num_kv_heads, d_head);
+    v: (total_k, num_kv_heads, d_v). Sequence b is rows
+    [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and [cu_seqlens_k[b], cu_seqlens_k[b+1])
+    of k and v; the offsets are int arrays of shape (batch + 1,) starting at 0.
+    ``causal`` is aligned bottom-right per sequence (see :func:`attention`).
+
+    Returns o: (total_q, num_heads, d_v), and with ``return_lse`` also
+    lse: (num_heads, total_q).
+    """
+    scale, cu_q, cu_k = _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    if out is not None:
+        _check_array(out, "out", 3)
+        _check_no_overlap(out, "out", q=q, k=k, v=v)
+    return _core.attention_varlen(q, k, v, cu_q, cu_k, bool(causal), scale, bool(return_lse), out)
+
+
+def attention_varlen_backward(
+    do: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    o: np.ndarray,
+    lse: np.ndarray,
+    cu_seqlens_q: np.ndarray,
+    cu_seqlens_k: np.ndarray,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`attention_varlen`: (dq, dk, dv) with the shapes of q, k, v.
+
+    do, o: (total_q, num_heads, d_v); lse: (num_heads, total_q) from the forward.
+    """
+    scale, cu_q, cu_k = _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+    _check_array(do, "do", 3)
+    _check_array(o, "o", 3)
+    _check_array(lse, "lse", 2)
+    return _core.attention_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, bool(causal), scale)

@@ -436,3 +436,44 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, key_lengths=None,
     dk = _reduce_kv(dk_full, num_kv_heads)
     dv = _reduce_kv(dv_full, num_kv_heads)
     return dq, dk, dv
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """Row ranges (q_slice, k_slice) of each packed sequence."""
+    cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
+    cu_k = np.asarray(cu_seqlens_k, dtype=np.int64)
+    return [(slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])) for b in range(len(cu_q) - 1)]
+
+
+def _as_batch(t):
+    """(len, heads, dim) rows of one sequence -> (1, heads, len, dim)."""
+    return t.transpose(1, 0, 2)[None]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
+    """Packed variable-length attention: each sequence on its own, by :func:`attention`.
+
+    q: (total_q, num_heads, d_head); k: (total_k, num_kv_heads, d_head);
+    v: (total_k, num_kv_heads, d_v); cu_seqlens_*: (batch + 1,) row offsets.
+    Returns (o, lse): o (total_q, num_heads, d_v), lse (num_heads, total_q).
+    """
+    q, k, v = _f64(q, "q"), _f64(k, "k"), _f64(v, "v")
+    o = np.zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for qs, ks in _sequences(cu_seqlens_q, cu_seqlens_k):
+        ob, lb = attention(_as_batch(q[qs]), _as_batch(k[ks]), _as_batch(v[ks]), causal=causal, scale=scale)
+        o[qs] = ob[0].transpose(1, 0, 2)
+        lse[:, qs] = lb[0]
+    return o, lse
+
+
+def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None):
+    """Gradients of :func:`attention_varlen`: (dq, dk, dv) with the shapes of q, k, v."""
+    q, k, v = _f64(q, "q"), _f64(k, "k"), _f64(v, "v")
+    do, o, lse = _f64(do, "do"), _f64(o, "o"), _f64(lse, "lse")
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for qs, ks in _sequences(cu_seqlens_q, cu_seqlens_k):
+        g = attention_backward(_as_batch(do[qs]), _as_batch(q[qs]), _as_batch(k[ks]), _as_batch(v[ks]),
+                               _as_batch(o[qs]), lse[:, qs][None], causal=causal, scale=scale)
+        dq[qs], dk[ks], dv[ks] = (t[0].transpose(1, 0, 2) for t in g)
+    return dq, dk, dv

@@ -7,16 +7,21 @@ namespace qkv {
 
 // A (batch, heads, seq, dim) tensor; element strides bs, hs, ss; the last axis is
 // contiguous. Strided views (Q/K/V sliced out of one packed buffer) need no copy.
+// Packed variable-length form: with cu (batch+1 offsets), sequence b is rows
+// [cu[b], cu[b+1]) of one (total, heads, dim) tensor and bs is unused.
 struct Tensor4 {
   float* ptr = nullptr;
   idx batch = 0, heads = 0, seq = 0, dim = 0;
   idx bs = 0, hs = 0, ss = 0;
-  float* row(idx b, idx h, idx s) const { return ptr + b * bs + h * hs + s * ss; }
+  const idx* cu = nullptr;
+  float* row(idx b, idx h, idx s) const { return ptr + (cu ? cu[b] * ss : b * bs) + h * hs + s * ss; }
+  idx seq_of(idx b) const { return cu ? cu[b + 1] - cu[b] : seq; }
 };
 
 // Note [attention masking]
 // Query row i of batch b may attend key j iff j < lim(b, i), where
 //   lim(b, i) = min(seq_k, key_lengths[b], causal ? i + (seq_k - seq_q) + 1 : seq_k)
+// with seq_q, seq_k the lengths of sequence b (they differ per b in the packed form)
 // (causal is aligned bottom-right: the last query sees every key; for seq_q == seq_k
 // this is the usual top-left mask). The additive bias may add -inf anywhere. A row
 // with no key left outputs 0 with lse = -inf, and gets zero gradients.
@@ -25,7 +30,8 @@ struct AttentionArgs {
   Tensor4 k;   // (batch, num_kv_heads, seq_k, d_head)
   Tensor4 v;   // (batch, num_kv_heads, seq_k, d_v)
   Tensor4 o;   // (batch, num_heads, seq_q, d_v)
-  float* lse = nullptr;               // (batch, num_heads, seq_q) contiguous; forward: may be null
+  float* lse = nullptr;               // (batch, num_heads, seq_q) contiguous, or (num_heads, total_q)
+                                      // in the packed form; forward: may be null
   float scale = 1.0f;
   bool causal = false;
   const idx* key_lengths = nullptr;   // (batch,) or null

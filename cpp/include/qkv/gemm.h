@@ -42,6 +42,16 @@ struct MatMap {
     }
     return g.ptr + b * g.bs + r * g.rs + c * cs;
   }
+
+  // Row i's offset within every segment (C maps only: not transposed): the
+  // divisions of run() done once per row instead of once per element.
+  void row_offset(idx i, idx* b, idx* r) const {
+    *b = i / rows_per_batch;
+    *r = i - *b * rows_per_batch;
+  }
+
+  // The step from (i, j) to (i+1, j) inside one batch of rows.
+  idx row_step(idx j) const { return trans ? cs : segs[(j / seg_cols)].rs; }
 };
 
 // A plain matrix: element (i, j) at ptr[i*rs + j*cs]. Holds its one segment.

@@ -35,14 +35,16 @@ struct KernelTable {
   int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
   void (*gemm_tile)(const GemmTile& t);
 
-  // Online-softmax step of the flash forward, for a block of rows of S:
-  // s: (rows, cols) with row stride lds, already scaled (S = Q·Kᵀ·scale).
-  // For row i: s_ij += bias(i, j); keys j >= lim[i] are masked (-inf).
-  // m, l: running max and sum per row (in/out). o: (rows, dv) output accumulator,
-  // row stride ldo, rescaled by exp(m_old - m_new) when the max moves.
-  // On return s holds P = exp(s - m_new) (0 where masked).
-  void (*softmax_fwd)(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
-                      float* m, float* l, float* o, idx ldo, int dv);
+  // Online-softmax step of the flash forward on a transposed score block:
+  // st: (keys, queries) with row stride ld, already scaled (Sᵀ = K·Qᵀ·scale), so
+  // every step is vertical (lanes = queries, no horizontal reductions).
+  // For query i and key j: s += bias(i, j); keys j >= lim[i] are masked (-inf).
+  // m, l: running max and sum per query (in/out); o: (queries, dv) output
+  // accumulator with row stride ldo, rescaled by exp(m_old - m_new) where the max
+  // moved. On return st holds Pᵀ = exp(s - m_new) (0 where masked).
+  // lim, m and l have room for `queries` rounded up to the vector width.
+  void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
+                      float* l, float* o, idx ldo, int dv);
 
   // Backward recompute: s (rows, cols) := exp(s + bias - lse_i) for j < lim[i], else 0;
   // rows with lse_i = -inf (fully masked) give 0.

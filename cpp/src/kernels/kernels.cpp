@@ -14,8 +14,8 @@ using V = Vec;
 constexpr int W = V::W;
 
 #if defined(QKV_ISA_AVX512)
-constexpr int MR = 14, NV = 2;            // 14 x 32 tile: 28 of 32 zmm are accumulators
-constexpr int KC = 256, MC = 112, NC = 2048;
+constexpr int MR = 12, NV = 2;            // 12 x 32 tile: 24 of 32 zmm are accumulators
+constexpr int KC = 576, MC = 144, NC = 2048;
 #elif defined(QKV_ISA_AVX2)
 constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
 constexpr int KC = 256, MC = 96, NC = 1024;
@@ -117,14 +117,17 @@ void gemm_tile(const GemmTile& t) {
 // ---------------------------------------------------------------------------
 // exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n
-// built in the exponent bits as 2^n1 · 2^n2 so that denormal results and overflow
-// come out right. x is clamped to [-104, 88.8]: below -104 (and at -inf) the
-// result is exactly 0, above 88.72 it overflows to +inf; NaN propagates.
+// built in the exponent bits. Below -104 (and at -inf) the result is exactly 0;
+// NaN propagates.
+// FullRange: x is clamped to [-104, 88.8] and 2^n is built as 2^n1 · 2^n2, so that
+// denormal results and overflow to +inf come out right.
+// !FullRange (softmax, where x <= 0 and results below 2^-126 do not matter): x is
+// clamped to [-87, 0] and 2^n is one exponent — 5 instructions fewer.
+template <bool FullRange>
 inline V::reg exp_v(V::reg x) {
-  // max(lo, x) and the min via max keep NaN (x86 max returns its second operand on NaN)
-  V::reg xs = V::max(V::set1(-104.0f), x);
-  xs = V::sub(xs, V::max(V::zero(), V::sub(xs, V::set1(88.8f))));
-  V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
+  // min(hi, max(lo, x)) keeps NaN: x86 min/max return their second operand on NaN
+  const V::reg xs = V::min(V::set1(FullRange ? 88.8f : 0.0f), V::max(V::set1(FullRange ? -104.0f : -87.0f), x));
+  const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
   V::reg p = V::set1(1.0f / 5040.0f);
@@ -135,20 +138,25 @@ inline V::reg exp_v(V::reg x) {
   p = V::fmadd(p, r, V::set1(0.5f));
   p = V::fmadd(p, r, V::set1(1.0f));
   p = V::fmadd(p, r, V::set1(1.0f));
-  const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
-  const V::reg n2 = V::sub(n, n1);
-  V::reg y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(n2));
-  return V::replace_below(x, -104.0f, y, 0.0f);
+  V::reg y;
+  if (FullRange) {
+    const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
+    y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
+  } else {
+    y = V::mul(p, V::pow2i(n));
+  }
+  return V::replace_below(x, FullRange ? -104.0f : -87.0f, y, 0.0f);
 }
 
+template <bool FullRange = false>
 float exp_s(float x) {
-  return V::reduce_max(exp_v(V::set1(x)));
+  return V::reduce_max(exp_v<FullRange>(V::set1(x)));
 }
 
 void exp_array(const float* x, float* y, idx n) {
   idx i = 0;
-  for (; i + W <= n; i += W) V::store(y + i, exp_v(V::load(x + i)));
-  for (; i < n; ++i) y[i] = exp_s(x[i]);
+  for (; i + W <= n; i += W) V::store(y + i, exp_v<true>(V::load(x + i)));
+  for (; i < n; ++i) y[i] = exp_s<true>(x[i]);
 }
 
 // Loads W lanes of bias row `b` starting at column j (cs = column stride; 0 broadcasts).
@@ -182,7 +190,7 @@ inline float exp_sub_row(float* s, int cols, float m) {
   V::reg sum = V::zero();
   int j = 0;
   for (; j + W <= cols; j += W) {
-    V::reg e = exp_v(V::sub(V::load(s + j), mv));
+    V::reg e = exp_v<false>(V::sub(V::load(s + j), mv));
     V::store(s + j, e);
     sum = V::add(sum, e);
   }
@@ -201,24 +209,60 @@ inline void scale_row(float* o, int n, float c) {
   for (; j < n; ++j) o[j] *= c;
 }
 
-void softmax_fwd(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
-                 float* m, float* l, float* o, idx ldo, int dv) {
-  for (int i = 0; i < rows; ++i) {
-    float* srow = s + i * lds;
-    const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
-    const float rmax = bias_mask_row(srow, cols, brow, bias.cs, lim[i]);
-    const float m_old = m[i];
-    const float m_new = fmaxf_(m_old, rmax);
-    if (m_new == kNegInf) {  // everything so far masked: P row is 0, nothing to rescale
-      for (int j = 0; j < cols; ++j) srow[j] = 0.0f;
-      continue;
+void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
+                 float* o, idx ldo, int dv) {
+  constexpr int kMaxVecs = 256 / W + 1;  // queries per block <= 256
+  const int nv = (queries + W - 1) / W;
+  int lim_min = keys;
+  for (int i = 0; i < queries; ++i) lim_min = imin(lim_min, lim[i]);
+  const bool masked = lim_min < keys;
+  alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
+  for (int v = 0; v < nv; ++v) V::store(mx + v * W, V::set1(kNegInf));
+  // pass 1: bias, mask, per-query max over the keys of this block
+  for (int j = 0; j < keys; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < nv; ++v) {
+      V::reg x = V::load(row + v * W);
+      if (bias.ptr) {
+        const float* bj = bias.ptr + j * bias.cs + v * W * bias.rs;
+        if (bias.rs == 0) {
+          x = V::add(x, V::set1(bj[0]));
+        } else {
+          alignas(64) float tmp[W];
+          const int lanes = imin(W, queries - v * W);
+          for (int q = 0; q < W; ++q) tmp[q] = q < lanes ? bj[q * bias.rs] : 0.0f;
+          x = V::add(x, V::load(tmp));
+        }
+      }
+      if (masked) x = V::mask_keys(x, lim + v * W, j);
+      if (bias.ptr || masked) V::store(row + v * W, x);
+      V::store(mx + v * W, V::max(V::load(mx + v * W), x));
     }
-    const float corr = m_old == kNegInf ? 0.0f : exp_s(m_old - m_new);
-    const float rsum = exp_sub_row(srow, cols, m_new);
-    l[i] = l[i] * corr + rsum;
-    m[i] = m_new;
-    if (corr != 1.0f) scale_row(o + i * ldo, dv, corr);
   }
+  // new max; m_safe replaces a -inf max by 0 so that exp(-inf - m_safe) = 0, not NaN
+  alignas(64) float msafe[kMaxVecs * W];
+  for (int v = 0; v < nv; ++v) {
+    const V::reg m_old = V::load(m + v * W);
+    const V::reg m_new = V::max(m_old, V::load(mx + v * W));
+    const V::reg m_s = V::replace_below(m_new, -3.0e38f, m_new, 0.0f);
+    V::store(m + v * W, m_new);
+    V::store(msafe + v * W, m_s);
+    V::store(corr + v * W, exp_v<false>(V::sub(m_old, m_s)));
+    V::store(lsum + v * W, V::zero());
+  }
+  // pass 2: P = exp(s - m), column sums
+  for (int j = 0; j < keys; ++j) {
+    float* row = st + j * ld;
+    for (int v = 0; v < nv; ++v) {
+      const V::reg p = exp_v<false>(V::sub(V::load(row + v * W), V::load(msafe + v * W)));
+      V::store(row + v * W, p);
+      V::store(lsum + v * W, V::add(V::load(lsum + v * W), p));
+    }
+  }
+  for (int v = 0; v < nv; ++v)
+    V::store(l + v * W, V::fmadd(V::load(l + v * W), V::load(corr + v * W), V::load(lsum + v * W)));
+  for (int i = 0; i < queries; ++i)
+    if (corr[i] != 1.0f) scale_row(o + i * ldo, dv, corr[i]);
 }
 
 void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
@@ -236,14 +280,19 @@ void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const i
 }
 
 void softmax_bwd_ds(const float* p, float* dp, idx ld, int rows, int cols, const float* d) {
+  // Where P = 0 (masked, or underflowed) dS is exactly 0, even when dP is inf/NaN
+  // because of values in a masked-out V row.
   for (int i = 0; i < rows; ++i) {
     const float* prow = p + i * ld;
     float* drow = dp + i * ld;
     const V::reg dv = V::set1(d[i]);
     int j = 0;
-    for (; j + W <= cols; j += W)
-      V::store(drow + j, V::mul(V::load(prow + j), V::sub(V::load(drow + j), dv)));
-    for (; j < cols; ++j) drow[j] = prow[j] * (drow[j] - d[i]);
+    for (; j + W <= cols; j += W) {
+      const V::reg pv = V::load(prow + j);
+      const V::reg ds = V::mul(pv, V::sub(V::load(drow + j), dv));
+      V::store(drow + j, V::replace_below(pv, 1e-45f, ds, 0.0f));
+    }
+    for (; j < cols; ++j) drow[j] = prow[j] == 0.0f ? 0.0f : prow[j] * (drow[j] - d[i]);
   }
 }
 

@@ -39,6 +39,7 @@ struct Vec {
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
   static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
   // Lanes whose x < lo are set to `v`.
@@ -51,6 +52,11 @@ struct Vec {
     __m512i idxv = _mm512_add_epi32(_mm512_set1_epi32(base),
                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     __mmask16 k = _mm512_cmpge_epi32_mask(idxv, _mm512_set1_epi32(lim));
+    return _mm512_mask_blend_ps(k, x, _mm512_set1_ps(-__builtin_inff()));
+  }
+  // Lanes q whose lim[q] <= j are set to -inf (key j masked for query q).
+  static reg mask_keys(reg x, const int* lim, int j) {
+    __mmask16 k = _mm512_cmple_epi32_mask(_mm512_loadu_si512(lim), _mm512_set1_epi32(j));
     return _mm512_mask_blend_ps(k, x, _mm512_set1_ps(-__builtin_inff()));
   }
   // 2^n for integral-valued n in [-126, 127].
@@ -80,6 +86,7 @@ struct Vec {
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static float reduce_add(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -99,6 +106,11 @@ struct Vec {
   static reg mask_from(reg x, int base, int lim) {
     __m256i idxv = _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 k = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idxv, _mm256_set1_epi32(lim - 1)));
+    return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), k);
+  }
+  static reg mask_keys(reg x, const int* lim, int j) {
+    __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lim));
+    __m256 k = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(j + 1), l));
     return _mm256_blendv_ps(x, _mm256_set1_ps(-__builtin_inff()), k);
   }
   static reg pow2i(reg n) {
@@ -124,11 +136,13 @@ struct Vec {
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg mul(reg a, reg b) { return a * b; }
-  static reg max(reg a, reg b) { return a > b ? a : b; }
+  static reg max(reg a, reg b) { return a > b ? a : b; }  // b if either is NaN, as x86 maxps
+  static reg min(reg a, reg b) { return a < b ? a : b; }
   static float reduce_add(reg a) { return a; }
   static float reduce_max(reg a) { return a; }
   static reg replace_below(reg x, float lo, reg r, float v) { return x < lo ? v : r; }
   static reg mask_from(reg x, int base, int lim) { return base >= lim ? -__builtin_inff() : x; }
+  static reg mask_keys(reg x, const int* lim, int j) { return lim[0] <= j ? -__builtin_inff() : x; }
   static reg pow2i(reg n) {
     if (!(n == n)) return n;  // NaN: the int conversion below would be undefined
     std::int32_t e = (static_cast<std::int32_t>(n) + 127) << 23;
