@@ -15,3 +15,11 @@ def isa(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def restore_threads():
+    """Lets a test call qn.set_num_threads; the previous count is restored afterwards."""
+    previous = qn.get_num_threads()
+    yield
+    qn.set_num_threads(previous)

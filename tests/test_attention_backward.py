@@ -1,0 +1,155 @@
+"""qn.attention_backward on every ISA vs reference.attention_backward.
+
+The reference backward is itself checked by finite differences (test_reference.py).
+Both sides get the same float32 o and lse (from the native forward), so the
+comparison isolates the backward. Bounds: _helpers.attention_backward_bounds.
+"""
+
+import numpy as np
+import pytest
+
+import qkv_native as qn
+from qkv_native import reference as ref
+
+from _helpers import (
+    ATTENTION_CASES,
+    assert_within,
+    attention_backward_bounds,
+    make_attention_case,
+    randn,
+    ref_kwargs,
+)
+
+BACKWARD_CASES = [
+    "1x1",
+    "small",
+    "causal_q_lt_k",
+    "causal_square_mqa",
+    "causal_q_gt_k",
+    "d_v_differs",
+    "long_causal",
+    "key_lengths",
+    "key_lengths_causal",
+    "bias_qk",
+    "bias_h1k",
+    "bias_full_neg_inf",
+    "bias_rows_neg_inf",
+    "mask",
+    "everything",
+    "ramp_sharp",
+    "gqa_6_3",
+    "seq_k_1",
+    "d_v_1",
+    "custom_scale",
+    "negative_scale",
+    "bias_transposed_view",
+    "bias_per_query",
+    "d_head_160",
+]
+
+
+def run_and_check(q, k, v, kw, rb, do=None, rng=None):
+    o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+    if do is None:
+        do = randn(rng, *o.shape)
+    grads = qn.attention_backward(do, q, k, v, o, lse, **kw)
+    rkw = ref_kwargs(kw, rb)
+    want = ref.attention_backward(do, q, k, v, o, lse, **rkw)
+    bounds = attention_backward_bounds(do, q, k, v, o, want, **rkw)
+    for name, g, w, b, x in zip(("dq", "dk", "dv"), grads, want, bounds, (q, k, v)):
+        assert g.dtype == np.float32 and g.shape == x.shape, (name, g.shape, x.shape)
+        assert_within(g, w, b, name)
+    return grads, o, lse
+
+
+@pytest.mark.parametrize("name", BACKWARD_CASES)
+def test_backward(isa, rng, name):
+    q, k, v, kw, rb = make_attention_case(rng, **ATTENTION_CASES[name])
+    run_and_check(q, k, v, kw, rb, rng=rng)
+
+
+def test_strided_inputs(isa, rng):
+    """q, k, v from one packed (batch, seq, heads+2·kv_heads, d_head) buffer (GQA), and
+    do / o as (batch, seq, heads, d_v) views."""
+    batch, seq, heads, kv_heads, d_head = 2, 65, 4, 2, 32
+    buf = randn(rng, batch, seq, heads + 2 * kv_heads, d_head)
+    q = buf[:, :, :heads].transpose(0, 2, 1, 3)
+    k = buf[:, :, heads : heads + kv_heads].transpose(0, 2, 1, 3)
+    v = buf[:, :, heads + kv_heads :].transpose(0, 2, 1, 3)
+    o_buf = np.empty((batch, seq, heads, d_head), np.float32)
+    o, lse = qn.attention(q, k, v, causal=True, return_lse=True, out=o_buf.transpose(0, 2, 1, 3))
+    do = randn(rng, batch, seq, heads, d_head).transpose(0, 2, 1, 3)
+    grads = qn.attention_backward(do, q, k, v, o, lse, causal=True)
+    want = ref.attention_backward(do, q, k, v, o, lse, causal=True)
+    bounds = attention_backward_bounds(do, q, k, v, o, want, causal=True)
+    for name, g, w, b in zip(("dq", "dk", "dv"), grads, want, bounds):
+        assert_within(g, w, b, name)
+
+
+def test_fully_masked_rows_get_zero_gradients(isa, rng):
+    batch, heads, seq_q, seq_k, d = 3, 2, 70, 40, 24
+    q, k, v = randn(rng, batch, heads, seq_q, d), randn(rng, batch, heads, seq_k, d), randn(rng, batch, heads, seq_k, d)
+    bias = randn(rng, batch, heads, seq_q, seq_k)
+    bias[0, 1, 50] = -np.inf
+    key_lengths = np.array([40, 0, 17])
+    kw = dict(causal=True, key_lengths=key_lengths, bias=bias)
+    (dq, dk, dv), _, _ = run_and_check(q, k, v, kw, bias.astype(np.float64), rng=rng)
+    for g in (dq, dk, dv):
+        assert np.isfinite(g).all()
+    assert np.all(dq[:, :, : seq_q - seq_k] == 0.0)  # causal rows with no key
+    assert np.all(dq[1] == 0.0) and np.all(dk[1] == 0.0) and np.all(dv[1] == 0.0)  # no keys at all
+    assert np.all(dq[0, 1, 50] == 0.0)
+    assert np.all(dk[2, :, 17:] == 0.0) and np.all(dv[2, :, 17:] == 0.0)  # padded keys
+
+
+def test_all_keys_masked_everywhere(isa, rng):
+    q, k, v = randn(rng, 1, 2, 17, 8), randn(rng, 1, 2, 65, 16), randn(rng, 1, 2, 65, 8)
+    k = k[..., :8]
+    mask = np.zeros((17, 65), bool)
+    o, lse = qn.attention(q, k, v, mask=mask, return_lse=True)
+    do = randn(rng, *o.shape)
+    for g in qn.attention_backward(do, q, k, v, o, lse, mask=mask):
+        assert np.all(g == 0.0)
+
+
+# ----------------------------------------------------------------------------
+# determinism across thread counts
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["causal_square_mqa", "everything", "long_causal"])
+def test_bit_identical_across_thread_counts(isa, rng, restore_threads, name):
+    spec = dict(ATTENTION_CASES[name])
+    spec["batch"] = 1  # one (batch, kv head): the key-block split is what runs in parallel
+    q, k, v, kw, _ = make_attention_case(rng, **spec)
+    if "key_lengths" in kw:
+        kw["key_lengths"] = kw["key_lengths"][:1]
+    do = randn(rng, *q.shape[:3], v.shape[3])
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        assert qn.get_num_threads() == n
+        o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+        results.append((o, lse) + tuple(qn.attention_backward(do, q, k, v, o, lse, **kw)))
+    for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        np.testing.assert_array_equal(a, b, err_msg=f"{label} differs between 1 and 2 threads")
+
+
+def test_key_padding_contents_are_ignored(isa, rng):
+    """Keys past key_lengths are padding: NaN/inf there changes no gradient, and the
+    padded rows of dk and dv are exactly 0 (as in the reference)."""
+    q, k, v = randn(rng, 2, 2, 17, 16), randn(rng, 2, 2, 150, 16), randn(rng, 2, 2, 150, 24)
+    key_lengths = np.array([30, 140])
+    k_pad, v_pad = k.copy(), v.copy()
+    k_pad[0, :, 30:], v_pad[0, :, 30:] = np.nan, np.inf
+    k_pad[1, :, 140:], v_pad[1, :, 140:] = -np.inf, np.nan
+    for causal in (False, True):
+        kw = dict(key_lengths=key_lengths, causal=causal)
+        o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+        do = randn(rng, *o.shape)
+        clean = qn.attention_backward(do, q, k, v, o, lse, **kw)
+        padded = qn.attention_backward(do, q, k_pad, v_pad, o, lse, **kw)
+        for name, a, b in zip(("dq", "dk", "dv"), clean, padded):
+            np.testing.assert_array_equal(b, a, err_msg=f"{name} (causal={causal}) depends on the padding")
+        for g in clean[1:]:
+            assert np.all(g[0, :, 30:] == 0.0) and np.all(g[1, :, 140:] == 0.0)

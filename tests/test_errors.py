@@ -1,0 +1,492 @@
+"""Bad input raises the documented exception, naming the argument; nothing crashes.
+
+TypeError: not an ndarray, or not float32 (message names the argument and 'float32').
+ValueError: ndim, shapes, head counts, a non-contiguous last axis, bad key_lengths,
+a bad out= (shape, non-writeable, overlapping an input), absurd sizes.
+The private qkv_native._core functions check what memory safety depends on.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+import qkv_native as qn
+from qkv_native import _core
+
+from _helpers import randn
+
+
+@pytest.fixture
+def mm(rng):
+    return randn(rng, 7, 5), randn(rng, 5, 3)
+
+
+@pytest.fixture
+def proj(rng):
+    # batch 2, seq 3, d_model 8, num_heads 4, num_kv_heads 2, d_head 4
+    x = randn(rng, 2, 3, 8)
+    return x, randn(rng, 8, 16), randn(rng, 8, 8), randn(rng, 8, 8)
+
+
+@pytest.fixture
+def att(rng):
+    # batch 2, heads 4, kv heads 2, seq_q 5, seq_k 6, d_head 8, d_v 3
+    return randn(rng, 2, 4, 5, 8), randn(rng, 2, 2, 6, 8), randn(rng, 2, 2, 6, 3)
+
+
+def raises(exc, *words):
+    """pytest.raises whose message must contain every word (literally)."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(w)})" for w in words))
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+# ----------------------------------------------------------------------------
+# matmul
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int32, np.float16])
+def test_matmul_dtype(mm, dtype):
+    a, b = mm
+    with raises(TypeError, "a", "float32"):
+        qn.matmul(a.astype(dtype), b)
+    with raises(TypeError, "b", "float32"):
+        qn.matmul(a, b.astype(dtype))
+
+
+def test_matmul_not_ndarray(mm):
+    a, b = mm
+    with raises(TypeError, "a"):
+        qn.matmul(a.tolist(), b)
+    with raises(TypeError, "b"):
+        qn.matmul(a, None)
+
+
+def test_matmul_shapes(mm, rng):
+    a, b = mm
+    with raises(ValueError, "a"):
+        qn.matmul(a[0], b)  # 1-D
+    with raises(ValueError, "b"):
+        qn.matmul(a, b[None, None])  # 4-D
+    with raises(ValueError, "inner"):
+        qn.matmul(a, b.T.copy())
+    with raises(ValueError, "inner"):
+        qn.matmul(a, b, trans_a=True)
+    with raises(ValueError, "batch"):
+        qn.matmul(randn(rng, 2, 7, 5), randn(rng, 3, 5, 3))
+
+
+def test_matmul_last_axis_not_contiguous(rng):
+    a = randn(rng, 7, 10)[:, ::2]
+    with raises(ValueError, "a", "contiguous"):
+        qn.matmul(a, randn(rng, 5, 3))
+    b = randn(rng, 5, 6)[:, ::2]
+    with raises(ValueError, "b", "contiguous"):
+        qn.matmul(randn(rng, 7, 5), b)
+
+
+def test_matmul_out(mm):
+    a, b = mm
+    with raises(ValueError, "out"):
+        qn.matmul(a, b, beta=1.0)  # beta != 0 needs out
+    with raises(ValueError, "out"):
+        qn.matmul(a, b, out=np.zeros((3, 7), np.float32))
+    with raises(ValueError, "out"):
+        qn.matmul(a, b, out=np.zeros((1, 7, 3), np.float32))
+    with raises(TypeError, "out", "float32"):
+        qn.matmul(a, b, out=np.zeros((7, 3)))
+    with raises(TypeError, "out"):
+        qn.matmul(a, b, out=[[0.0] * 3] * 7)
+    with raises(ValueError, "out", "writeable"):
+        qn.matmul(a, b, out=readonly(np.zeros((7, 3), np.float32)))
+    with raises(ValueError, "out", "contiguous"):
+        qn.matmul(a, b, out=np.zeros((7, 6), np.float32)[:, ::2])
+
+
+def test_matmul_out_overlapping_input():
+    buf = np.ones((7, 7), np.float32)
+    a = buf[:, :5]
+    b = np.ones((5, 3), np.float32)
+    with raises(ValueError, "out", "overlap"):
+        qn.matmul(a, b, out=buf[:, 4:7])
+    sq = np.ones((4, 4), np.float32)
+    with raises(ValueError, "out", "overlap"):
+        qn.matmul(sq, sq.copy(), out=sq)
+
+
+# ----------------------------------------------------------------------------
+# projection
+# ----------------------------------------------------------------------------
+
+
+def test_projection_dtypes(proj):
+    x, wq, wk, wv = proj
+    with raises(TypeError, "x", "float32"):
+        qn.qkv_project(x.astype(np.float64), wq, wk, wv, num_heads=4, num_kv_heads=2)
+    with raises(TypeError, "w_k", "float32"):
+        qn.qkv_project(x, wq, wk.astype(np.int64), wv, num_heads=4, num_kv_heads=2)
+    with raises(TypeError, "b_v", "float32"):
+        qn.qkv_project(x, wq, wk, wv, None, None, np.zeros(8), num_heads=4, num_kv_heads=2)
+    with raises(TypeError, "w_q"):
+        qn.qkv_project(x, wq.tolist(), wk, wv, num_heads=4, num_kv_heads=2)
+
+
+def test_projection_shapes_and_heads(proj):
+    x, wq, wk, wv = proj
+    with raises(ValueError, "x"):
+        qn.qkv_project(x[0], wq, wk, wv, num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "w_q"):
+        qn.qkv_project(x, wq[:7], wk, wv, num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "num_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=3, num_kv_heads=1)  # 3 does not divide d_q = 16
+    with raises(ValueError, "num_kv_heads"):
+        qn.qkv_project(x, wq, wk[:, :6], wv[:, :6], num_heads=4, num_kv_heads=3)  # 3 does not divide 4
+    with raises(ValueError, "w_k"):
+        qn.qkv_project(x, wq, wk[:, :4], wv, num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "w_v"):
+        qn.qkv_project(x, wq, wk, wv[:4], num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "b_q"):
+        qn.qkv_project(x, wq, wk, wv, np.zeros(15, np.float32), num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "num_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=0)
+    with raises(ValueError, "num_kv_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=4, num_kv_heads=-2)
+    with raises(TypeError, "num_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=4.0, num_kv_heads=2)
+    with raises(TypeError, "num_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=True, num_kv_heads=2)
+    with raises(ValueError, "x", "contiguous"):
+        qn.qkv_project(np.repeat(x, 2, axis=2)[..., ::2], wq, wk, wv, num_heads=4, num_kv_heads=2)
+
+
+def test_projection_out(proj):
+    x, wq, wk, wv = proj
+    kw = dict(num_heads=4, num_kv_heads=2)
+    good = lambda: (np.zeros((2, 4, 3, 4), np.float32), np.zeros((2, 2, 3, 4), np.float32),  # noqa: E731
+                    np.zeros((2, 2, 3, 4), np.float32))
+    q, k, v = good()
+    with raises(TypeError, "out"):
+        qn.qkv_project(x, wq, wk, wv, out=q, **kw)
+    with raises(TypeError, "out"):
+        qn.qkv_project(x, wq, wk, wv, out=(q, k), **kw)
+    with raises(ValueError, "q_out"):
+        qn.qkv_project(x, wq, wk, wv, out=(np.zeros((2, 4, 3, 5), np.float32), k, v), **kw)
+    with raises(ValueError, "k_out"):
+        qn.qkv_project(x, wq, wk, wv, out=(q, np.zeros((2, 4, 3, 4), np.float32), v), **kw)
+    with raises(TypeError, "out[2]", "float32"):
+        qn.qkv_project(x, wq, wk, wv, out=(q, k, v.astype(np.float64)), **kw)
+    with raises(ValueError, "writeable"):
+        qn.qkv_project(x, wq, wk, wv, out=(q, readonly(k), v), **kw)
+    with raises(ValueError, "overlap"):
+        qn.qkv_project(x, wq, wk, wv, out=(q, k, k), **kw)
+    # an output overlapping an input
+    buf = np.zeros((2, 3, 8 + 16), np.float32)
+    x_view = buf[:, :, :8]
+    x_view[...] = x
+    q_alias = buf[:, :, 8:].reshape(2, 3, 4, 4).transpose(0, 2, 1, 3)
+    with raises(ValueError, "out[0]", "overlap", "x"):
+        qn.qkv_project(x_view, wq, wk, wv, out=(q_alias, k, v), **kw)
+    w_buf = np.zeros(64, np.float32)
+    w_buf[:] = wk.ravel()
+    k_alias = w_buf[16:].reshape(2, 2, 3, 4)  # shares memory with w_k
+    with raises(ValueError, "out[1]", "overlap", "w_k"):
+        qn.qkv_project(x, wq, w_buf.reshape(8, 8), wv, out=(q, k_alias, v), **kw)
+
+
+def test_projection_packed_errors(proj):
+    x, wq, wk, wv = proj
+    w_qkv = np.concatenate([wq, wk, wv], axis=1)
+    with raises(ValueError, "w_qkv"):
+        qn.qkv_project_packed(x, w_qkv[:, :-1], num_heads=4, num_kv_heads=2)
+    with raises(ValueError, "b_qkv"):
+        qn.qkv_project_packed(x, w_qkv, np.zeros(31, np.float32), num_heads=4, num_kv_heads=2)
+    with raises(TypeError, "w_qkv", "float32"):
+        qn.qkv_project_packed(x, w_qkv.astype(np.float64), num_heads=4, num_kv_heads=2)
+
+
+def test_projection_backward_errors(proj, rng):
+    x, wq, wk, wv = proj
+    dq, dk, dv = randn(rng, 2, 4, 3, 4), randn(rng, 2, 2, 3, 4), randn(rng, 2, 2, 3, 4)
+    with raises(ValueError, "dq"):
+        qn.qkv_project_backward(x, wq, wk, wv, dq[:, :, :2], dk, dv)
+    with raises(ValueError, "dv"):
+        qn.qkv_project_backward(x, wq, wk, wv, dq, dk, dv[..., :3])
+    with raises(TypeError, "dk", "float32"):
+        qn.qkv_project_backward(x, wq, wk, wv, dq, dk.astype(np.float64), dv)
+    with raises(ValueError, "dq"):
+        qn.qkv_project_backward(x, wq, wk, wv, dq[0], dk, dv)
+    with raises(ValueError, "num_kv_heads"):  # 3 kv heads for 4 query heads
+        qn.qkv_project_backward(x, wq, wk[:, :6], wv[:, :6], dq, randn(rng, 2, 3, 3, 2), randn(rng, 2, 3, 3, 2))
+
+
+# ----------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------
+
+
+def test_attention_dtypes(att):
+    q, k, v = att
+    with raises(TypeError, "q", "float32"):
+        qn.attention(q.astype(np.float64), k, v)
+    with raises(TypeError, "k", "float32"):
+        qn.attention(q, k.astype(np.int32), v)
+    with raises(TypeError, "v", "float32"):
+        qn.attention(q, k, v.astype(np.float16))
+    with raises(TypeError, "q"):
+        qn.attention(q.tolist(), k, v)
+    with raises(TypeError, "bias", "float32"):
+        qn.attention(q, k, v, bias=np.zeros((5, 6)))
+    with raises(TypeError, "mask"):
+        qn.attention(q, k, v, mask=np.ones((5, 6), np.float32))
+
+
+def test_attention_shapes(att, rng):
+    q, k, v = att
+    with raises(ValueError, "q"):
+        qn.attention(q[0], k, v)
+    with raises(ValueError, "k"):
+        qn.attention(q, k[:1], v[:1])  # batch mismatch
+    with raises(ValueError, "k"):
+        qn.attention(q, k[..., :4], v)  # d_head mismatch
+    with raises(ValueError, "v"):
+        qn.attention(q, k, v[:, :, :5])  # seq_k mismatch
+    with raises(ValueError, "v"):
+        qn.attention(q, k, v[:, :1])  # kv heads mismatch
+    with raises(ValueError, "num_kv_heads"):
+        qn.attention(q, randn(rng, 2, 3, 6, 8), randn(rng, 2, 3, 6, 3))  # 3 does not divide 4
+    with raises(ValueError, "bias"):
+        qn.attention(q, k, v, bias=np.zeros((5, 7), np.float32))
+    with raises(ValueError, "bias"):
+        qn.attention(q, k, v, bias=np.zeros((1, 1, 1, 5, 6), np.float32))
+    with raises(ValueError, "mask"):
+        qn.attention(q, k, v, mask=np.ones((3, 5, 6), bool))
+    with raises(ValueError, "scale"):
+        qn.attention(q, k, v, scale=float("nan"))
+    with raises(ValueError, "scale"):
+        qn.attention(q, k, v, scale=float("inf"))
+
+
+def test_attention_last_axis_not_contiguous(att, rng):
+    q, k, v = att
+    with raises(ValueError, "q", "contiguous"):
+        qn.attention(randn(rng, 2, 4, 5, 16)[..., ::2], k, v)
+    with raises(ValueError, "k", "contiguous"):
+        qn.attention(q, randn(rng, 2, 2, 6, 16)[..., ::2], v)
+    with raises(ValueError, "v", "contiguous"):
+        qn.attention(q, k, randn(rng, 2, 2, 6, 6)[..., ::2])
+
+
+def test_attention_key_lengths(att):
+    q, k, v = att
+    with raises(ValueError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=np.array([7, 1]))  # > seq_k = 6
+    with raises(ValueError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=np.array([-1, 1]))
+    with raises(ValueError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=np.array([1, 2, 3]))
+    with raises(ValueError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=np.array([[1, 2]]))
+    with raises(TypeError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=np.array([1.0, 2.0]))
+    with raises(TypeError, "key_lengths"):
+        qn.attention(q, k, v, key_lengths=[1, 2])
+    # any integer dtype in range is fine
+    for dt in (np.int8, np.uint16, np.int32, np.int64):
+        qn.attention(q, k, v, key_lengths=np.array([6, 0], dtype=dt))
+
+
+def test_attention_out(att):
+    q, k, v = att
+    with raises(ValueError, "out"):
+        qn.attention(q, k, v, out=np.zeros((2, 4, 5, 8), np.float32))  # d_v is 3
+    with raises(ValueError, "out"):
+        qn.attention(q, k, v, out=np.zeros((2, 4, 5), np.float32))
+    with raises(TypeError, "out", "float32"):
+        qn.attention(q, k, v, out=np.zeros((2, 4, 5, 3)))
+    with raises(ValueError, "out", "writeable"):
+        qn.attention(q, k, v, out=readonly(np.zeros((2, 4, 5, 3), np.float32)))
+    with raises(ValueError, "out", "contiguous"):
+        qn.attention(q, k, v, out=np.zeros((2, 4, 5, 6), np.float32)[..., ::2])
+    q2, k2, v2 = q[..., :3].copy(), k[..., :3].copy(), v.copy()
+    with raises(ValueError, "out", "overlap"):
+        qn.attention(q2, k2, v2, out=q2)
+    vv = np.zeros((2, 4, 6, 3), np.float32)
+    with raises(ValueError, "out", "overlap"):
+        qn.attention(q2, vv[:, :2], vv[:, 2:], out=vv[:, :, :5])
+    bias = np.zeros((2, 4, 5, 3), np.float32)
+    with raises(ValueError, "out", "overlap"):
+        qn.attention(q2, k2[:, :, :3], v2[:, :, :3], bias=bias, out=bias)
+
+
+def test_attention_backward_errors(att, rng):
+    q, k, v = att
+    o, lse = qn.attention(q, k, v, return_lse=True)
+    do = randn(rng, *o.shape)
+    with raises(ValueError, "lse"):
+        qn.attention_backward(do, q, k, v, o, lse[:, :, :4])
+    with raises(ValueError, "lse"):
+        qn.attention_backward(do, q, k, v, o, lse[..., None])
+    with raises(ValueError, "lse"):  # last axis not contiguous
+        qn.attention_backward(do, q, k, v, o, np.repeat(lse, 2, axis=2)[:, :, ::2])
+    with raises(ValueError, "lse", "contiguous"):  # C order expected
+        qn.attention_backward(do, q, k, v, o, np.ascontiguousarray(lse.transpose(1, 0, 2)).transpose(1, 0, 2))
+    with raises(ValueError, "do"):
+        qn.attention_backward(do[..., :2], q, k, v, o, lse)
+    with raises(ValueError, "o"):
+        qn.attention_backward(do, q, k, v, o[:, :, :4], lse)
+    with raises(TypeError, "o", "float32"):
+        qn.attention_backward(do, q, k, v, o.astype(np.float64), lse)
+    with raises(TypeError, "do", "float32"):
+        qn.attention_backward(do.astype(np.float64), q, k, v, o, lse)
+    with raises(TypeError, "lse", "float32"):
+        qn.attention_backward(do, q, k, v, o, lse.astype(np.float64))
+    with raises(ValueError, "key_lengths"):
+        qn.attention_backward(do, q, k, v, o, lse, key_lengths=np.array([9, 1]))
+
+
+# ----------------------------------------------------------------------------
+# absurd sizes: an error, never a crash or a huge allocation
+# ----------------------------------------------------------------------------
+
+
+def huge(shape, last=8):
+    """A float32 view of `shape` (+ last axis) over a tiny buffer (zero strides)."""
+    base = np.zeros(last, np.float32)
+    return np.lib.stride_tricks.as_strided(base, shape=tuple(shape) + (last,),
+                                           strides=(0,) * len(shape) + (4,), writeable=False)
+
+
+def test_absurd_attention_output():
+    q = huge((2**20, 2**20, 2**10))  # output would be 2**53 floats
+    k = huge((2**20, 1, 1))
+    with pytest.raises((ValueError, MemoryError)):
+        qn.attention(q, k, k)
+
+
+def test_absurd_matmul_output():
+    a = huge((2**41,), last=1)  # (2**41, 1) @ (1, 1)
+    b = np.ones((1, 1), np.float32)
+    with pytest.raises((ValueError, MemoryError)):
+        qn.matmul(a, b)
+    a3 = huge((2**21, 2**21), last=1)
+    with pytest.raises((ValueError, MemoryError)):
+        qn.matmul(a3, b)
+
+
+def test_absurd_projection_output():
+    x = huge((2**30, 2**20), last=1)  # (batch, seq, d_model=1)
+    w = np.ones((1, 8), np.float32)
+    with pytest.raises((ValueError, MemoryError)):
+        qn.qkv_project(x, w, w, w, num_heads=1)
+    dq = huge((2**30, 1, 2**20))
+    with pytest.raises((ValueError, MemoryError)):
+        qn.qkv_project_backward(x, w, w, w, dq, dq, dq)
+
+
+# ----------------------------------------------------------------------------
+# the private _core functions, called directly
+# ----------------------------------------------------------------------------
+
+
+def test_core_matmul_direct(mm):
+    a, b = mm
+    with raises(TypeError, "a"):
+        _core.matmul(None, b)
+    with raises(TypeError, "b"):
+        _core.matmul(a, "b")
+    with raises(TypeError, "a", "float32"):
+        _core.matmul(a.astype(np.float64), b)
+    with raises(ValueError, "a"):
+        _core.matmul(a[0], b)
+    with raises(ValueError, "inner"):
+        _core.matmul(a, b[:4])
+    with raises(ValueError, "out"):
+        _core.matmul(a, b, beta=1.0)
+    with raises(ValueError, "out"):
+        _core.matmul(a, b, out=readonly(np.zeros((7, 3), np.float32)))
+    with raises(ValueError, "out"):
+        _core.matmul(a, b, out=np.zeros((7, 4), np.float32))
+    with pytest.raises(TypeError):
+        _core.matmul(a, b, False, False, "x")  # alpha not a number
+
+
+def test_core_projection_direct(proj):
+    x, wq, wk, wv = proj
+    with raises(ValueError, "num_heads"):
+        _core.qkv_project(x, wq, wk, wv, None, None, None, 0, 1)
+    with raises(ValueError, "num_kv_heads"):
+        _core.qkv_project(x, wq, wk, wv, None, None, None, 4, -1)
+    with raises(ValueError, "num_kv_heads"):
+        _core.qkv_project(x, wq, wk, wv, None, None, None, 4, 3)
+    with raises(ValueError, "num_heads"):
+        _core.qkv_project(x, wq, wk, wv, None, None, None, 2**62, 1)
+    with raises(ValueError, "b_k"):
+        _core.qkv_project(x, wq, wk, wv, None, np.zeros(9, np.float32), None, 4, 2)
+    with raises(TypeError, "b_q"):
+        _core.qkv_project(x, wq, wk, wv, [0.0] * 16, None, None, 4, 2)
+    with raises(ValueError, "q_out"):
+        _core.qkv_project(x, wq, wk, wv, None, None, None, 4, 2, np.zeros((2, 4, 3, 3), np.float32))
+    with raises(ValueError, "dq"):
+        _core.qkv_project_backward(x, wq, wk, wv, np.zeros((2, 4, 3, 3), np.float32),
+                                   np.zeros((2, 2, 3, 4), np.float32), np.zeros((2, 2, 3, 4), np.float32), 4, 2)
+
+
+def test_core_attention_direct(att, rng):
+    q, k, v = att
+    s = 0.5
+    with raises(TypeError, "q"):
+        _core.attention(None, k, v, scale=s)
+    with raises(ValueError, "scale"):
+        _core.attention(q, k, v, scale=float("nan"))
+    with raises(ValueError, "scale"):
+        _core.attention(q, k, v, scale=1e300)  # not finite as float32
+    with raises(ValueError, "bias"):  # not broadcast to 4-D by the Python layer
+        _core.attention(q, k, v, bias=np.zeros((5, 6), np.float32), scale=s)
+    with raises(ValueError, "bias"):
+        _core.attention(q, k, v, bias=np.zeros((2, 4, 5, 5), np.float32), scale=s)
+    with raises(TypeError, "bias"):
+        _core.attention(q, k, v, bias=np.zeros((2, 4, 5, 6)), scale=s)
+    with raises(TypeError, "key_lengths"):
+        _core.attention(q, k, v, key_lengths=np.array([1, 2], np.int16), scale=s)
+    with raises(TypeError, "key_lengths"):
+        _core.attention(q, k, v, key_lengths=[1, 2], scale=s)
+    with raises(ValueError, "key_lengths"):
+        _core.attention(q, k, v, key_lengths=np.array([1, 7]), scale=s)
+    with raises(ValueError, "key_lengths"):
+        _core.attention(q, k, v, key_lengths=np.array([-5, 1]), scale=s)
+    with raises(ValueError, "key_lengths"):
+        _core.attention(q, k, v, key_lengths=np.array([1, 2, 3]), scale=s)
+    with raises(ValueError):  # kv heads do not divide
+        _core.attention(q, randn(rng, 2, 3, 6, 8), randn(rng, 2, 3, 6, 3), scale=s)
+    with raises(ValueError):  # zero kv heads
+        _core.attention(q, np.ones((2, 0, 6, 8), np.float32), np.ones((2, 0, 6, 3), np.float32), scale=s)
+    with raises(ValueError, "out"):
+        _core.attention(q, k, v, scale=s, out=readonly(np.zeros((2, 4, 5, 3), np.float32)))
+    o, lse = _core.attention(q, k, v, scale=s, return_lse=True)
+    do = np.ones_like(o)
+    with raises(ValueError, "lse"):
+        _core.attention_backward(do, q, k, v, o, lse[:, :, :1], scale=s)
+    with raises(ValueError, "lse"):
+        _core.attention_backward(do, q, k, v, o, np.ascontiguousarray(lse.transpose(1, 0, 2)).transpose(1, 0, 2),
+                                 scale=s)
+    with raises(TypeError, "do"):
+        _core.attention_backward(None, q, k, v, o, lse, scale=s)
+
+
+def test_core_misc_direct():
+    with raises(TypeError, "x", "float32"):
+        _core.exp(np.zeros(4))
+    with raises(ValueError, "x"):
+        _core.exp(np.zeros((2, 2), np.float32))
+    with raises(ValueError, "contiguous"):
+        _core.exp(np.zeros(8, np.float32)[::2])
+    with raises(ValueError, "n"):
+        _core.set_num_threads(0)
+    with raises(ValueError, "bogus"):
+        _core.set_isa("bogus")

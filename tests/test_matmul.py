@@ -1,0 +1,238 @@
+"""qn.matmul on every ISA variant against reference.matmul.
+
+Bounds: _helpers error model, |err| <= C·sqrt(K)·u·(|alpha|·|A|·|B| + |beta|·|C|) + 2u·|want|.
+Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 14×32), the MC block
+(64/96/112 rows), the KC block (256) and the NC panel (512/1024/2048 columns).
+"""
+
+import numpy as np
+import pytest
+
+import qkv_native as qn
+from qkv_native import reference as ref
+
+from _helpers import assert_within, gemm_bound, randn, rounding
+
+# (m, n, k)
+SHAPES = [
+    (1, 1, 1),
+    (1, 7, 17),
+    (7, 1, 63),
+    (17, 65, 7),
+    (63, 17, 129),
+    (65, 129, 65),
+    (129, 63, 300),  # m > MC, k > KC
+    (7, 65, 520),  # two KC blocks and a tail
+    (17, 7, 256),  # k == KC
+    (113, 33, 257),  # m = MC(avx512) + 1, k = KC + 1
+    (3, 2049, 5),  # n > NC on every ISA
+    (7, 1100, 520),  # few rows, enough flops for the N split across threads
+    (14, 32, 9),  # one full avx512 micro-tile
+    (15, 33, 5),  # ... plus one row and one column
+    (6, 16, 3),  # one full avx2 micro-tile
+    (5, 9, 2),  # a scalar micro-tile plus one
+]
+
+
+def op(x, trans):
+    return np.swapaxes(x, -1, -2) if trans else x
+
+
+def stored(x, trans):
+    """The array to pass for op(arg) == x: x itself or a C-contiguous transpose."""
+    return np.ascontiguousarray(np.swapaxes(x, -1, -2)) if trans else x
+
+
+def check(got, a, b, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, c=None, name="matmul"):
+    want = ref.matmul(a, b, trans_a, trans_b, alpha, beta, c)
+    k = op(a, trans_a).shape[-1]
+    abs_terms = abs(alpha) * ref.matmul(np.abs(a), np.abs(b), trans_a, trans_b)
+    if beta != 0.0:
+        abs_terms = abs_terms + abs(beta) * np.abs(np.asarray(c, np.float64))
+    assert_within(got, want, gemm_bound(abs_terms, k) + rounding(want), name)
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_shapes_and_transposes(isa, rng, m, n, k, trans_a, trans_b):
+    a = stored(randn(rng, m, k), trans_a)
+    b = stored(randn(rng, k, n), trans_b)
+    got = qn.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+    assert got.shape == (m, n) and got.dtype == np.float32
+    check(got, a, b, trans_a, trans_b)
+
+
+@pytest.mark.parametrize("m,n,k", [(17, 65, 300), (129, 7, 63)])
+def test_beta_zero_never_reads_out(isa, rng, m, n, k):
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    res = qn.matmul(a, b, alpha=-1.5, out=out)
+    assert res is out
+    assert np.isfinite(out).all()
+    check(out, a, b, alpha=-1.5)
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (1.0, 0.5), (-0.75, 0.5), (2.0, -1.0)])
+@pytest.mark.parametrize("m,n,k", [(7, 17, 63), (65, 33, 520), (129, 129, 17)])
+def test_alpha_beta_with_out(isa, rng, m, n, k, alpha, beta):
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    c0 = randn(rng, m, n)
+    out = c0.copy()
+    res = qn.matmul(a, b, alpha=alpha, beta=beta, out=out)
+    assert res is out
+    check(out, a, b, alpha=alpha, beta=beta, c=c0)
+
+
+def test_alpha_zero(isa, rng):
+    """alpha = 0 leaves beta·C (no product formed); with beta = 0 too, zeros even over NaN."""
+    a, b = randn(rng, 17, 65), randn(rng, 65, 7)
+    c0 = randn(rng, 17, 7)
+    out = c0.copy()
+    qn.matmul(a, b, alpha=0.0, beta=0.5, out=out)
+    assert_within(out, 0.5 * c0.astype(np.float64), rounding(0.5 * c0), "alpha=0, beta=0.5")
+    out = np.full((17, 7), np.nan, dtype=np.float32)
+    qn.matmul(a, b, alpha=0.0, beta=0.0, out=out)
+    assert np.array_equal(out, np.zeros((17, 7), np.float32))
+
+
+@pytest.mark.parametrize("m,n", [(7, 17), (1, 1)])
+def test_empty_k_gives_zeros(isa, m, n):
+    a = np.zeros((m, 0), np.float32)
+    b = np.zeros((0, n), np.float32)
+    got = qn.matmul(a, b)
+    assert np.array_equal(got, np.zeros((m, n), np.float32))
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    qn.matmul(a, b, out=out)
+    assert np.array_equal(out, np.zeros((m, n), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (4, 0, 3)])
+def test_empty_output(shape):
+    m, n, k = shape
+    got = qn.matmul(np.zeros((m, k), np.float32), np.zeros((k, n), np.float32))
+    assert got.shape == (m, n)
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("m,n,k", [(17, 65, 300), (65, 7, 129)])
+def test_strided_operands(isa, rng, m, n, k, trans_a, trans_b):
+    """Row strides wider than the row, every other row, and reversed rows."""
+    sa = (k, m) if trans_a else (m, k)
+    sb = (n, k) if trans_b else (k, n)
+    big_a = randn(rng, 2 * sa[0] + 1, sa[1] + 7)
+    big_b = randn(rng, sb[0] + 3, sb[1] + 11)
+    a = big_a[: 2 * sa[0] : 2, 3 : 3 + sa[1]]  # row stride 2·(width + 7)
+    b = big_b[3 : 3 + sb[0], 5 : 5 + sb[1]][::-1]  # negative row stride
+    assert not a.flags.c_contiguous and not b.flags.c_contiguous
+    got = qn.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+    check(got, a, b, trans_a, trans_b)
+
+
+def test_transposed_views(isa, rng):
+    """.T of a Fortran-ordered array is C-contiguous: used in place with the trans flags."""
+    m, n, k = 65, 17, 129
+    a_f = np.asfortranarray(randn(rng, m, k))  # op(a) = a_f: pass a_f.T with trans_a
+    b_f = np.asfortranarray(randn(rng, k, n))
+    got = qn.matmul(a_f.T, b_f.T, trans_a=True, trans_b=True)
+    check(got, a_f.T, b_f.T, True, True)
+    want = a_f.astype(np.float64) @ b_f.astype(np.float64)
+    np.testing.assert_array_equal(ref.matmul(a_f.T, b_f.T, True, True), want)
+    # a plain C array and the .T view of a Fortran one (column-contiguous)
+    x = randn(rng, k, m)
+    got = qn.matmul(x, b_f.T, trans_a=True, trans_b=True)
+    check(got, x, b_f.T, True, True)
+
+
+def test_out_strided_view_written_in_place(isa, rng):
+    """out= a window of a bigger array: only the window changes."""
+    m, n, k = 33, 47, 65
+    a, b = randn(rng, m, k), randn(rng, k, n)
+    big = randn(rng, m + 4, n + 9)
+    before = big.copy()
+    out = big[2 : 2 + m, 5 : 5 + n]
+    c0 = out.copy()
+    res = qn.matmul(a, b, beta=1.0, out=out)
+    assert res is out
+    check(out, a, b, beta=1.0, c=c0)
+    mask = np.ones(big.shape, bool)
+    mask[2 : 2 + m, 5 : 5 + n] = False
+    np.testing.assert_array_equal(big[mask], before[mask])
+
+
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
+def test_batched_3d(isa, rng, trans_a, trans_b):
+    batch, m, n, k = 3, 17, 33, 65
+    a = stored(randn(rng, batch, m, k), trans_a)
+    b = stored(randn(rng, batch, k, n), trans_b)
+    got = qn.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+    assert got.shape == (batch, m, n)
+    check(got, a, b, trans_a, trans_b)
+
+
+@pytest.mark.parametrize("which", ["a2d", "b2d"])
+@pytest.mark.parametrize("trans", [False, True], ids=["N", "T"])
+def test_broadcast_2d_against_3d(isa, rng, which, trans):
+    batch, m, n, k = 4, 7, 65, 129
+    if which == "a2d":
+        a = stored(randn(rng, m, k), trans)
+        b = randn(rng, batch, k, n)
+        got = qn.matmul(a, b, trans_a=trans)
+        check(got, a, b, trans_a=trans)
+    else:
+        a = randn(rng, batch, m, k)
+        b = stored(randn(rng, k, n), trans)
+        got = qn.matmul(a, b, trans_b=trans)
+        check(got, a, b, trans_b=trans)
+    assert got.shape == (batch, m, n)
+
+
+def test_batched_strided_and_out(isa, rng):
+    """3-D views with unusual batch strides, and a 3-D strided out= with beta."""
+    batch, m, n, k = 3, 17, 63, 300
+    x = randn(rng, m, batch, k + 5)
+    a = x[:, :, 2 : 2 + k].transpose(1, 0, 2)  # (batch, m, k), batch stride k+5
+    b = randn(rng, batch * 2, k, n)[::2]  # every other batch item
+    big = randn(rng, batch, m + 1, n + 4)
+    before = big.copy()
+    out = big[:, 1:, 4:]
+    c0 = out.copy()
+    res = qn.matmul(a, b, alpha=0.5, beta=0.5, out=out)
+    assert res is out
+    check(out, a, b, alpha=0.5, beta=0.5, c=c0)
+    np.testing.assert_array_equal(big[:, 0, :], before[:, 0, :])  # outside the window: untouched
+    np.testing.assert_array_equal(big[:, :, :4], before[:, :, :4])
+
+
+def test_out_3d_beta_zero_nan(isa, rng):
+    batch, m, n, k = 2, 65, 17, 129
+    a, b = randn(rng, batch, m, k), randn(rng, k, n)
+    out = np.full((batch, m, n), np.nan, np.float32)
+    res = qn.matmul(a, b, out=out)
+    assert res is out and np.isfinite(out).all()
+    check(out, a, b)
+
+
+def test_isas_agree_closely(rng):
+    """Every variant within the bound of each other (a cross-check of the dispatch table)."""
+    a, b = randn(rng, 65, 300), randn(rng, 300, 33)
+    results = {}
+    for name in qn.supported_isas():
+        with qn.use_isa(name):
+            results[name] = qn.matmul(a, b)
+    for name, got in results.items():
+        check(got, a, b, name=f"matmul[{name}]")
+
+
+def test_bit_identical_across_thread_counts(isa, rng, restore_threads):
+    """Threads split M and N, never K: every element is summed in the same order."""
+    cases = [(randn(rng, 129, 300), randn(rng, 300, 257)), (randn(rng, 7, 520), randn(rng, 520, 1100))]
+    for a, b in cases:
+        results = []
+        for n in (1, 2, 3):
+            qn.set_num_threads(n)
+            results.append(qn.matmul(a, b))
+        for r in results[1:]:
+            np.testing.assert_array_equal(r, results[0])
