@@ -153,3 +153,33 @@ def test_key_padding_contents_are_ignored(isa, rng):
             np.testing.assert_array_equal(b, a, err_msg=f"{name} (causal={causal}) depends on the padding")
         for g in clean[1:]:
             assert np.all(g[0, :, 30:] == 0.0) and np.all(g[1, :, 140:] == 0.0)
+
+
+# Note [backward schedule] in attention_bwd.cpp: with batch·num_kv_heads >= 16 the
+# backward runs in one pass over (batch, kv head) tasks; the cases above mostly take
+# the two-pass schedule. These run the one-pass schedule on the same features.
+ONE_PASS_CASES = {
+    "plain": dict(batch=4, heads=4, seq_q=33, seq_k=33, d_head=24),
+    "causal_gqa_key_lengths": dict(batch=8, heads=4, kv_heads=2, seq_q=17, seq_k=100, d_head=32, causal=True,
+                                   key_lengths=[0, 100, 37, 1, 99, 64, 65, 17]),
+    "bias_mask_dv": dict(batch=2, heads=8, seq_q=20, seq_k=129, d_head=16, d_v=40, bias="full", mask="qk"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_PASS_CASES))
+def test_one_pass_schedule(isa, rng, name):
+    q, k, v, kw, rb = make_attention_case(rng, **ONE_PASS_CASES[name])
+    assert q.shape[0] * k.shape[1] >= 16
+    run_and_check(q, k, v, kw, rb, rng=rng)
+
+
+def test_one_pass_schedule_bit_identical_across_thread_counts(isa, rng, restore_threads):
+    q, k, v, kw, _ = make_attention_case(rng, **ONE_PASS_CASES["causal_gqa_key_lengths"])
+    do = randn(rng, *q.shape[:3], v.shape[3])
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+        results.append(tuple(qn.attention_backward(do, q, k, v, o, lse, **kw)))
+    for label, a, b in zip(("dq", "dk", "dv"), *results):
+        np.testing.assert_array_equal(a, b, err_msg=f"{label} differs between 1 and 2 threads")
