@@ -1,13 +1,10 @@
-// Attention backward (FA2 scheme, two deterministic passes).
+// Attention backward (FA2 scheme):
 //   D_i = rowsum(dO ∘ O)_i                                   (per query row)
-//   pass 1, tasks (batch, kv head, key block): walk the query blocks of every query
-//     head in the group; P = exp(S − lse); dV += Pᵀ·dO; dP = dO·Vᵀ;
-//     dS = P∘(dP − D); dK += dSᵀ·Q·scale. Each task owns its dK/dV rows.
-//   pass 2, tasks (batch, head, query block): recompute P and dS over the key
-//     blocks; dQ += dS·K·scale. Each task owns its dQ rows.
-// Every output element is summed by one task in a fixed order, so results are
-// identical whatever the thread count. Extra memory: D (batch·heads·seq_q) and
-// per-thread blocks.
+//   per tile (query block × key block): P = exp(S − lse); dV += Pᵀ·dO; dP = dO·Vᵀ;
+//   dS = P∘(dP − D); dK += dSᵀ·Q·scale; dQ += dS·K·scale
+// scheduled in one pass or two, see Note [backward schedule]. Every output element
+// is summed by one task in a fixed order, so results are identical whatever the
+// thread count. Extra memory: D (batch·heads·seq_q) and per-thread blocks.
 #include <omp.h>
 
 #include <algorithm>
@@ -85,6 +82,75 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     }
   }
 
+  // One key block of one (batch, kv head): dK, dV rows [k0, k0 + bk), summed over
+  // the query blocks of every query head in the group; with fused_dq also
+  // dQ += scale · dS·K into those query rows (the caller owns them and zeroed them).
+  auto key_block = [&](idx b, idx hk, idx k0, BlockBufs& bufs, float* dk_acc, float* dv_acc,
+                       std::vector<int>& lim_rel, bool fused_dq) {
+    const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
+    const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows written
+    // keys past key_lengths are never read (their rows of dK/dV are 0)
+    const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
+    const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
+    std::fill(dk_acc, dk_acc + n_rows * D, 0.0f);
+    std::fill(dv_acc, dv_acc + n_rows * Dv, 0.0f);
+    detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
+    detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
+    // The first query row that may see key k0: lim(b, i) > k0.
+    idx i_first = 0;
+    if (a.causal) i_first = std::max<idx>(0, k0 - (seq_k - seq_q));
+    if (nk == 0) i_first = seq_q;
+    for (idx h = hk * group; h < (hk + 1) * group; ++h) {
+      for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
+        const idx nq = std::min<idx>(blk.bq, seq_q - q0);
+        p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
+        detail::block_gemm(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), false, d_o.ss, 1.0f,
+                           dv_acc, Dv);
+        // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
+        detail::block_gemm(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), false, a.q.ss,
+                           1.0f, dk_acc, D);
+        // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
+        if (fused_dq)
+          detail::block_gemm(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), false, a.k.ss,
+                             1.0f, dq.row(b, h, q0), dq.ss);
+      }
+    }
+    for (idx j = 0; j < n_rows; ++j) {
+      std::copy(dk_acc + j * D, dk_acc + (j + 1) * D, dk.row(b, hk, k0 + j));
+      std::copy(dv_acc + j * Dv, dv_acc + (j + 1) * Dv, dv.row(b, hk, k0 + j));
+    }
+  };
+
+  // Note [backward schedule]
+  // With many (batch, kv head) pairs, one pass: a task owns a pair (its dK, dV and
+  // the dQ of its query heads) and walks the key blocks: 5 block products per tile.
+  // With few pairs, a pass over (batch, kv head, key block) tasks for dK, dV and a
+  // second over (batch, head, query block) tasks for dQ keep every thread busy at
+  // the price of recomputing P and dS (7 products per tile). The choice depends on
+  // the shape only, and each order of summation is fixed, so results never depend
+  // on the thread count.
+  const bool one_pass = B * Hkv >= 16;
+  if (one_pass) {
+    const idx n_pairs = B * Hkv;
+    const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
+#pragma omp parallel num_threads(nt)
+    {
+      BlockBufs bufs(kt, blk, D, Dv);
+      AlignedBuffer dk_acc(blk.bk * std::max<idx>(D, 1)), dv_acc(blk.bk * std::max<idx>(Dv, 1));
+      std::vector<int> lim_rel(blk.bq);
+#pragma omp for schedule(dynamic, 1)
+      for (idx pair = 0; pair < n_pairs; ++pair) {
+        const idx b = pair / Hkv, hk = pair % Hkv;
+        for (idx h = hk * group; h < (hk + 1) * group; ++h)
+          for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
+        for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk)
+          key_block(b, hk, k0, bufs, dk_acc.data(), dv_acc.data(), lim_rel, true);
+      }
+    }
+    return;
+  }
+
   // Pass 1: dK, dV. Task = (batch, kv head, key block).
   const detail::BlockTasks tasks1(a.k, Hkv, blk.bk);
   const idx n_tasks1 = tasks1.count();
@@ -98,35 +164,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
-      const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
-      const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows this task writes
-      // keys past key_lengths are never read (their rows of dK/dV are 0)
-      const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
-      const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
-      std::fill(dk_acc.data(), dk_acc.data() + n_rows * D, 0.0f);
-      std::fill(dv_acc.data(), dv_acc.data() + n_rows * Dv, 0.0f);
-      detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
-      detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
-      // The first query row that may see key k0: lim(b, i) > k0.
-      idx i_first = 0;
-      if (a.causal) i_first = std::max<idx>(0, k0 - (seq_k - seq_q));
-      if (nk == 0) i_first = seq_q;
-      for (idx h = hk * group; h < (hk + 1) * group; ++h) {
-        for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
-          const idx nq = std::min<idx>(blk.bq, seq_q - q0);
-          p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
-          // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
-          detail::block_gemm(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), false, d_o.ss, 1.0f,
-                             dv_acc.data(), Dv);
-          // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
-          detail::block_gemm(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), false, a.q.ss,
-                             1.0f, dk_acc.data(), D);
-        }
-      }
-      for (idx j = 0; j < n_rows; ++j) {
-        std::copy(dk_acc.data() + j * D, dk_acc.data() + (j + 1) * D, dk.row(b, hk, k0 + j));
-        std::copy(dv_acc.data() + j * Dv, dv_acc.data() + (j + 1) * Dv, dv.row(b, hk, k0 + j));
-      }
+      key_block(b, hk, k0, bufs, dk_acc.data(), dv_acc.data(), lim_rel, false);
     }
   }
 
