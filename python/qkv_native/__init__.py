@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from . import _core
+from . import _core, nn, optim, train
 from .functional import (
     attention,
     attention_backward,
@@ -38,6 +38,9 @@ __all__ = [
     "get_num_threads",
     "supported_isas",
     "use_isa",
+    "nn",
+    "optim",
+    "train",
 ]
 
 

@@ -1,0 +1,1161 @@
+"""Layers with explicit forward/backward pairs, named parameters and gradients.
+
+Every layer is a :class:`Module` with ``forward(x) -> y`` and ``backward(dy) -> dx``.
+``forward`` keeps what ``backward`` needs (the cache of the *last* forward call);
+``backward`` *accumulates* (``+=``) into each parameter's ``grad`` and returns the
+gradient of the input. Gradients keep accumulating until :meth:`Module.zero_grad`.
+
+Shapes use the project's names: ``batch``, ``seq`` (``seq_q``/``seq_k``),
+``d_model``, ``num_heads``, ``num_kv_heads``, ``d_head``, ``d_ff``. Everything is
+float32. Weights are stored ``(d_in, d_out)`` (y = x·W + b), the layout of
+``qkv_native.matmul`` and ``qkv_project``; ``torch.nn.Linear.weight`` is the
+transpose.
+
+The hot paths run native: GEMMs go through :func:`qkv_native.matmul`, the
+Q/K/V projections through :func:`qkv_native.qkv_project` (one GEMM) and
+attention through :func:`qkv_native.attention` (flash style). LayerNorm, GELU and
+softmax-cross-entropy have no native kernel yet: each is written once, below,
+as a vectorised NumPy float32 function pair (``*_forward`` / ``*_backward``),
+the single place to swap in a native call later.
+
+Initialisation is explicit and seeded: every layer with parameters takes
+``init`` (a name from :data:`INITS`) and ``rng`` (an int seed or a
+``numpy.random.Generator``; composite layers draw their children's seeds from
+it in a fixed order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zipfile
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .functional import attention, attention_backward, matmul, qkv_project, qkv_project_backward
+
+__all__ = [
+    # kernels awaiting native versions
+    "layernorm_forward",
+    "layernorm_backward",
+    "gelu_forward",
+    "gelu_backward",
+    "softmax_cross_entropy",
+    # infrastructure
+    "Parameter",
+    "Module",
+    "Sequential",
+    "INITS",
+    "CheckpointError",
+    "save_arrays",
+    "load_arrays",
+    # layers
+    "Linear",
+    "Embedding",
+    "LearnedPositionalEmbedding",
+    "SinusoidalPositionalEncoding",
+    "LayerNorm",
+    "GELU",
+    "ReLU",
+    "Dropout",
+    "MultiHeadAttention",
+    "FeedForward",
+    "TransformerEncoderBlock",
+    "MeanPool",
+    "ClsToken",
+    "ClsPool",
+    # losses
+    "CrossEntropyLoss",
+    "MSELoss",
+]
+
+F32 = np.float32
+RngLike = Union[int, np.random.Generator, None]
+
+
+# ----------------------------------------------------------------------------
+# Kernels without a native version yet. One definition each; vectorised NumPy,
+# float32, no Python loop over elements. Swap these for native calls.
+# ----------------------------------------------------------------------------
+
+
+def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float):
+    """out = (x - mean) * rstd * weight + bias over the last axis.
+
+    x: (N, C); weight, bias: (C,). Returns out (N, C), mean (N, 1), rstd (N, 1)
+    (mean and rstd are the cache the backward needs).
+    """
+    mean = x.mean(axis=-1, keepdims=True, dtype=F32)  # (N, 1)
+    xc = x - mean  # (N, C)
+    var = np.mean(xc * xc, axis=-1, keepdims=True, dtype=F32)  # (N, 1), biased like torch
+    rstd = (F32(1.0) / np.sqrt(var + F32(eps))).astype(F32)  # (N, 1)
+    out = xc * rstd
+    out *= weight
+    out += bias
+    return out, mean, rstd
+
+
+def layernorm_backward(
+    dout: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray,
+    dweight: np.ndarray,
+    dbias: np.ndarray,
+) -> np.ndarray:
+    """Backward of :func:`layernorm_forward`; accumulates into dweight, dbias.
+
+    dout, x: (N, C); mean, rstd: (N, 1); weight, dweight, dbias: (C,).
+    Returns dx (N, C).
+    """
+    # forward: norm = (x - mean) * rstd; out = norm * weight + bias
+    norm = (x - mean) * rstd  # (N, C)
+    dbias += dout.sum(axis=0)
+    dweight += np.sum(dout * norm, axis=0)
+    dnorm = dout * weight  # (N, C)
+    # dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    dx = dnorm - dnorm.mean(axis=-1, keepdims=True)
+    dx -= norm * np.mean(dnorm * norm, axis=-1, keepdims=True)
+    dx *= rstd
+    return dx
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _erfc_nonneg(z: np.ndarray) -> np.ndarray:
+    """erfc(z) for z >= 0 with fractional error < 1.2e-7 (Numerical Recipes' erfcc,
+    a Chebyshev fit); float32 in, float32 out. NumPy has no vectorised erf."""
+    t = F32(1.0) / (F32(1.0) + F32(0.5) * z)
+    poly = F32(0.17087277)
+    for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196, 1.00002368):
+        poly = poly * t + F32(c)
+    poly = poly * t - F32(1.26551223)
+    return t * np.exp(poly - z * z)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x) = 0.5 * erfc(-x / sqrt(2)), accurate in relative terms in both tails."""
+    z = x * F32(_INV_SQRT_2)
+    e = F32(0.5) * _erfc_nonneg(np.abs(z))  # 0.5 * erfc(|z|)
+    return np.where(z < 0, e, F32(1.0) - e).astype(F32)
+
+
+def gelu_forward(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    """GELU(x) = x * Phi(x) (``approximate="none"``, torch's default) or the tanh
+    form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (``"tanh"``, GPT-2). Any shape."""
+    if approximate == "tanh":
+        u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
+        return F32(0.5) * x * (F32(1.0) + np.tanh(u))
+    return x * _normal_cdf(x)
+
+
+def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    """Backward of :func:`gelu_forward`: dx = dy * GELU'(x). dy, x: same shape."""
+    if approximate == "tanh":
+        # forward: y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+        u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
+        t = np.tanh(u)
+        du = F32(_SQRT_2_OVER_PI) * (F32(1.0) + F32(3 * 0.044715) * x * x)
+        return dy * (F32(0.5) * (F32(1.0) + t) + F32(0.5) * x * (F32(1.0) - t * t) * du)
+    # forward: y = x * Phi(x)  ->  y' = Phi(x) + x * phi(x)
+    pdf = F32(_INV_SQRT_2PI) * np.exp(F32(-0.5) * x * x)
+    return dy * (_normal_cdf(x) + x * pdf)
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient, computed stably (log-sum-exp).
+
+    logits: (N, C) float32; targets: (N,) ints in [0, C) or ``ignore_index``.
+    With label smoothing eps the target distribution is (1 - eps)·onehot + eps/C
+    (torch's definition). The mean runs over the rows that are not ignored; with
+    none left the loss is 0 and the gradient 0.
+    Returns (loss, dlogits (N, C) float32 = d loss / d logits).
+    """
+    n, c = logits.shape
+    valid = targets != ignore_index  # (N,)
+    n_valid = int(valid.sum())
+    safe_t = np.where(valid, targets, 0)
+    m = logits.max(axis=1, keepdims=True)  # (N, 1)
+    shifted = logits - m
+    e = np.exp(shifted)
+    sum_e = e.sum(axis=1, keepdims=True)  # (N, 1)
+    logp = shifted - np.log(sum_e)  # (N, C) log-softmax
+    eps = F32(label_smoothing)
+    # loss_i = -(1 - eps) * logp[i, t_i] - eps/C * sum_c logp[i, c]
+    nll = -logp[np.arange(n), safe_t]  # (N,)
+    row = (F32(1.0) - eps) * nll
+    if label_smoothing:
+        row = row - (eps / F32(c)) * logp.sum(axis=1)
+    denom = max(n_valid, 1)
+    loss = float(np.sum(row[valid], dtype=np.float64) / denom)
+    # dlogits_i = (softmax_i - target distribution_i) / n_valid, 0 for ignored rows
+    grad = e / sum_e
+    if label_smoothing:
+        grad -= eps / F32(c)
+    grad[np.arange(n), safe_t] -= F32(1.0) - eps
+    grad *= (valid.astype(F32) / F32(denom))[:, None]
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------
+# Parameters, modules, initialisation, checkpoint files
+# ----------------------------------------------------------------------------
+
+
+def _rng(rng: RngLike) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        rng = 0
+    if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
+        raise TypeError(f"rng must be an int seed or a numpy.random.Generator, got {type(rng).__name__}")
+    return np.random.default_rng(int(rng))
+
+
+def _child_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**63 - 1))
+
+
+def _init_xavier_uniform(rng, shape, fan_in, fan_out):
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, shape)
+
+
+def _init_kaiming_uniform(rng, shape, fan_in, fan_out):
+    # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, shape)
+
+
+def _init_normal(rng, shape, fan_in, fan_out):
+    return rng.normal(0.0, 0.02, shape)  # BERT/GPT-2
+
+
+def _init_zeros(rng, shape, fan_in, fan_out):
+    return np.zeros(shape)
+
+
+#: Initialisation schemes by name: ``f(rng, shape, fan_in, fan_out) -> array``.
+INITS: Dict[str, Callable] = {
+    "xavier_uniform": _init_xavier_uniform,
+    "kaiming_uniform": _init_kaiming_uniform,
+    "normal": _init_normal,  # N(0, 0.02)
+    "zeros": _init_zeros,
+}
+
+
+def _init(init: str, rng: np.random.Generator, shape, fan_in: int, fan_out: int) -> np.ndarray:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {sorted(INITS)}, got {init!r}")
+    return np.asarray(INITS[init](rng, shape, fan_in, fan_out), dtype=F32)
+
+
+class Parameter:
+    """A float32 array (``data``) and its gradient (``grad``, same shape, starts at 0).
+
+    Optimizers update ``data`` in place, so layers may keep references to it.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data: np.ndarray):
+        self.data = np.ascontiguousarray(data, dtype=F32)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.data.shape
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape})"
+
+
+class Module:
+    """Base of all layers: named parameters, children, train/eval mode, save/load.
+
+    Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers
+    it under that name; :meth:`named_parameters` lists them depth-first as
+    dotted names (``"1.attn.w_q"``).
+    """
+
+    #: layers that take ``key_lengths`` in forward (Sequential passes it on)
+    uses_key_lengths = False
+
+    def __init__(self):
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_params" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        if isinstance(value, Parameter):
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    # -- the layer interface -------------------------------------------------
+    def forward(self, x, **kwargs):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # -- parameters ----------------------------------------------------------
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
+        for name, p in self._params.items():
+            yield prefix + name, p
+        for name, m in self._modules.items():
+            yield from m.named_parameters(prefix + name + ".")
+
+    @property
+    def grads(self) -> Dict[str, np.ndarray]:
+        """The gradient arrays by parameter name (the live arrays, not copies)."""
+        return {name: p.grad for name, p in self.named_parameters()}
+
+    def parameters(self) -> List[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self) -> Iterator["Module"]:
+        yield self
+        for m in self._modules.values():
+            yield from m.modules()
+
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad.fill(0.0)
+
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # -- state ---------------------------------------------------------------
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of all parameters by name."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: Dict[str, np.ndarray]) -> None:
+        """Copy ``state`` into the parameters (in place). The names must match exactly
+        and every shape must agree; otherwise a ValueError lists the differences."""
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"parameter names differ: missing {missing}, unexpected {unexpected}")
+        bad = [
+            f"{n}: expected {params[n].shape}, got {np.shape(state[n])}"
+            for n in params
+            if tuple(np.shape(state[n])) != params[n].shape
+        ]
+        if bad:
+            raise ValueError("parameter shapes differ: " + "; ".join(bad))
+        for n, p in params.items():
+            np.copyto(p.data, np.asarray(state[n], dtype=F32))
+
+    def rng_states(self) -> Dict[str, dict]:
+        """The states of the random generators inside (dropout), by module path."""
+        out = {}
+        for path, m in _named_modules(self):
+            if isinstance(m, Dropout):
+                out[path] = m.rng.bit_generator.state
+        return out
+
+    def set_rng_states(self, states: Dict[str, dict]) -> None:
+        """Restore :meth:`rng_states` (all or nothing: the paths are checked first)."""
+        mods = dict(_named_modules(self))
+        for path in states:
+            if path not in mods or not isinstance(mods[path], Dropout):
+                raise ValueError(f"no Dropout layer named {path!r} to restore the random state of")
+        for path, st in states.items():
+            mods[path].rng.bit_generator.state = st
+
+    def save(self, path: str) -> None:
+        """Write the parameters to ``path`` (atomic; see :func:`save_arrays`)."""
+        save_arrays(path, {"param/" + n: a for n, a in self.state_dict().items()}, {"kind": "module"})
+
+    def load(self, path: str) -> None:
+        """Read parameters written by :meth:`save`; names and shapes must match."""
+        arrays, meta = load_arrays(path)
+        if meta.get("kind") != "module":
+            raise CheckpointError(f"{path}: not a module file (kind {meta.get('kind')!r})")
+        try:
+            self.load_state_dict({n[len("param/") :]: a for n, a in arrays.items() if n.startswith("param/")})
+        except ValueError as e:
+            raise CheckpointError(f"{path}: does not match this model: {e}") from None
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()})"]
+        for name, m in self._modules.items():
+            lines.append(f"  ({name}): " + repr(m).replace("\n", "\n  "))
+        return "\n".join(lines)
+
+
+def _named_modules(m: Module, prefix: str = "") -> Iterator[Tuple[str, Module]]:
+    yield prefix.rstrip("."), m
+    for name, c in m._modules.items():
+        yield from _named_modules(c, prefix + name + ".")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, truncated, of another format or does not match."""
+
+
+_MAGIC = "qkv_native.checkpoint"
+_HEADER_KEY = "__header__"
+
+
+def _checksum(arrays: Dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_arrays(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
+    """Write named arrays and a JSON ``meta`` dict to an ``.npz`` file, atomically.
+
+    The file holds the arrays plus ``__header__`` (UTF-8 JSON as uint8): format
+    tag, version, names/shapes/dtypes, the sha256 of the array contents and
+    ``meta``. It is written to a temporary file in the same folder, fsynced and
+    renamed over ``path``, so a crash mid-write leaves the previous file intact.
+    No pickles: only numeric arrays.
+    """
+    for name, a in arrays.items():
+        if name == _HEADER_KEY or not isinstance(a, np.ndarray) or a.dtype == object:
+            raise TypeError(f"cannot save {name!r}: need a numeric numpy array")
+    header = {
+        "format": _MAGIC,
+        "version": 1,
+        "arrays": {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()},
+        "sha256": _checksum(arrays),
+        "meta": meta,
+    }
+    blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{_HEADER_KEY: blob}, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """Read a file written by :func:`save_arrays`; returns (arrays, meta).
+
+    Raises :class:`CheckpointError` when the file is not such a checkpoint, is
+    truncated or corrupt (zip CRC or sha256 mismatch), or its header disagrees
+    with its contents. FileNotFoundError passes through.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+            if _HEADER_KEY not in z.files:
+                raise CheckpointError(f"{path}: not a qkv_native checkpoint (no {_HEADER_KEY})")
+            header = json.loads(z[_HEADER_KEY].tobytes().decode("utf-8"))
+            arrays = {n: z[n] for n in z.files if n != _HEADER_KEY}
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupt or not a qkv_native checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict) or header.get("format") != _MAGIC:
+        raise CheckpointError(f"{path}: not a qkv_native checkpoint (format {header.get('format')!r})")
+    if header.get("version") != 1:
+        raise CheckpointError(f"{path}: unsupported checkpoint version {header.get('version')!r}")
+    listed = header.get("arrays", {})
+    if set(listed) != set(arrays):
+        raise CheckpointError(f"{path}: header lists {sorted(listed)} but the file holds {sorted(arrays)}")
+    for n, spec in listed.items():
+        a = arrays[n]
+        if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
+            raise CheckpointError(f"{path}: array {n!r} is {a.dtype}{a.shape}, header says {spec}")
+    if _checksum(arrays) != header.get("sha256"):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+    return arrays, header.get("meta", {})
+
+
+# ----------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------
+
+
+def _as_f32(x, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(x).__name__}")
+    if x.dtype != F32:
+        raise TypeError(f"{name} must have dtype float32, got {x.dtype} (convert explicitly with .astype(np.float32))")
+    return np.ascontiguousarray(x)
+
+
+def _key_lengths(key_lengths, batch: int):
+    if key_lengths is None:
+        return None
+    kl = np.asarray(key_lengths)
+    if kl.dtype.kind not in "iu" or kl.shape != (batch,):
+        raise ValueError(f"key_lengths must be an int array of shape (batch={batch},), got {kl.dtype}{kl.shape}")
+    return kl.astype(np.int64, copy=False)
+
+
+class Sequential(Module):
+    """Chains layers: forward in order, backward in reverse. Children are named
+    "0", "1", ... . ``key_lengths`` is passed to the layers that use it."""
+
+    uses_key_lengths = True
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        self.layers = []
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"layer {i} must be a qkv_native.nn.Module, got {type(layer).__name__}")
+            setattr(self, str(i), layer)
+            self.layers.append(layer)
+
+    def forward(self, x, key_lengths=None):
+        for layer in self.layers:
+            x = layer.forward(x, key_lengths=key_lengths) if layer.uses_key_lengths else layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+
+class Linear(Module):
+    """y = x·W + b on the last axis.
+
+    x: (..., d_in) -> y: (..., d_out); weight: (d_in, d_out); bias: (d_out,).
+    init: weight scheme (bias starts at 0).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = True, init: str = "xavier_uniform", rng: RngLike = 0):
+        super().__init__()
+        g = _rng(rng)
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.weight = Parameter(_init(init, g, (self.d_in, self.d_out), self.d_in, self.d_out))
+        self.bias = Parameter(np.zeros(self.d_out, F32)) if bias else None
+        self._x = None
+
+    def extra_repr(self):
+        return f"d_in={self.d_in}, d_out={self.d_out}, bias={self.bias is not None}"
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., d_in={self.d_in}), got {x.shape}")
+        x2 = x.reshape(-1, self.d_in)  # (N, d_in)
+        self._x = x2
+        y = matmul(x2, self.weight.data)  # (N, d_out)
+        if self.bias is not None:
+            y += self.bias.data
+        return y.reshape(*x.shape[:-1], self.d_out)
+
+    def backward(self, dy):
+        x2 = self._x  # (N, d_in)
+        dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_out)  # (N, d_out)
+        # forward: y = x · W + b
+        matmul(x2, dy2, trans_a=True, beta=1.0, out=self.weight.grad)  # dW += xᵀ · dy
+        if self.bias is not None:
+            self.bias.grad += dy2.sum(axis=0)  # db += Σ_rows dy
+        dx = matmul(dy2, self.weight.data, trans_b=True)  # dx = dy · Wᵀ
+        return dx.reshape(*dy.shape[:-1], self.d_in)
+
+
+class Embedding(Module):
+    """Lookup: ids (batch, seq) ints in [0, num_embeddings) -> (batch, seq, d_model).
+    backward returns None (ids have no gradient)."""
+
+    def __init__(self, num_embeddings: int, d_model: int, *, init: str = "normal", rng: RngLike = 0):
+        super().__init__()
+        self.num_embeddings, self.d_model = int(num_embeddings), int(d_model)
+        self.weight = Parameter(_init(init, _rng(rng), (self.num_embeddings, self.d_model), 1, self.d_model))
+        self._ids = None
+
+    def extra_repr(self):
+        return f"num_embeddings={self.num_embeddings}, d_model={self.d_model}"
+
+    def forward(self, ids):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise ValueError(f"ids must lie in [0, num_embeddings={self.num_embeddings}), got [{ids.min()}, {ids.max()}]")
+        self._ids = ids
+        return self.weight.data[ids]
+
+    def backward(self, dy):
+        # forward: y[b, s] = W[ids[b, s]]  ->  dW[ids[b, s]] += dy[b, s] (repeated ids add up)
+        np.add.at(self.weight.grad, self._ids.reshape(-1), dy.reshape(-1, self.d_model))
+        return None
+
+
+class LearnedPositionalEmbedding(Module):
+    """y = x + P[:seq]. x: (batch, seq, d_model), seq <= max_seq; P: (max_seq, d_model)."""
+
+    def __init__(self, max_seq: int, d_model: int, *, init: str = "normal", rng: RngLike = 0):
+        super().__init__()
+        self.max_seq, self.d_model = int(max_seq), int(d_model)
+        self.weight = Parameter(_init(init, _rng(rng), (self.max_seq, self.d_model), 1, self.d_model))
+        self._seq = 0
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if x.ndim != 3 or x.shape[1] > self.max_seq or x.shape[2] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seq <= {self.max_seq}, d_model={self.d_model}), got {x.shape}")
+        self._seq = x.shape[1]
+        return x + self.weight.data[: self._seq]
+
+    def backward(self, dy):
+        # forward: y = x + P[:seq]
+        self.weight.grad[: self._seq] += dy.sum(axis=0)
+        return dy
+
+
+def sinusoidal_table(max_seq: int, d_model: int) -> np.ndarray:
+    """(max_seq, d_model): PE[p, 2i] = sin(p / 10000^(2i/d_model)), PE[p, 2i+1] = cos(...)."""
+    pos = np.arange(max_seq, dtype=np.float64)[:, None]
+    inv = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    pe = np.zeros((max_seq, d_model))
+    pe[:, 0::2] = np.sin(pos * inv)
+    pe[:, 1::2] = np.cos(pos * inv[: d_model // 2])
+    return pe.astype(F32)
+
+
+class SinusoidalPositionalEncoding(Module):
+    """y = x + PE[:seq] with the fixed sinusoidal table (no parameters).
+    x: (batch, seq, d_model)."""
+
+    def __init__(self, max_seq: int, d_model: int):
+        super().__init__()
+        self.max_seq, self.d_model = int(max_seq), int(d_model)
+        self.table = sinusoidal_table(self.max_seq, self.d_model)
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if x.ndim != 3 or x.shape[1] > self.max_seq or x.shape[2] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seq <= {self.max_seq}, d_model={self.d_model}), got {x.shape}")
+        return x + self.table[: x.shape[1]]
+
+    def backward(self, dy):
+        return dy  # forward: y = x + PE
+
+
+class LayerNorm(Module):
+    """Normalise the last axis: x: (..., d_model) -> same shape. weight = 1, bias = 0 at init."""
+
+    def __init__(self, d_model: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.d_model, self.eps = int(d_model), float(eps)
+        self.weight = Parameter(np.ones(self.d_model, F32))
+        self.bias = Parameter(np.zeros(self.d_model, F32))
+        self._cache = None
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, eps={self.eps}"
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (..., d_model={self.d_model}), got {x.shape}")
+        x2 = x.reshape(-1, self.d_model)
+        out, mean, rstd = layernorm_forward(x2, self.weight.data, self.bias.data, self.eps)
+        self._cache = (x2, mean, rstd)
+        return out.reshape(x.shape)
+
+    def backward(self, dy):
+        x2, mean, rstd = self._cache
+        dx = layernorm_backward(
+            dy.reshape(-1, self.d_model), x2, mean, rstd, self.weight.data, self.weight.grad, self.bias.grad
+        )
+        return dx.reshape(dy.shape)
+
+
+class GELU(Module):
+    """Elementwise GELU, any shape; ``approximate`` is "none" (erf) or "tanh"."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+        self._x = None
+
+    def forward(self, x):
+        self._x = _as_f32(x, "x")
+        return gelu_forward(self._x, self.approximate)
+
+    def backward(self, dy):
+        return gelu_backward(dy, self._x, self.approximate)
+
+
+class ReLU(Module):
+    """Elementwise max(x, 0), any shape."""
+
+    def __init__(self):
+        super().__init__()
+        self._pos = None
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        self._pos = x > 0
+        return np.where(self._pos, x, F32(0.0))
+
+    def backward(self, dy):
+        return np.where(self._pos, dy, F32(0.0))  # forward: y = x if x > 0 else 0
+
+
+class Dropout(Module):
+    """Inverted dropout, seeded: in training each element is zeroed with
+    probability p and the rest scaled by 1/(1-p); identity in eval mode (or p=0).
+    The generator's state is part of a trainer checkpoint."""
+
+    def __init__(self, p: float = 0.1, *, rng: RngLike = 0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"p must lie in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = np.random.default_rng(_child_seed(_rng(rng)))
+        self._mask = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        keep = self.rng.random(x.shape, dtype=F32) >= F32(self.p)
+        self._mask = keep.astype(F32) * F32(1.0 / (1.0 - self.p))
+        return x * self._mask
+
+    def backward(self, dy):
+        return dy if self._mask is None else dy * self._mask  # forward: y = x * mask
+
+
+class MultiHeadAttention(Module):
+    """Multi-head attention with W_Q, W_K, W_V, W_O and biases.
+
+    Self-attention: ``forward(x)`` with x: (batch, seq, d_model). Cross-attention:
+    ``forward(x, context)`` with context: (batch, seq_k, d_model) giving K and V.
+    q = x·W_Q + b_Q split into num_heads heads of d_head; k, v likewise with
+    num_kv_heads heads (grouped-query attention when num_kv_heads < num_heads);
+    o = softmax(q·kᵀ/√d_head [causal, key_lengths]) · v; y = merge(o)·W_O + b_O.
+
+    w_q: (d_model, num_heads·d_head); w_k, w_v: (d_model, num_kv_heads·d_head);
+    w_o: (num_heads·d_head, d_model). Returns y: (batch, seq_q, d_model).
+    key_lengths: (batch,) ints, keys j >= key_lengths[b] are padding.
+    """
+
+    uses_key_lengths = True
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: Optional[int] = None,
+        d_head: Optional[int] = None,
+        causal: bool = False,
+        bias: bool = True,
+        init: str = "xavier_uniform",
+        rng: RngLike = 0,
+    ):
+        super().__init__()
+        self.d_model, self.num_heads = int(d_model), int(num_heads)
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else int(num_kv_heads)
+        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) must be positive and divide num_heads ({self.num_heads})"
+            )
+        if d_head is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}), or pass d_head")
+            d_head = self.d_model // self.num_heads
+        self.d_head, self.causal = int(d_head), bool(causal)
+        d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
+        g = _rng(rng)
+        self.w_q = Parameter(_init(init, g, (self.d_model, d_q), self.d_model, d_q))
+        self.w_k = Parameter(_init(init, g, (self.d_model, d_kv), self.d_model, d_kv))
+        self.w_v = Parameter(_init(init, g, (self.d_model, d_kv), self.d_model, d_kv))
+        self.w_o = Parameter(_init(init, g, (d_q, self.d_model), d_q, self.d_model))
+        if bias:
+            self.b_q = Parameter(np.zeros(d_q, F32))
+            self.b_k = Parameter(np.zeros(d_kv, F32))
+            self.b_v = Parameter(np.zeros(d_kv, F32))
+            self.b_o = Parameter(np.zeros(self.d_model, F32))
+        self.has_bias = bool(bias)
+        self._cache = None
+
+    def extra_repr(self):
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"d_head={self.d_head}, causal={self.causal}"
+        )
+
+    def _b(self, name):
+        return getattr(self, name).data if self.has_bias else None
+
+    def _split(self, y2, batch, seq, heads):
+        """(batch·seq, heads·d_head) -> view (batch, heads, seq, d_head) (last axis contiguous)."""
+        return y2.reshape(batch, seq, heads, self.d_head).transpose(0, 2, 1, 3)
+
+    @staticmethod
+    def _merge(t):
+        """(batch, heads, seq, d_head) -> (batch·seq, heads·d_head) contiguous copy."""
+        b, h, s, d = t.shape
+        return np.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(b * s, h * d)
+
+    def forward(self, x, context=None, *, key_lengths=None, mask=None):
+        x = _as_f32(x, "x")
+        if x.ndim != 3 or x.shape[2] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seq_q, d_model={self.d_model}), got {x.shape}")
+        batch, seq_q, _ = x.shape
+        kl = _key_lengths(key_lengths, batch)
+        if context is None:
+            # q: (B, H, Sq, D), k, v: (B, Hkv, Sq, D) in one native GEMM
+            q, k, v = qkv_project(
+                x, self.w_q.data, self.w_k.data, self.w_v.data, self._b("b_q"), self._b("b_k"), self._b("b_v"),
+                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            )
+        else:
+            context = _as_f32(context, "context")
+            if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.d_model:
+                raise ValueError(
+                    f"context must have shape (batch={batch}, seq_k, d_model={self.d_model}), got {context.shape}"
+                )
+            seq_k = context.shape[1]
+            x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
+            q2 = matmul(x2, self.w_q.data)  # (B·Sq, H·D)
+            kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)  # (d_model, 2·Hkv·D)
+            kv2 = matmul(c2, kv_w)  # (B·Sk, 2·Hkv·D), K and V in one GEMM
+            if self.has_bias:
+                q2 += self.b_q.data
+                kv2 += np.concatenate([self.b_k.data, self.b_v.data])
+            d_kv = self.num_kv_heads * self.d_head
+            q = self._split(q2, batch, seq_q, self.num_heads)
+            k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
+            v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
+        # attention writes o straight into the token-major buffer (B, Sq, H, D) through a
+        # head-major strided view, so merging the heads for W_O needs no copy
+        o_buf = np.empty((batch, seq_q, self.num_heads, self.d_head), F32)
+        o = o_buf.transpose(0, 2, 1, 3)  # (B, H, Sq, D) view
+        _, lse = attention(q, k, v, causal=self.causal, key_lengths=kl, mask=mask, return_lse=True, out=o)
+        o2 = o_buf.reshape(batch * seq_q, self.num_heads * self.d_head)  # (B·Sq, H·D), no copy
+        y = matmul(o2, self.w_o.data)  # (B·Sq, d_model)
+        if self.has_bias:
+            y += self.b_o.data
+        self._cache = (x, context, q, k, v, o, lse, o2, kl, mask)
+        return y.reshape(batch, seq_q, self.d_model)
+
+    def backward(self, dy):
+        """Accumulates into all weights; returns dx, or (dx, dcontext) for cross-attention."""
+        x, context, q, k, v, o, lse, o2, kl, mask = self._cache
+        batch, seq_q, _ = x.shape
+        dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_model)  # (B·Sq, d_model)
+        # forward: y = o2 · W_O + b_O
+        matmul(o2, dy2, trans_a=True, beta=1.0, out=self.w_o.grad)  # dW_O += o2ᵀ · dy
+        if self.has_bias:
+            self.b_o.grad += dy2.sum(axis=0)
+        do2 = matmul(dy2, self.w_o.data, trans_b=True)  # (B·Sq, H·D) = dy · W_Oᵀ
+        do = self._split(do2, batch, seq_q, self.num_heads)  # (B, H, Sq, D) view
+        # forward: o, lse = attention(q, k, v, causal, key_lengths, mask)
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask)
+        if context is None:
+            # forward: q, k, v = qkv_project(x, W_Q, W_K, W_V, b_Q, b_K, b_V)
+            dx, dwq, dwk, dwv, dbq, dbk, dbv = qkv_project_backward(
+                x, self.w_q.data, self.w_k.data, self.w_v.data, dq, dk, dv
+            )
+            self.w_q.grad += dwq
+            self.w_k.grad += dwk
+            self.w_v.grad += dwv
+            if self.has_bias:
+                self.b_q.grad += dbq
+                self.b_k.grad += dbk
+                self.b_v.grad += dbv
+            return dx
+        # forward: q2 = x2 · W_Q + b_Q;  kv2 = c2 · [W_K | W_V] + [b_K | b_V]
+        x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
+        dq2 = self._merge(dq)  # (B·Sq, H·D)
+        dkv2 = np.concatenate([self._merge(dk), self._merge(dv)], axis=1)  # (B·Sk, 2·Hkv·D)
+        d_kv = self.num_kv_heads * self.d_head
+        matmul(x2, dq2, trans_a=True, beta=1.0, out=self.w_q.grad)  # dW_Q += x2ᵀ · dq2
+        dwkv = matmul(c2, dkv2, trans_a=True)  # (d_model, 2·Hkv·D)
+        self.w_k.grad += dwkv[:, :d_kv]
+        self.w_v.grad += dwkv[:, d_kv:]
+        if self.has_bias:
+            self.b_q.grad += dq2.sum(axis=0)
+            dbkv = dkv2.sum(axis=0)
+            self.b_k.grad += dbkv[:d_kv]
+            self.b_v.grad += dbkv[d_kv:]
+        dx = matmul(dq2, self.w_q.data, trans_b=True).reshape(x.shape)
+        kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)
+        dcontext = matmul(dkv2, kv_w, trans_b=True).reshape(context.shape)
+        return dx, dcontext
+
+
+class FeedForward(Module):
+    """y = W_2·act(W_1·x + b_1) + b_2 with dropout after the activation.
+    x: (..., d_model) -> (..., d_model); hidden width d_ff."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0,
+        init: str = "xavier_uniform", rng: RngLike = 0,
+    ):
+        super().__init__()
+        g = _rng(rng)
+        acts = {"gelu": lambda: GELU(), "gelu_tanh": lambda: GELU("tanh"), "relu": ReLU}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+        self.fc1 = Linear(d_model, d_ff, init=init, rng=g)
+        self.act = acts[activation]()
+        self.drop = Dropout(dropout, rng=g)
+        self.fc2 = Linear(d_ff, d_model, init=init, rng=g)
+
+    def forward(self, x):
+        return self.fc2.forward(self.drop.forward(self.act.forward(self.fc1.forward(x))))
+
+    def backward(self, dy):
+        return self.fc1.backward(self.act.backward(self.drop.backward(self.fc2.backward(dy))))
+
+
+class TransformerEncoderBlock(Module):
+    """One encoder block, x: (batch, seq, d_model) -> same shape.
+
+    Pre-norm (``norm_first=True``):  h = x + drop(attn(ln1(x)));  y = h + drop(ff(ln2(h)))
+    Post-norm:                       h = ln1(x + drop(attn(x)));  y = ln2(h + drop(ff(h)))
+    The same structure as ``torch.nn.TransformerEncoderLayer(batch_first=True)``.
+    """
+
+    uses_key_lengths = True
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        d_ff: int,
+        *,
+        num_kv_heads: Optional[int] = None,
+        causal: bool = False,
+        norm_first: bool = True,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        eps: float = 1e-5,
+        init: str = "xavier_uniform",
+        rng: RngLike = 0,
+    ):
+        super().__init__()
+        g = _rng(rng)
+        self.norm_first = bool(norm_first)
+        self.attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads, causal=causal, init=init, rng=g)
+        self.ln1 = LayerNorm(d_model, eps=eps)
+        self.drop1 = Dropout(dropout, rng=g)
+        self.ff = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, init=init, rng=g)
+        self.ln2 = LayerNorm(d_model, eps=eps)
+        self.drop2 = Dropout(dropout, rng=g)
+
+    def extra_repr(self):
+        return f"norm_first={self.norm_first}"
+
+    def forward(self, x, key_lengths=None):
+        if self.norm_first:
+            h = x + self.drop1.forward(self.attn.forward(self.ln1.forward(x), key_lengths=key_lengths))
+            return h + self.drop2.forward(self.ff.forward(self.ln2.forward(h)))
+        h = self.ln1.forward(x + self.drop1.forward(self.attn.forward(x, key_lengths=key_lengths)))
+        return self.ln2.forward(h + self.drop2.forward(self.ff.forward(h)))
+
+    def backward(self, dy):
+        if self.norm_first:
+            # forward: y = h + drop2(ff(ln2(h)))
+            dh = dy + self.ln2.backward(self.ff.backward(self.drop2.backward(dy)))
+            # forward: h = x + drop1(attn(ln1(x)))
+            return dh + self.ln1.backward(self.attn.backward(self.drop1.backward(dh)))
+        # forward: y = ln2(h + drop2(ff(h)))
+        dr = self.ln2.backward(dy)
+        dh = dr + self.ff.backward(self.drop2.backward(dr))
+        # forward: h = ln1(x + drop1(attn(x)))
+        dr = self.ln1.backward(dh)
+        return dr + self.attn.backward(self.drop1.backward(dr))
+
+
+class MeanPool(Module):
+    """Mean over the sequence, ignoring padding: x: (batch, seq, d) -> (batch, d).
+    With key_lengths (batch,) only the first key_lengths[b] positions count
+    (a row of length 0 gives 0)."""
+
+    uses_key_lengths = True
+
+    def __init__(self):
+        super().__init__()
+        self._w = None
+
+    def forward(self, x, key_lengths=None):
+        x = _as_f32(x, "x")
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (batch, seq, d_model), got {x.shape}")
+        batch, seq, _ = x.shape
+        kl = _key_lengths(key_lengths, batch)
+        if kl is None:
+            w = np.full((batch, seq), F32(1.0 / seq), F32)
+        else:
+            valid = np.arange(seq)[None, :] < kl[:, None]
+            w = valid.astype(F32) / np.maximum(kl, 1).astype(F32)[:, None]  # (batch, seq)
+        self._w = w
+        return np.einsum("bs,bsd->bd", w, x)
+
+    def backward(self, dy):
+        return self._w[:, :, None] * dy[:, None, :]  # forward: y[b] = Σ_s w[b, s] x[b, s]
+
+
+class ClsToken(Module):
+    """Prepend a learned token: x: (batch, seq, d_model) -> (batch, 1 + seq, d_model).
+    (key_lengths of later layers must count it.)"""
+
+    def __init__(self, d_model: int, *, init: str = "normal", rng: RngLike = 0):
+        super().__init__()
+        self.d_model = int(d_model)
+        self.token = Parameter(_init(init, _rng(rng), (self.d_model,), 1, self.d_model))
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        if x.ndim != 3 or x.shape[2] != self.d_model:
+            raise ValueError(f"x must have shape (batch, seq, d_model={self.d_model}), got {x.shape}")
+        tok = np.broadcast_to(self.token.data, (x.shape[0], 1, self.d_model))
+        return np.concatenate([tok, x], axis=1)
+
+    def backward(self, dy):
+        self.token.grad += dy[:, 0].sum(axis=0)  # forward: y[:, 0] = token
+        return dy[:, 1:]
+
+
+class ClsPool(Module):
+    """Take the first position: x: (batch, seq, d) -> (batch, d)."""
+
+    def __init__(self):
+        super().__init__()
+        self._shape = None
+
+    def forward(self, x):
+        x = _as_f32(x, "x")
+        self._shape = x.shape
+        return x[:, 0].copy()
+
+    def backward(self, dy):
+        dx = np.zeros(self._shape, F32)
+        dx[:, 0] = dy  # forward: y = x[:, 0]
+        return dx
+
+
+# ----------------------------------------------------------------------------
+# Losses: forward(prediction, target) -> float; backward() -> d loss / d prediction
+# ----------------------------------------------------------------------------
+
+
+class CrossEntropyLoss:
+    """Mean softmax cross-entropy of logits (..., C) against int targets (...),
+    with label smoothing and an ignored target value (see :func:`softmax_cross_entropy`)."""
+
+    def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
+        self._grad = None
+
+    def forward(self, logits, targets) -> float:
+        logits = _as_f32(logits, "logits")
+        targets = np.asarray(targets)
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
+        if logits.shape[:-1] != targets.shape:
+            raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits {logits.shape}), got {targets.shape}")
+        c = logits.shape[-1]
+        t = targets.reshape(-1)
+        bad = (t != self.ignore_index) & ((t < 0) | (t >= c))
+        if bad.any():
+            raise ValueError(f"targets must lie in [0, {c}) or equal ignore_index={self.ignore_index}, got {t[bad][0]}")
+        loss, grad = softmax_cross_entropy(
+            logits.reshape(-1, c), t, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index
+        )
+        self._grad = grad.reshape(logits.shape)
+        return loss
+
+    __call__ = forward
+
+    def backward(self, dloss: float = 1.0) -> np.ndarray:
+        return self._grad if dloss == 1.0 else self._grad * F32(dloss)
+
+
+class MSELoss:
+    """Mean squared error over all elements: mean((prediction - target)^2)."""
+
+    def __init__(self):
+        self._diff = None
+
+    def forward(self, prediction, target) -> float:
+        prediction = _as_f32(prediction, "prediction")
+        target = np.asarray(target, dtype=F32)
+        if target.shape != prediction.shape:
+            raise ValueError(f"target must have shape {prediction.shape}, got {target.shape}")
+        self._diff = prediction - target
+        return float(np.mean(np.square(self._diff, dtype=np.float64)))
+
+    __call__ = forward
+
+    def backward(self, dloss: float = 1.0) -> np.ndarray:
+        # forward: loss = Σ diff² / n
+        return self._diff * F32(2.0 * dloss / self._diff.size)

@@ -1,0 +1,335 @@
+"""Optimizers, learning-rate schedules and gradient clipping.
+
+An optimizer updates the :class:`qkv_native.nn.Parameter` s it is attached to,
+in place, from their ``grad``. Each update is a handful of whole-array NumPy
+operations per parameter (no Python loop over elements). The formulas are
+PyTorch's (``torch.optim.SGD``, ``Adam``, ``AdamW``), so a model trained with
+the same settings follows the same trajectory.
+
+The learning rate of step t (t = 0, 1, ... counts the steps taken so far) is
+``lr * schedule.factor(t)``; schedules are pure functions of t, so the step
+count (saved in a checkpoint) is the whole schedule position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .nn import Module, Parameter
+
+__all__ = [
+    "Schedule",
+    "Constant",
+    "StepDecay",
+    "Cosine",
+    "LinearWarmup",
+    "Optimizer",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "clip_grad_norm",
+    "decay_matrices_only",
+]
+
+F32 = np.float32
+
+
+# ----------------------------------------------------------------------------
+# Schedules: factor(step) multiplies the base learning rate
+# ----------------------------------------------------------------------------
+
+
+class Schedule:
+    """Maps the number of steps taken so far to a factor of the base learning rate."""
+
+    def factor(self, step: int) -> float:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__, **{k: (v.config() if isinstance(v, Schedule) else v) for k, v in vars(self).items()}}
+
+
+class Constant(Schedule):
+    """factor = 1."""
+
+    def factor(self, step: int) -> float:
+        return 1.0
+
+
+class StepDecay(Schedule):
+    """factor = gamma ** (step // step_size) (torch's StepLR, counted in steps)."""
+
+    def __init__(self, step_size: int, gamma: float = 0.1):
+        if step_size <= 0:
+            raise ValueError(f"step_size must be positive, got {step_size}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+
+    def factor(self, step: int) -> float:
+        return self.gamma ** (step // self.step_size)
+
+
+class Cosine(Schedule):
+    """Cosine decay from 1 to ``min_factor`` over ``total_steps``, then flat:
+    factor = min + (1 - min) · (1 + cos(π · min(step, total) / total)) / 2."""
+
+    def __init__(self, total_steps: int, min_factor: float = 0.0):
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be positive, got {total_steps}")
+        self.total_steps, self.min_factor = int(total_steps), float(min_factor)
+
+    def factor(self, step: int) -> float:
+        t = min(step, self.total_steps) / self.total_steps
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class LinearWarmup(Schedule):
+    """Linear warmup (step + 1) / warmup_steps for the first ``warmup_steps``
+    steps, then ``after`` (default constant) counted from the end of the warmup."""
+
+    def __init__(self, warmup_steps: int, after: Optional[Schedule] = None):
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps, self.after = int(warmup_steps), after if after is not None else Constant()
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.after.factor(step - self.warmup_steps)
+
+
+# ----------------------------------------------------------------------------
+# Gradient clipping
+# ----------------------------------------------------------------------------
+
+
+def clip_grad_norm(params: Iterable[Parameter], max_norm: float) -> float:
+    """Scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2
+    norm over every parameter (torch.nn.utils.clip_grad_norm_). Returns ‖g‖
+    before clipping."""
+    params = list(params)
+    total = math.sqrt(sum(float(np.dot(p.grad.ravel(), p.grad.ravel())) for p in params))
+    coef = min(1.0, float(max_norm) / (total + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            p.grad *= F32(coef)
+    return total
+
+
+def decay_matrices_only(name: str, param: Parameter) -> bool:
+    """A ``decay`` filter: weight decay for matrices, none for biases, LayerNorm
+    weights, embeddings' 1-D tokens (anything with fewer than 2 dimensions)."""
+    return param.data.ndim >= 2
+
+
+# ----------------------------------------------------------------------------
+# Optimizers
+# ----------------------------------------------------------------------------
+
+ParamsLike = Union[Module, Iterable[Tuple[str, Parameter]], Iterable[Parameter]]
+
+
+class Optimizer:
+    """Base: holds the named parameters, per-parameter state slots, the step
+    count and the schedule.
+
+    params: a Module, (name, Parameter) pairs or Parameters (named "0", "1", ...);
+    may be left out and given later with :meth:`attach` (the Trainer does this).
+    decay: ``f(name, param) -> bool`` choosing which parameters get weight decay
+    (default: all, as in torch).
+    """
+
+    #: names of the per-parameter state arrays, created as zeros
+    slots: Tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Optional[ParamsLike] = None,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        schedule: Optional[Schedule] = None,
+        decay: Optional[Callable[[str, Parameter], bool]] = None,
+    ):
+        if not (lr >= 0.0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.schedule = schedule if schedule is not None else Constant()
+        self.decay = decay
+        self.step_count = 0
+        self.params: List[Tuple[str, Parameter]] = []
+        self.state: Dict[str, Dict[str, np.ndarray]] = {}
+        if params is not None:
+            self.attach(params)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.params)
+
+    def attach(self, params: ParamsLike) -> "Optimizer":
+        """Bind the parameters to update (resets the state and the step count)."""
+        if isinstance(params, Module):
+            named = list(params.named_parameters())
+        else:
+            items = list(params)
+            named = [(str(i), p) if isinstance(p, Parameter) else (str(p[0]), p[1]) for i, p in enumerate(items)]
+        for name, p in named:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"parameter {name!r} must be a qkv_native.nn.Parameter, got {type(p).__name__}")
+        if not named:
+            raise ValueError("params is empty: nothing to optimize")
+        self.params = named
+        self.state = {name: {s: np.zeros_like(p.data) for s in self.slots} for name, p in named}
+        self.step_count = 0
+        return self
+
+    def current_lr(self) -> float:
+        """The learning rate the next :meth:`step` uses."""
+        return self.lr * self.schedule.factor(self.step_count)
+
+    def zero_grad(self) -> None:
+        for _, p in self.params:
+            p.grad.fill(0.0)
+
+    def step(self) -> None:
+        """One update of every attached parameter from its grad."""
+        if not self.params:
+            raise RuntimeError("the optimizer has no parameters: pass params or call attach(model)")
+        lr = self.current_lr()
+        for name, p in self.params:
+            wd = self.weight_decay if (self.decay is None or self.decay(name, p)) else 0.0
+            self._update(p.data, p.grad, self.state[name], lr, wd)
+        self.step_count += 1
+
+    def _update(self, w: np.ndarray, g: np.ndarray, state: Dict[str, np.ndarray], lr: float, wd: float) -> None:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {
+            "type": type(self).__name__,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule.config(),
+        }
+
+    # -- checkpoint state ----------------------------------------------------
+    def state_dict(self) -> Tuple[Dict[str, np.ndarray], dict]:
+        """(arrays "slot/name" -> copy, meta with the type, step count and config)."""
+        arrays = {f"{s}/{n}": a.copy() for n, st in self.state.items() for s, a in st.items()}
+        return arrays, {"type": type(self).__name__, "step_count": self.step_count, "config": self.config()}
+
+    def load_state_dict(self, arrays: Dict[str, np.ndarray], meta: dict) -> None:
+        """Restore :meth:`state_dict`; the type, slot names and shapes must match."""
+        if meta.get("type") != type(self).__name__:
+            raise ValueError(f"optimizer state is for {meta.get('type')!r}, this optimizer is {type(self).__name__}")
+        want = {f"{s}/{n}": a for n, st in self.state.items() for s, a in st.items()}
+        missing, unexpected = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+        if missing or unexpected:
+            raise ValueError(f"optimizer state names differ: missing {missing}, unexpected {unexpected}")
+        bad = [f"{k}: expected {want[k].shape}, got {arrays[k].shape}" for k in want if want[k].shape != arrays[k].shape]
+        if bad:
+            raise ValueError("optimizer state shapes differ: " + "; ".join(bad))
+        for k, a in want.items():
+            np.copyto(a, arrays[k].astype(F32, copy=False))
+        self.step_count = int(meta["step_count"])
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: d = g + wd·w; buf = momentum·buf + (1 - dampening)·d
+    (buf = d on the first step); d = d + momentum·buf (Nesterov) or buf;
+    w -= lr·d."""
+
+    def __init__(
+        self,
+        params: Optional[ParamsLike] = None,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        schedule: Optional[Schedule] = None,
+        decay: Optional[Callable[[str, Parameter], bool]] = None,
+    ):
+        if momentum < 0.0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if nesterov and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError("nesterov needs momentum > 0 and dampening = 0")
+        self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
+        self.slots = ("momentum",) if momentum else ()
+        super().__init__(params, lr=lr, weight_decay=weight_decay, schedule=schedule, decay=decay)
+
+    def config(self):
+        return {**super().config(), "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov}
+
+    def _update(self, w, g, state, lr, wd):
+        d = g + F32(wd) * w if wd else g
+        if self.momentum:
+            buf = state["momentum"]
+            if self.step_count == 0:
+                np.copyto(buf, d)
+            else:
+                buf *= F32(self.momentum)
+                buf += F32(1.0 - self.dampening) * d
+            d = d + F32(self.momentum) * buf if self.nesterov else buf
+        w -= F32(lr) * d
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam (weight decay as L2: g += wd·w):
+    m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+    w -= lr/(1-β1^t) · m / (√v/√(1-β2^t) + eps)."""
+
+    slots = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(
+        self,
+        params: Optional[ParamsLike] = None,
+        *,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        schedule: Optional[Schedule] = None,
+        decay: Optional[Callable[[str, Parameter], bool]] = None,
+    ):
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        self.betas, self.eps = (float(b1), float(b2)), float(eps)
+        super().__init__(params, lr=lr, weight_decay=weight_decay, schedule=schedule, decay=decay)
+
+    def config(self):
+        return {**super().config(), "betas": list(self.betas), "eps": self.eps}
+
+    def _update(self, w, g, state, lr, wd):
+        b1, b2 = self.betas
+        t = self.step_count + 1
+        if wd and self.decoupled:
+            w *= F32(1.0 - lr * wd)  # AdamW: w -= lr·wd·w, before the moment update
+        elif wd:
+            g = g + F32(wd) * w
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= F32(b1)
+        m += F32(1.0 - b1) * g
+        v *= F32(b2)
+        v += F32(1.0 - b2) * (g * g)
+        denom = np.sqrt(v)
+        denom /= F32(math.sqrt(1.0 - b2**t))
+        denom += F32(self.eps)
+        w -= F32(lr / (1.0 - b1**t)) * (m / denom)
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay w *= 1 - lr·wd
+    (default weight_decay 0.01, torch's)."""
+
+    decoupled = True
+
+    def __init__(self, params: Optional[ParamsLike] = None, *, weight_decay: float = 0.01, **kwargs):
+        super().__init__(params, weight_decay=weight_decay, **kwargs)

@@ -1,0 +1,419 @@
+"""A gradient-descent trainer: fit / evaluate / predict, callbacks, checkpoints.
+
+    model = attention_classifier(d_in=8, seq=8, num_classes=10)
+    trainer = Trainer(model, loss="cross_entropy", optimizer=AdamW(lr=3e-3))
+    history = trainer.fit(x_train, y_train, epochs=20, batch_size=64,
+                          validation=(x_val, y_val), seed=0)
+    trainer.save("run.ckpt.npz")          # weights, optimizer, schedule, RNG, epoch
+
+Determinism: the batch order of epoch e is a permutation drawn from
+``numpy.random.default_rng((seed, e))`` and dropout draws from generators whose
+states are checkpointed, so ``load`` + ``fit`` continues exactly where an
+uninterrupted run with the same seed would be.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import nn as qnn
+from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
+from .optim import AdamW, Optimizer, clip_grad_norm
+
+__all__ = [
+    "Trainer",
+    "Callback",
+    "EarlyStopping",
+    "ModelCheckpoint",
+    "attention_classifier",
+]
+
+F32 = np.float32
+_LOSSES = {"cross_entropy": CrossEntropyLoss, "mse": MSELoss}
+
+
+class Callback:
+    """Hooks called by :meth:`Trainer.fit`. Set ``trainer.stop_training = True``
+    to stop after the current epoch. ``state``/``load_state`` (JSON-able dicts)
+    are saved in trainer checkpoints."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        pass
+
+    def on_batch_end(self, trainer: "Trainer", step: int, logs: dict) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict) -> None:
+        pass
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` (a key of the epoch logs, e.g. "val_loss",
+    "val_accuracy") has not improved by more than ``min_delta`` for ``patience``
+    epochs. mode "min"/"max" ("auto": max for names containing "acc").
+    ``restore_best`` puts back the best epoch's weights at the end (the best
+    weights live in memory, not in checkpoints)."""
+
+    def __init__(self, monitor: str = "val_loss", *, patience: int = 5, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best: bool = True):
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
+        self.mode, self.restore_best = mode, bool(restore_best)
+        self.best: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.wait = 0
+        self._best_weights = None
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch logs hold {sorted(logs)}")
+        value = float(logs[self.monitor])
+        better = (
+            self.best is None
+            or (self.mode == "min" and value < self.best - self.min_delta)
+            or (self.mode == "max" and value > self.best + self.min_delta)
+        )
+        if better:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best:
+                self._best_weights = trainer.model.state_dict()
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                trainer.stop_training = True
+
+    def on_train_end(self, trainer):
+        if self.restore_best and self._best_weights is not None and trainer.stop_training:
+            trainer.model.load_state_dict(self._best_weights)
+
+    def state(self):
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state(self, state):
+        self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], int(state["wait"])
+
+
+class ModelCheckpoint(Callback):
+    """Save the trainer to ``path`` every ``every`` epochs (atomic writes)."""
+
+    def __init__(self, path: str, every: int = 1):
+        self.path, self.every = path, int(every)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if (epoch + 1) % self.every == 0:
+            trainer.save(self.path)
+
+
+def _progress_bar(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    # the bar lives on stderr while the epoch runs and is removed at its end,
+    # leaving the one summary line per epoch that fit() prints
+    return tqdm(total=total, desc=desc, unit="sample", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+class Trainer:
+    """Mini-batch training of ``model`` (a :class:`qkv_native.nn.Module`).
+
+    loss: "cross_entropy", "mse" or a loss object (``forward(pred, target) -> float``,
+    ``backward() -> dpred``). optimizer: an :class:`qkv_native.optim.Optimizer`
+    (attached to the model's parameters here if it is not yet); default AdamW(lr=1e-3).
+    clip_grad_norm: clip the global gradient norm to this before each step.
+    progress: per-epoch progress (tqdm when installed, else one printed line per epoch).
+    """
+
+    def __init__(
+        self,
+        model: Module,
+        loss: Union[str, object] = "cross_entropy",
+        optimizer: Optional[Optimizer] = None,
+        *,
+        clip_grad_norm: Optional[float] = None,
+        callbacks: Sequence[Callback] = (),
+        progress: bool = True,
+    ):
+        if not isinstance(model, Module):
+            raise TypeError(f"model must be a qkv_native.nn.Module, got {type(model).__name__}")
+        if isinstance(loss, str):
+            if loss not in _LOSSES:
+                raise ValueError(f"loss must be one of {sorted(_LOSSES)} or a loss object, got {loss!r}")
+            loss = _LOSSES[loss]()
+        self.model, self.loss = model, loss
+        self.optimizer = optimizer if optimizer is not None else AdamW(lr=1e-3)
+        if not self.optimizer.attached:
+            self.optimizer.attach(model)
+        self.clip_grad_norm = clip_grad_norm
+        self.callbacks = list(callbacks)
+        self.progress = bool(progress)
+        self.epoch = 0  # epochs completed
+        self.seed = 0
+        self.stop_training = False
+        self.history: Dict[str, List[float]] = {}
+
+    @property
+    def _classifies(self) -> bool:
+        return isinstance(self.loss, CrossEntropyLoss)
+
+    # -- one step --------------------------------------------------------------
+    def train_step(self, xb: np.ndarray, yb: np.ndarray) -> Tuple[float, np.ndarray]:
+        """forward, loss, zero_grad, backward, clip, optimizer step. Returns (loss, output)."""
+        self.model.train()
+        out = self.model.forward(xb)
+        loss = self.loss.forward(out, yb)
+        self.model.zero_grad()
+        self.model.backward(self.loss.backward())
+        if self.clip_grad_norm is not None:
+            clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        return loss, out
+
+    def _correct(self, out: np.ndarray, yb: np.ndarray) -> Tuple[int, int]:
+        valid = yb != self.loss.ignore_index
+        return int(np.sum((out.argmax(axis=-1) == yb) & valid)), int(valid.sum())
+
+    # -- fit / evaluate / predict -----------------------------------------------
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        epochs: int,
+        batch_size: int = 32,
+        *,
+        validation: Optional[Tuple[np.ndarray, np.ndarray]] = None,
+        shuffle: bool = True,
+        seed: Optional[int] = None,
+    ) -> Dict[str, List[float]]:
+        """Train until ``epochs`` epochs are completed (a trainer restored with
+        :meth:`load` continues from its checkpoint's epoch). x: (n, ...) float32
+        inputs, y: (n, ...) targets. Returns the history: per-epoch lists of
+        "loss", "accuracy" (classification), "val_loss", "val_accuracy",
+        "time" (s), "samples_per_s", "lr". seed: the batch order (default: the
+        trainer's, 0 or the one restored by :meth:`load`)."""
+        x = _check_inputs(x, "x")
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = len(x)
+        if seed is not None:
+            self.seed = int(seed)
+        self.stop_training = False
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        step = 0
+        while self.epoch < epochs and not self.stop_training:
+            e = self.epoch
+            order = np.random.default_rng((self.seed, e)).permutation(n) if shuffle else np.arange(n)
+            lr = self.optimizer.current_lr()
+            bar = _progress_bar(n, f"epoch {e + 1}/{epochs}") if self.progress else None
+            t0 = time.perf_counter()
+            loss_sum, correct, counted = 0.0, 0, 0
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yb = y[idx]
+                loss, out = self.train_step(x[idx], yb)
+                loss_sum += loss * len(idx)
+                if self._classifies:
+                    c, k = self._correct(out, yb)
+                    correct, counted = correct + c, counted + k
+                logs = {"loss": loss}
+                for cb in self.callbacks:
+                    cb.on_batch_end(self, step, logs)
+                step += 1
+                if bar is not None:
+                    bar.update(len(idx))
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            dt = time.perf_counter() - t0
+            logs = {"loss": loss_sum / n}
+            if self._classifies:
+                logs["accuracy"] = correct / max(counted, 1)
+            if validation is not None:
+                val = self.evaluate(*validation)
+                logs.update({"val_" + k: v for k, v in val.items()})
+            logs.update({"time": dt, "samples_per_s": n / dt if dt > 0 else float("inf"), "lr": lr})
+            self.epoch += 1
+            for k, v in logs.items():
+                self.history.setdefault(k, []).append(float(v))
+            if bar is not None:
+                bar.close()
+            if self.progress:
+                print(_format_logs(e + 1, epochs, logs), flush=True)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, e, logs)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.history
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Dict[str, float]:
+        """Mean loss (and accuracy for classification) in eval mode (no dropout)."""
+        x = _check_inputs(x, "x")
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            loss_sum, correct, counted = 0.0, 0, 0
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+                out = self.model.forward(xb)
+                loss_sum += self.loss.forward(out, yb) * len(xb)
+                if self._classifies:
+                    c, k = self._correct(out, yb)
+                    correct, counted = correct + c, counted + k
+        finally:
+            self.model.train(was_training)
+        result = {"loss": loss_sum / max(len(x), 1)}
+        if self._classifies:
+            result["accuracy"] = correct / max(counted, 1)
+        return result
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """The model's outputs for x in eval mode, batch by batch, concatenated."""
+        x = _check_inputs(x, "x")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outs = [self.model.forward(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+        finally:
+            self.model.train(was_training)
+        return np.concatenate(outs, axis=0)
+
+    # -- checkpoints -------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write weights, optimizer state (incl. the step count = schedule position),
+        dropout RNG states, seed, epoch, history and callback states to ``path``
+        (an .npz with a JSON header and sha256; written atomically)."""
+        arrays = {"model/" + n: a for n, a in self.model.state_dict().items()}
+        opt_arrays, opt_meta = self.optimizer.state_dict()
+        arrays.update({"optim/" + n: a for n, a in opt_arrays.items()})
+        meta = {
+            "kind": "trainer",
+            "model": type(self.model).__name__,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "optimizer": opt_meta,
+            "rng": self.model.rng_states(),
+            "history": self.history,
+            "callbacks": [{"type": type(cb).__name__, "state": cb.state()} for cb in self.callbacks],
+        }
+        save_arrays(path, arrays, meta)
+
+    def load(self, path: str) -> None:
+        """Restore a :meth:`save` d state into this trainer (same architecture and
+        optimizer type). Raises CheckpointError on a corrupt file or any mismatch
+        of names or shapes; nothing is changed then."""
+        arrays, meta = load_arrays(path)
+        if meta.get("kind") != "trainer":
+            raise CheckpointError(f"{path}: not a trainer checkpoint (kind {meta.get('kind')!r})")
+        model_state = {n[len("model/") :]: a for n, a in arrays.items() if n.startswith("model/")}
+        opt_state = {n[len("optim/") :]: a for n, a in arrays.items() if n.startswith("optim/")}
+        backup_model = self.model.state_dict()
+        backup_opt = self.optimizer.state_dict()
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(opt_state, meta["optimizer"])
+            self.model.set_rng_states(meta.get("rng", {}))
+            saved_cbs = meta.get("callbacks", [])
+            if [c["type"] for c in saved_cbs] == [type(cb).__name__ for cb in self.callbacks]:
+                for cb, c in zip(self.callbacks, saved_cbs):
+                    cb.load_state(c["state"])
+        except (ValueError, KeyError) as err:
+            self.model.load_state_dict(backup_model)
+            self.optimizer.load_state_dict(*backup_opt)
+            raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
+        self.epoch = int(meta["epoch"])
+        self.seed = int(meta.get("seed", 0))
+        self.history = {k: list(v) for k, v in meta.get("history", {}).items()}
+
+
+def _check_inputs(x, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype.kind == "f" and x.dtype != F32:
+        raise TypeError(f"{name} must have dtype float32, got {x.dtype} (convert explicitly with .astype(np.float32))")
+    return x
+
+
+def _format_logs(epoch: int, epochs: int, logs: dict) -> str:
+    parts = [f"epoch {epoch:>{len(str(epochs))}}/{epochs}", f"loss {logs['loss']:.4f}"]
+    if "accuracy" in logs:
+        parts.append(f"acc {logs['accuracy']:.4f}")
+    if "val_loss" in logs:
+        parts.append(f"val_loss {logs['val_loss']:.4f}")
+    if "val_accuracy" in logs:
+        parts.append(f"val_acc {logs['val_accuracy']:.4f}")
+    parts.append(f"{logs['samples_per_s']:.0f} samples/s")
+    parts.append(f"{logs['time']:.3f} s/epoch")
+    return "  ".join(parts)
+
+
+def attention_classifier(
+    d_in: int,
+    seq: int,
+    num_classes: int,
+    *,
+    d_model: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: Optional[int] = None,
+    num_layers: int = 2,
+    d_ff: int = 128,
+    dropout: float = 0.0,
+    norm_first: bool = True,
+    pool: str = "mean",
+    positional: str = "learned",
+    activation: str = "gelu",
+    rng: qnn.RngLike = 0,
+) -> qnn.Sequential:
+    """A small transformer classifier: (batch, seq, d_in) float32 -> (batch, num_classes) logits.
+
+    Linear(d_in, d_model) token embedding, positional encoding ("learned" or
+    "sinusoidal"), [CLS token when pool="cls"], num_layers encoder blocks,
+    final LayerNorm (pre-norm), mean or CLS pooling, Linear(d_model, num_classes).
+    """
+    if pool not in ("mean", "cls"):
+        raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+    if positional not in ("learned", "sinusoidal"):
+        raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
+    g = qnn._rng(rng)
+    layers: List[Module] = [qnn.Linear(d_in, d_model, rng=g)]
+    layers.append(
+        qnn.LearnedPositionalEmbedding(seq, d_model, rng=g)
+        if positional == "learned"
+        else qnn.SinusoidalPositionalEncoding(seq, d_model)
+    )
+    if pool == "cls":
+        layers.append(qnn.ClsToken(d_model, rng=g))
+    if dropout:
+        layers.append(qnn.Dropout(dropout, rng=g))
+    for _ in range(num_layers):
+        layers.append(
+            qnn.TransformerEncoderBlock(
+                d_model, num_heads, d_ff, num_kv_heads=num_kv_heads, norm_first=norm_first,
+                activation=activation, dropout=dropout, rng=g,
+            )
+        )
+    if norm_first:
+        layers.append(qnn.LayerNorm(d_model))
+    layers.append(qnn.MeanPool() if pool == "mean" else qnn.ClsPool())
+    layers.append(qnn.Linear(d_model, num_classes, rng=g))
+    return qnn.Sequential(*layers)

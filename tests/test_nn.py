@@ -1,0 +1,550 @@
+"""qkv_native.nn: every layer's backward against central finite differences and,
+when torch is installed, forward and backward against torch autograd with the
+same weights; the NumPy kernels against float64 re-implementations; parameter
+bookkeeping (names, save/load, accumulation, seeded init)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from qkv_native import nn
+
+F32 = np.float32
+
+
+def _torch():
+    """torch, limited to one thread: two OpenMP runtimes (torch's and ours) spinning
+    on the same 2 cores slow each other down ~40x."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch
+
+
+def randn(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(F32)
+
+
+# ----------------------------------------------------------------------------
+# finite differences
+# ----------------------------------------------------------------------------
+
+
+def _objective(layer, inputs, r, kwargs):
+    y = layer.forward(*inputs, **kwargs)
+    return float(np.sum(y.astype(np.float64) * r))
+
+
+def check_fd(layer, inputs, *, kwargs=None, eps=1e-2, rtol=2e-2, n_coords=6, seed=0, check_inputs=True):
+    """Compare backward with central differences of f = Σ y·r (float32 forward).
+
+    Checks up to ``n_coords`` random coordinates of every parameter and every
+    float input; the error is measured as ‖fd - analytic‖ / ‖analytic‖ over them.
+    """
+    kwargs = kwargs or {}
+    rng = np.random.default_rng(seed)
+    layer.zero_grad()
+    y = layer.forward(*inputs, **kwargs)
+    r = rng.standard_normal(y.shape)
+    dins = layer.backward(r.astype(F32))
+    if not isinstance(dins, tuple):
+        dins = (dins,)
+    targets = [(f"param {n}", p.data, p.grad) for n, p in layer.named_parameters()]
+    if check_inputs:
+        targets += [(f"input {i}", x, d) for i, (x, d) in enumerate(zip(inputs, dins)) if x.dtype == F32]
+    assert targets
+    for name, arr, grad in targets:
+        flat = arr.reshape(-1)
+        idx = rng.choice(flat.size, size=min(n_coords, flat.size), replace=False)
+        fd = []
+        for i in idx:
+            old = flat[i]
+            flat[i] = old + F32(eps)
+            fp = _objective(layer, inputs, r, kwargs)
+            flat[i] = old - F32(eps)
+            fm = _objective(layer, inputs, r, kwargs)
+            flat[i] = old
+            fd.append((fp - fm) / (2 * eps))
+        fd = np.array(fd)
+        an = grad.reshape(-1)[idx].astype(np.float64)
+        # atol: the float32 rounding of f over 2·eps (some gradients are exactly 0, e.g. b_k)
+        err = np.linalg.norm(fd - an)
+        assert err < rtol * np.linalg.norm(an) + 1e-3, f"{type(layer).__name__} {name}: fd {fd} vs backward {an}"
+
+
+def test_fd_linear():
+    rng = np.random.default_rng(0)
+    check_fd(nn.Linear(5, 7, rng=1), [randn(rng, 2, 3, 5)])
+    check_fd(nn.Linear(5, 4, bias=False, rng=1), [randn(rng, 6, 5)])
+
+
+def test_fd_embedding_and_positions():
+    rng = np.random.default_rng(0)
+    emb = nn.Embedding(11, 6, init="xavier_uniform", rng=2)
+    ids = np.array([[1, 3, 3], [10, 0, 1]])  # repeated ids must add up
+    check_fd(emb, [ids])
+    check_fd(nn.LearnedPositionalEmbedding(5, 6, rng=3), [randn(rng, 2, 4, 6)])
+    pe = nn.SinusoidalPositionalEncoding(9, 6)
+    x = randn(rng, 2, 4, 6)
+    check_fd(pe, [x])
+    y = pe.forward(x)
+    np.testing.assert_allclose(y[0, 3, 0] - x[0, 3, 0], math.sin(3.0), rtol=1e-6)
+    np.testing.assert_allclose(y[1, 2, 3] - x[1, 2, 3], math.cos(2.0 / 10000 ** (2 / 6)), rtol=1e-5)
+
+
+def test_fd_layernorm_activations():
+    rng = np.random.default_rng(0)
+    ln = nn.LayerNorm(6)
+    ln.weight.data[:] = randn(rng, 6)
+    ln.bias.data[:] = randn(rng, 6)
+    check_fd(ln, [randn(rng, 3, 4, 6)])
+    check_fd(nn.GELU(), [randn(rng, 4, 5)])
+    check_fd(nn.GELU("tanh"), [randn(rng, 4, 5)])
+    x = randn(rng, 4, 5)
+    x[np.abs(x) < 0.1] = 0.5  # away from the kink
+    check_fd(nn.ReLU(), [x])
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,causal,lengths",
+    [(2, 2, False, None), (4, 2, True, None), (4, 1, False, [3, 5])],
+)
+def test_fd_self_attention(num_heads, num_kv_heads, causal, lengths):
+    rng = np.random.default_rng(1)
+    mha = nn.MultiHeadAttention(8, num_heads, num_kv_heads=num_kv_heads, causal=causal, rng=4)
+    for _, p in mha.named_parameters():  # non-zero biases
+        if p.data.ndim == 1:
+            p.data[:] = randn(rng, *p.shape, scale=0.3)
+    kl = None if lengths is None else np.array(lengths)
+    check_fd(mha, [randn(rng, 2, 5, 8)], kwargs={"key_lengths": kl})
+
+
+def test_fd_cross_attention():
+    rng = np.random.default_rng(2)
+    mha = nn.MultiHeadAttention(8, 4, num_kv_heads=2, rng=5)
+    mha.b_k.data[:] = randn(rng, 4)
+    mha.b_v.data[:] = randn(rng, 4)
+    check_fd(mha, [randn(rng, 2, 3, 8), randn(rng, 2, 6, 8)], kwargs={"key_lengths": np.array([6, 2])})
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_fd_encoder_block(norm_first):
+    rng = np.random.default_rng(3)
+    blk = nn.TransformerEncoderBlock(8, 2, 16, norm_first=norm_first, rng=6)
+    check_fd(blk, [randn(rng, 2, 4, 8)], kwargs={"key_lengths": np.array([4, 3])}, n_coords=4)
+
+
+def test_fd_pooling_and_sequential():
+    rng = np.random.default_rng(4)
+    check_fd(nn.MeanPool(), [randn(rng, 3, 4, 5)], kwargs={"key_lengths": np.array([4, 1, 2])})
+    check_fd(nn.MeanPool(), [randn(rng, 3, 4, 5)])
+    check_fd(nn.ClsPool(), [randn(rng, 3, 4, 5)])
+    check_fd(nn.ClsToken(5, rng=1), [randn(rng, 2, 3, 5)])
+    model = nn.Sequential(
+        nn.Linear(3, 8, rng=1),
+        nn.LearnedPositionalEmbedding(4, 8, rng=2),
+        nn.ClsToken(8, init="xavier_uniform", rng=3),  # O(1) token: LayerNorm is smooth there
+        nn.TransformerEncoderBlock(8, 2, 12, num_kv_heads=1, rng=4),
+        nn.LayerNorm(8),
+        nn.ClsPool(),
+        nn.Linear(8, 3, rng=5),
+    )
+    check_fd(model, [randn(rng, 2, 4, 3)], n_coords=3)
+
+
+def test_attention_mask_matches_key_lengths_and_grads_view():
+    rng = np.random.default_rng(8)
+    mha = nn.MultiHeadAttention(8, 2, num_kv_heads=1, rng=1)
+    x, dy = randn(rng, 2, 5, 8), randn(rng, 2, 5, 8)
+    kl = np.array([5, 2])
+    mask = (np.arange(5)[None, :] < kl[:, None])[:, None, None, :]  # (batch, 1, 1, seq_k), True = attend
+    mha.zero_grad()
+    y1, dx1 = mha.forward(x, key_lengths=kl), mha.backward(dy)
+    g1 = {n: g.copy() for n, g in mha.grads.items()}
+    mha.zero_grad()
+    y2, dx2 = mha.forward(x, mask=mask), mha.backward(dy)
+    np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx2, dx1, rtol=1e-5, atol=1e-6)
+    for n, g in mha.grads.items():
+        np.testing.assert_allclose(g, g1[n], rtol=1e-4, atol=1e-6, err_msg=n)
+    assert mha.grads["w_q"] is mha.w_q.grad
+
+
+def test_mean_pool_ignores_padding():
+    x = np.ones((2, 4, 3), F32)
+    x[1, 2:] = 100.0  # padding positions
+    y = nn.MeanPool().forward(x, key_lengths=np.array([4, 2]))
+    np.testing.assert_allclose(y, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# NumPy kernels vs float64
+# ----------------------------------------------------------------------------
+
+
+def test_gelu_erf_accuracy():
+    x = np.linspace(-9, 9, 721).astype(F32)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = nn.gelu_forward(x)
+    assert got.dtype == F32
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(nn._normal_cdf(x), cdf, rtol=1e-5)  # relative, deep in the left tail too
+
+
+def test_layernorm_kernel_vs_float64():
+    rng = np.random.default_rng(5)
+    x, w, b, dy = randn(rng, 7, 33, scale=3.0) + 5, randn(rng, 33), randn(rng, 33), randn(rng, 7, 33)
+    out, mean, rstd = nn.layernorm_forward(x, w, b, 1e-5)
+    x64 = x.astype(np.float64)
+    mu = x64.mean(1, keepdims=True)
+    sd = np.sqrt(((x64 - mu) ** 2).mean(1, keepdims=True) + 1e-5)
+    norm = (x64 - mu) / sd
+    np.testing.assert_allclose(out, norm * w + b, rtol=1e-5, atol=1e-5)
+    dw, db = np.zeros(33, F32), np.ones(33, F32)  # db starts at 1: backward must accumulate
+    dx = nn.layernorm_backward(dy, x, mean, rstd, w, dw, db)
+    dn = dy * w.astype(np.float64)
+    want_dx = (dn - dn.mean(1, keepdims=True) - norm * (dn * norm).mean(1, keepdims=True)) / sd
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, (dy * norm).sum(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db, 1 + dy.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _ce64(logits, targets, eps, ignore):
+    lg = logits.astype(np.float64)
+    logp = lg - lg.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    valid = targets != ignore
+    c = lg.shape[1]
+    q = np.zeros_like(lg)
+    q[np.arange(len(lg)), np.where(valid, targets, 0)] = 1.0
+    q = (1 - eps) * q + eps / c
+    rows = -(q * logp).sum(1)
+    n = max(valid.sum(), 1)
+    loss = rows[valid].sum() / n
+    grad = (np.exp(logp) - q) * valid[:, None] / n
+    return loss, grad
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_softmax_cross_entropy_vs_float64(eps):
+    rng = np.random.default_rng(6)
+    logits = randn(rng, 9, 5, scale=4.0)
+    logits[0] += 1e4  # stable with huge logits
+    targets = rng.integers(0, 5, 9)
+    targets[[2, 5]] = -1
+    loss, grad = nn.softmax_cross_entropy(logits, targets, label_smoothing=eps, ignore_index=-1)
+    want_loss, want_grad = _ce64(logits, targets, eps, -1)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert not grad[[2, 5]].any()
+    loss0, grad0 = nn.softmax_cross_entropy(logits, np.full(9, -1), ignore_index=-1)
+    assert loss0 == 0.0 and not grad0.any()
+
+
+def test_losses_check_arguments_and_fd():
+    rng = np.random.default_rng(7)
+    ce = nn.CrossEntropyLoss(label_smoothing=0.1)
+    logits = randn(rng, 2, 3, 4)
+    t = rng.integers(0, 4, (2, 3))
+    ce.forward(logits, t)
+    g = ce.backward()
+    i = (1, 2, 3)
+    lp, lm = logits.copy(), logits.copy()
+    lp[i] += 1e-2
+    lm[i] -= 1e-2
+    fd = (ce.forward(lp, t) - ce.forward(lm, t)) / 2e-2
+    assert abs(fd - g[i]) < 1e-3
+    with pytest.raises(ValueError, match="targets"):
+        ce.forward(logits, np.full((2, 3), 4))
+    with pytest.raises(TypeError, match="float32"):
+        ce.forward(logits.astype(np.float64), t)
+    mse = nn.MSELoss()
+    p, y = randn(rng, 3, 4), randn(rng, 3, 4)
+    assert abs(mse.forward(p, y) - np.mean((p.astype(np.float64) - y) ** 2)) < 1e-6
+    np.testing.assert_allclose(mse.backward(), 2 * (p - y) / p.size, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------
+
+
+def test_dropout_seeded_scaled_and_backward():
+    x = np.ones((200, 50), F32)
+    d1, d2 = nn.Dropout(0.25, rng=7), nn.Dropout(0.25, rng=7)
+    y1, y2 = d1.forward(x), d2.forward(x)
+    np.testing.assert_array_equal(y1, y2)  # same seed, same mask
+    assert abs((y1 == 0).mean() - 0.25) < 0.02
+    np.testing.assert_allclose(y1[y1 != 0], 1 / 0.75)
+    dy = np.full_like(x, 3.0)
+    np.testing.assert_array_equal(d1.backward(dy), 3.0 * y1)  # same mask
+    assert not np.array_equal(d1.forward(x), y1)  # a fresh mask each call
+    d1.eval()
+    np.testing.assert_array_equal(d1.forward(x), x)
+    np.testing.assert_array_equal(d1.backward(dy), dy)
+    with pytest.raises(ValueError, match="p must"):
+        nn.Dropout(1.0)
+
+
+# ----------------------------------------------------------------------------
+# parameters, accumulation, init, save/load, errors
+# ----------------------------------------------------------------------------
+
+
+def test_named_parameters_and_accumulation():
+    model = nn.Sequential(nn.Linear(4, 6, rng=0), nn.GELU(), nn.TransformerEncoderBlock(6, 2, 8, rng=1))
+    names = [n for n, _ in model.named_parameters()]
+    assert names[:2] == ["0.weight", "0.bias"]
+    assert "2.attn.w_q" in names and "2.ff.fc2.bias" in names and len(names) == len(set(names))
+    assert model.num_parameters() == sum(p.data.size for p in model.parameters())
+    rng = np.random.default_rng(0)
+    x, dy = randn(rng, 2, 3, 4), randn(rng, 2, 3, 6)
+    model.zero_grad()
+    model.forward(x)
+    model.backward(dy)
+    once = {n: p.grad.copy() for n, p in model.named_parameters()}
+    model.forward(x)
+    model.backward(dy)
+    for n, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, 2 * once[n], rtol=1e-5, atol=1e-6, err_msg=n)
+    model.zero_grad()
+    assert all(not p.grad.any() for p in model.parameters())
+
+
+def test_init_is_explicit_and_seeded():
+    a, b, c = nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=4)
+    np.testing.assert_array_equal(a.weight.data, b.weight.data)
+    assert not np.array_equal(a.weight.data, c.weight.data)
+    bound = math.sqrt(6 / 50)
+    assert np.abs(a.weight.data).max() <= bound and not a.bias.data.any()
+    k = nn.Linear(30, 20, init="kaiming_uniform", rng=0)
+    assert np.abs(k.weight.data).max() <= 1 / math.sqrt(30)
+    mha = nn.MultiHeadAttention(8, 2, rng=0)
+    assert not np.array_equal(mha.w_q.data, mha.w_k.data)  # one generator, drawn in turn
+    with pytest.raises(ValueError, match="init"):
+        nn.Linear(2, 2, init="nope")
+    with pytest.raises(TypeError, match="rng"):
+        nn.Linear(2, 2, rng="seed")
+
+
+def test_save_load_roundtrip_and_rejections(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6, rng=0), nn.LayerNorm(6), nn.Linear(6, 2, rng=1))
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    other = nn.Sequential(nn.Linear(4, 6, rng=5), nn.LayerNorm(6), nn.Linear(6, 2, rng=6))
+    other.load(path)
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    wrong = nn.Sequential(nn.Linear(4, 5, rng=0), nn.LayerNorm(5), nn.Linear(5, 2, rng=1))
+    with pytest.raises(nn.CheckpointError, match="0.weight"):
+        wrong.load(path)
+    fewer = nn.Sequential(nn.Linear(4, 6, rng=0))
+    with pytest.raises(nn.CheckpointError, match="unexpected"):
+        fewer.load(path)
+    # flip one byte in the middle of the file: rejected (zip CRC or sha256)
+    raw = bytearray((tmp_path / "m.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(nn.CheckpointError):
+        other.load(str(bad))
+    trunc = tmp_path / "trunc.npz"
+    trunc.write_bytes(bytes(raw[: len(raw) // 3]))
+    with pytest.raises(nn.CheckpointError):
+        other.load(str(trunc))
+    junk = tmp_path / "junk.npz"
+    np.savez(str(junk), a=np.zeros(3))
+    with pytest.raises(nn.CheckpointError, match="not a qkv_native checkpoint"):
+        other.load(str(junk))
+    with pytest.raises(FileNotFoundError):
+        other.load(str(tmp_path / "missing.npz"))
+    assert sorted(os.listdir(tmp_path)) == ["bad.npz", "junk.npz", "m.npz", "trunc.npz"]  # no temp files
+
+
+def test_arguments_are_checked():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(TypeError, match="float32"):
+        lin.forward(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="d_in=4"):
+        lin.forward(np.zeros((2, 5), F32))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        nn.MultiHeadAttention(8, 4, num_kv_heads=3)
+    mha = nn.MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match="key_lengths"):
+        mha.forward(np.zeros((2, 3, 8), F32), key_lengths=np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="context"):
+        mha.forward(np.zeros((2, 3, 8), F32), np.zeros((3, 3, 8), F32))
+    with pytest.raises(ValueError, match="ids"):
+        nn.Embedding(5, 2).forward(np.array([[5]]))
+
+
+# ----------------------------------------------------------------------------
+# against torch autograd, same weights
+# ----------------------------------------------------------------------------
+
+
+def _t(a, grad=False):
+    import torch
+
+    return torch.tensor(np.asarray(a), dtype=torch.float32, requires_grad=grad)
+
+
+def assert_close(got, want, tol=1e-4, name=""):
+    """max |got - want| <= tol * max(max |want|, 0.1): the floor covers gradients that are 0 in exact math (b_k)."""
+    want = want.detach().numpy() if hasattr(want, "detach") else np.asarray(want)
+    got = np.asarray(got)
+    assert got.shape == want.shape, f"{name}: {got.shape} vs {want.shape}"
+    err = np.abs(got.astype(np.float64) - want).max()
+    assert err <= tol * max(np.abs(want).max(), 0.1), f"{name}: max err {err:.3e}, scale {np.abs(want).max():.3e}"
+
+
+def _torch_mha(x, ctx, mha, key_lengths, torch):
+    """Plain torch multi-head attention with mha's weights (as tensors with grad)."""
+    W = {n: _t(p.data, grad=True) for n, p in mha.named_parameters()}
+    F = torch.nn.functional
+    b, sq, _ = x.shape
+    c = x if ctx is None else ctx
+    sk = c.shape[1]
+    h, hk, d = mha.num_heads, mha.num_kv_heads, mha.d_head
+    q = (x @ W["w_q"] + W["b_q"]).reshape(b, sq, h, d).transpose(1, 2)
+    k = (c @ W["w_k"] + W["b_k"]).reshape(b, sk, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    v = (c @ W["w_v"] + W["b_v"]).reshape(b, sk, hk, d).transpose(1, 2).repeat_interleave(h // hk, dim=1)
+    allowed = torch.ones(b, 1, sq, sk, dtype=torch.bool)
+    if mha.causal:
+        allowed &= torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    if key_lengths is not None:
+        allowed &= (torch.arange(sk)[None, :] < torch.tensor(key_lengths)[:, None])[:, None, None, :]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    o = F.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    y = o.transpose(1, 2).reshape(b, sq, h * d) @ W["w_o"] + W["b_o"]
+    return y, W
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("num_kv_heads,causal", [(4, False), (2, True), (1, False)])
+def test_attention_vs_torch(cross, num_kv_heads, causal):
+    torch = _torch()
+    rng = np.random.default_rng(10)
+    mha = nn.MultiHeadAttention(16, 4, num_kv_heads=num_kv_heads, causal=causal, rng=11)
+    for _, p in mha.named_parameters():
+        if p.data.ndim == 1:
+            p.data[:] = randn(rng, *p.shape, scale=0.2)
+    x = randn(rng, 3, 5, 16)
+    ctx = randn(rng, 3, 7, 16) if cross else None
+    kl = np.array([5, 2, 7]) if cross else np.array([5, 3, 4])
+    dy = randn(rng, 3, 5, 16)
+    mha.zero_grad()
+    y = mha.forward(x, ctx, key_lengths=kl)
+    d = mha.backward(dy)
+    dx, dctx = d if cross else (d, None)
+    tx, tc = _t(x, True), (_t(ctx, True) if cross else None)
+    ty, W = _torch_mha(tx, tc, mha, kl, torch)
+    ty.backward(_t(dy))
+    assert_close(y, ty, name="y")
+    assert_close(dx, tx.grad, name="dx")
+    if cross:
+        assert_close(dctx, tc.grad, name="dcontext")
+    for n, p in mha.named_parameters():
+        assert_close(p.grad, W[n].grad, name=n)
+
+
+def _load_torch_block(tl, blk):
+    """Copy a TransformerEncoderBlock's weights into torch.nn.TransformerEncoderLayer."""
+    import torch
+
+    a = blk.attn
+    with torch.no_grad():
+        tl.self_attn.in_proj_weight.copy_(_t(np.concatenate([a.w_q.data, a.w_k.data, a.w_v.data], 1).T))
+        tl.self_attn.in_proj_bias.copy_(_t(np.concatenate([a.b_q.data, a.b_k.data, a.b_v.data])))
+        tl.self_attn.out_proj.weight.copy_(_t(a.w_o.data.T))
+        tl.self_attn.out_proj.bias.copy_(_t(a.b_o.data))
+        tl.linear1.weight.copy_(_t(blk.ff.fc1.weight.data.T))
+        tl.linear1.bias.copy_(_t(blk.ff.fc1.bias.data))
+        tl.linear2.weight.copy_(_t(blk.ff.fc2.weight.data.T))
+        tl.linear2.bias.copy_(_t(blk.ff.fc2.bias.data))
+        for mine, theirs in ((blk.ln1, tl.norm1), (blk.ln2, tl.norm2)):
+            theirs.weight.copy_(_t(mine.weight.data))
+            theirs.bias.copy_(_t(mine.bias.data))
+
+
+@pytest.mark.parametrize("norm_first,activation", [(True, "gelu"), (False, "relu")])
+def test_encoder_block_vs_torch_transformer_encoder_layer(norm_first, activation):
+    torch = _torch()
+    rng = np.random.default_rng(12)
+    blk = nn.TransformerEncoderBlock(16, 4, 32, norm_first=norm_first, activation=activation, rng=13)
+    for _, p in blk.named_parameters():
+        p.data += randn(rng, *p.shape, scale=0.1)  # non-trivial biases and norms
+    tl = torch.nn.TransformerEncoderLayer(
+        16, 4, 32, dropout=0.0, activation=activation, batch_first=True, norm_first=norm_first
+    )
+    _load_torch_block(tl, blk)
+    x, dy = randn(rng, 2, 6, 16), randn(rng, 2, 6, 16)
+    kl = np.array([6, 4])
+    blk.zero_grad()
+    y = blk.forward(x, key_lengths=kl)
+    dx = blk.backward(dy)
+    tx = _t(x, True)
+    pad = torch.arange(6)[None, :] >= torch.tensor(kl)[:, None]
+    ty = tl(tx, src_key_padding_mask=pad)
+    ty.backward(_t(dy))
+    assert_close(y, ty, name="y")
+    assert_close(dx, tx.grad, name="dx")
+    assert_close(blk.ff.fc1.weight.grad, tl.linear1.weight.grad.T, name="fc1")
+    assert_close(blk.ln1.weight.grad, tl.norm1.weight.grad, name="ln1")
+    dw_in = np.concatenate([blk.attn.w_q.grad, blk.attn.w_k.grad, blk.attn.w_v.grad], 1)
+    assert_close(dw_in, tl.self_attn.in_proj_weight.grad.T, name="in_proj")
+    assert_close(blk.attn.w_o.grad, tl.self_attn.out_proj.weight.grad.T, name="out_proj")
+
+
+def test_small_layers_vs_torch():
+    torch = _torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(14)
+
+    def run(layer, x, torch_fn, params, **kw):
+        dy = randn(rng, *layer.forward(x, **kw).shape)
+        layer.zero_grad()
+        y = layer.forward(x, **kw)
+        dx = layer.backward(dy)
+        tx = _t(x, True) if x.dtype == F32 else torch.tensor(x)
+        tp = {n: _t(getattr(layer, n).data, True) for n in params}
+        ty = torch_fn(tx, **tp)
+        ty.backward(_t(dy))
+        name = type(layer).__name__
+        assert_close(y, ty, name=name + " y")
+        if x.dtype == F32:
+            assert_close(dx, tx.grad, name=name + " dx")
+        for n in params:
+            assert_close(getattr(layer, n).grad, tp[n].grad, name=f"{name} {n}")
+
+    run(nn.Linear(6, 5, rng=1), randn(rng, 2, 3, 6), lambda x, weight, bias: x @ weight + bias, ["weight", "bias"])
+    ln = nn.LayerNorm(6)
+    ln.weight.data[:] = randn(rng, 6)
+    run(ln, randn(rng, 4, 6) * 3, lambda x, weight, bias: F.layer_norm(x, (6,), weight, bias, 1e-5), ["weight", "bias"])
+    run(nn.GELU(), randn(rng, 5, 7, scale=3), lambda x: F.gelu(x), [])
+    run(nn.GELU("tanh"), randn(rng, 5, 7, scale=3), lambda x: F.gelu(x, approximate="tanh"), [])
+    run(nn.ReLU(), randn(rng, 5, 7), F.relu, [])
+    ids = rng.integers(0, 9, (3, 4))
+    run(nn.Embedding(9, 5, rng=2), ids, lambda x, weight: F.embedding(x, weight), ["weight"])
+    run(nn.LearnedPositionalEmbedding(6, 5, rng=3), randn(rng, 2, 4, 5), lambda x, weight: x + weight[:4], ["weight"])
+    kl = np.array([4, 2])
+    mask = _t((np.arange(4)[None, :] < kl[:, None]).astype(F32))
+    run(
+        nn.MeanPool(), randn(rng, 2, 4, 5),
+        lambda x: (x * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True), [], key_lengths=kl,
+    )
+    # cross-entropy with smoothing and ignore_index
+    logits, t = randn(rng, 8, 6, scale=3), rng.integers(0, 6, 8)
+    t[3] = -100
+    ce = nn.CrossEntropyLoss(label_smoothing=0.2)
+    loss = ce.forward(logits, t)
+    tl = _t(logits, True)
+    tloss = F.cross_entropy(tl, torch.tensor(t), label_smoothing=0.2, ignore_index=-100)
+    tloss.backward()
+    assert abs(loss - tloss.item()) <= 1e-5 * abs(tloss.item())
+    assert_close(ce.backward(), tl.grad, name="cross-entropy grad")

@@ -1,0 +1,295 @@
+"""qkv_native.train: fit/evaluate/predict, callbacks, checkpoints (atomic, verified,
+exact resume), the 20-step loss trajectory against the same model in PyTorch, the
+``train`` subcommand and the digits accuracy target."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import numpy as np
+import pytest
+
+from qkv_native import nn, optim
+from qkv_native.train import Callback, EarlyStopping, ModelCheckpoint, Trainer, attention_classifier
+
+F32 = np.float32
+
+
+def _torch():
+    """torch, limited to one thread: two OpenMP runtimes (torch's and ours) spinning
+    on the same 2 cores slow each other down ~40x."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch
+
+
+def toy_data(n=96, seq=4, d_in=3, classes=3, seed=0):
+    """Learnable: the class is the argmax over the first 3 features of the token mean."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, seq, d_in)).astype(F32)
+    y = x.mean(axis=1)[:, :classes].argmax(axis=1).astype(np.int64)
+    return x, y
+
+
+def small_model(dropout=0.0, rng=0, num_kv_heads=None):
+    return attention_classifier(3, 4, 3, d_model=8, num_heads=2, num_kv_heads=num_kv_heads, num_layers=1,
+                                d_ff=16, dropout=dropout, rng=rng)
+
+
+class StepLosses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_batch_end(self, trainer, step, logs):
+        self.losses.append(logs["loss"])
+
+
+def test_fit_evaluate_predict(capsys):
+    x, y = toy_data()
+    trainer = Trainer(small_model(), "cross_entropy", optim.AdamW(lr=1e-2), progress=True)
+    hist = trainer.fit(x, y, epochs=6, batch_size=16, validation=(x[:32], y[:32]), seed=1)
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "time", "samples_per_s", "lr"} <= set(hist)
+    assert all(len(v) == 6 for v in hist.values()) and trainer.epoch == 6
+    assert hist["loss"][-1] < 0.7 * hist["loss"][0]
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 6 and "samples/s" in lines[0] and "acc" in lines[0]
+    ev = trainer.evaluate(x, y)
+    assert set(ev) == {"loss", "accuracy"} and ev["accuracy"] > 0.6
+    out = trainer.predict(x, batch_size=40)
+    assert out.shape == (96, 3) and out.dtype == F32
+    assert abs(ev["accuracy"] - np.mean(out.argmax(1) == y)) < 1e-12
+    assert trainer.fit(x, y, epochs=6) is hist  # already at epoch 6: nothing to do
+    with pytest.raises(TypeError, match="float32"):
+        trainer.fit(x.astype(np.float64), y, epochs=7)
+    with pytest.raises(ValueError, match="same length"):
+        trainer.evaluate(x, y[:5])
+
+
+def test_mse_regression():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 5)).astype(F32)
+    w = rng.standard_normal((5, 2)).astype(F32)
+    y = x @ w
+    model = nn.Sequential(nn.Linear(5, 16, rng=1), nn.GELU(), nn.Linear(16, 2, rng=2))
+    trainer = Trainer(model, "mse", optim.SGD(lr=0.05, momentum=0.9), progress=False, clip_grad_norm=5.0)
+    hist = trainer.fit(x, y, epochs=30, batch_size=16)
+    assert "accuracy" not in hist and hist["loss"][-1] < 0.1 * hist["loss"][0]
+
+
+def test_early_stopping_and_callbacks():
+    x, y = toy_data()
+    es = EarlyStopping("val_loss", patience=2, min_delta=0.0)
+    steps = StepLosses()
+    trainer = Trainer(small_model(), optimizer=optim.SGD(lr=0.0), callbacks=[es, steps], progress=False)
+    hist = trainer.fit(x, y, epochs=20, batch_size=32, validation=(x, y))
+    assert trainer.epoch == 3 and len(hist["loss"]) == 3  # no improvement with lr = 0
+    assert len(steps.losses) == 9 and es.best_epoch == 0
+    with pytest.raises(KeyError, match="val_accuracy"):
+        Trainer(small_model(), callbacks=[EarlyStopping("val_accuracy")], progress=False).fit(x, y, epochs=1)
+
+
+def _make_trainer(tmp_path=None, rng=0):
+    model = small_model(dropout=0.2, rng=rng)
+    opt = optim.AdamW(lr=5e-3, schedule=optim.LinearWarmup(3, optim.Cosine(20)))
+    cbs = [EarlyStopping("loss", patience=100)]
+    return Trainer(model, nn.CrossEntropyLoss(label_smoothing=0.1), opt, progress=False, callbacks=cbs,
+                   clip_grad_norm=1.0)
+
+
+def test_resume_is_exact(tmp_path):
+    x, y = toy_data()
+    ckpt = str(tmp_path / "run.npz")
+    full = _make_trainer()
+    h_full = full.fit(x, y, epochs=4, batch_size=16, seed=7)
+    first = _make_trainer()
+    first.fit(x, y, epochs=2, batch_size=16, seed=7)
+    first.save(ckpt)
+    resumed = _make_trainer(rng=99)  # other initial weights: all must come from the file
+    resumed.load(ckpt)
+    assert resumed.epoch == 2 and resumed.optimizer.step_count == 12
+    assert resumed.seed == 7
+    h_res = resumed.fit(x, y, epochs=4, batch_size=16)  # the seed comes from the checkpoint
+    for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    np.testing.assert_array_equal(h_full["loss"], h_res["loss"])
+    assert resumed.callbacks[0].best == full.callbacks[0].best
+
+
+def test_checkpoint_callback_and_atomic_write(tmp_path, monkeypatch):
+    x, y = toy_data()
+    ckpt = str(tmp_path / "ck.npz")
+    trainer = _make_trainer()
+    trainer.callbacks.append(ModelCheckpoint(ckpt))
+    trainer.fit(x, y, epochs=1, batch_size=32)
+    good = (tmp_path / "ck.npz").read_bytes()
+
+    def crash(f, **arrays):  # a crash halfway through writing
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(x, y, epochs=2, batch_size=32)
+    monkeypatch.undo()
+    assert (tmp_path / "ck.npz").read_bytes() == good  # the previous checkpoint is intact
+    assert os.listdir(tmp_path) == ["ck.npz"]  # and no temporary file is left
+    restored = _make_trainer(rng=5)
+    restored.load(ckpt)
+    assert restored.epoch == 1
+
+
+def test_load_rejects_mismatch_and_corruption(tmp_path):
+    x, y = toy_data()
+    ckpt = str(tmp_path / "ck.npz")
+    trainer = _make_trainer()
+    trainer.fit(x, y, epochs=1, batch_size=32)
+    trainer.save(ckpt)
+
+    other = Trainer(small_model(dropout=0.2, num_kv_heads=1), optimizer=optim.AdamW(lr=1e-3), progress=False)
+    before = other.model.state_dict()
+    with pytest.raises(nn.CheckpointError, match="w_k"):
+        other.load(ckpt)
+    for n, a in other.model.state_dict().items():  # unchanged after a rejected load
+        np.testing.assert_array_equal(a, before[n])
+    with pytest.raises(nn.CheckpointError, match="SGD"):
+        Trainer(small_model(dropout=0.2), optimizer=optim.SGD(lr=0.1, momentum=0.9), progress=False).load(ckpt)
+    mod = str(tmp_path / "model.npz")
+    trainer.model.save(mod)
+    with pytest.raises(nn.CheckpointError, match="kind"):
+        _make_trainer().load(mod)
+    raw = bytearray((tmp_path / "ck.npz").read_bytes())
+    for pos in (len(raw) // 4, len(raw) // 2, len(raw) - 30):
+        bad = bytearray(raw)
+        bad[pos] ^= 0x55
+        (tmp_path / "bad.npz").write_bytes(bytes(bad))
+        with pytest.raises(nn.CheckpointError):
+            _make_trainer().load(str(tmp_path / "bad.npz"))
+    (tmp_path / "short.npz").write_bytes(bytes(raw[:100]))
+    with pytest.raises(nn.CheckpointError):
+        _make_trainer().load(str(tmp_path / "short.npz"))
+
+
+# ----------------------------------------------------------------------------
+# 20 steps against the same model in PyTorch
+# ----------------------------------------------------------------------------
+
+
+def _torch_forward(P, x, model, torch):
+    """attention_classifier(num_layers=1, pool="mean", pre-norm) written with torch ops."""
+    F = torch.nn.functional
+    blk = model[2]
+    a = blk.attn
+    b, s, _ = x.shape
+    d = a.d_model
+    h = x @ P["0.weight"] + P["0.bias"]
+    h = h + P["1.weight"][:s]
+    u = F.layer_norm(h, (d,), P["2.ln1.weight"], P["2.ln1.bias"], 1e-5)
+    hq, hk, dh = a.num_heads, a.num_kv_heads, a.d_head
+    q = (u @ P["2.attn.w_q"] + P["2.attn.b_q"]).reshape(b, s, hq, dh).transpose(1, 2)
+    k = (u @ P["2.attn.w_k"] + P["2.attn.b_k"]).reshape(b, s, hk, dh).transpose(1, 2)
+    v = (u @ P["2.attn.w_v"] + P["2.attn.b_v"]).reshape(b, s, hk, dh).transpose(1, 2)
+    k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    o = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ v
+    h = h + o.transpose(1, 2).reshape(b, s, hq * dh) @ P["2.attn.w_o"] + P["2.attn.b_o"]
+    u = F.layer_norm(h, (d,), P["2.ln2.weight"], P["2.ln2.bias"], 1e-5)
+    u = F.gelu(u @ P["2.ff.fc1.weight"] + P["2.ff.fc1.bias"]) @ P["2.ff.fc2.weight"] + P["2.ff.fc2.bias"]
+    h = h + u
+    h = F.layer_norm(h, (d,), P["3.weight"], P["3.bias"], 1e-5)
+    return h.mean(1) @ P["5.weight"] + P["5.bias"]
+
+
+@pytest.mark.parametrize("which", ["sgd", "adamw"])
+def test_loss_trajectory_matches_torch(which):
+    torch = _torch()
+    x, y = toy_data(n=80)
+    model = small_model(num_kv_heads=1, rng=3)
+    P = {n: torch.tensor(p.data.copy(), requires_grad=True) for n, p in model.named_parameters()}
+    clip = None
+    if which == "sgd":
+        opt = optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        topt = torch.optim.SGD(P.values(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        sched = None
+    else:
+        schedule = optim.LinearWarmup(4, optim.Cosine(16, min_factor=0.1))
+        opt = optim.AdamW(lr=1e-2, weight_decay=0.05, schedule=schedule)
+        topt = torch.optim.AdamW(P.values(), lr=1e-2, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(topt, schedule.factor)
+        clip = 0.5
+    losses = StepLosses()
+    trainer = Trainer(model, nn.CrossEntropyLoss(label_smoothing=0.1), opt, clip_grad_norm=clip,
+                      callbacks=[losses], progress=False)
+    trainer.fit(x, y, epochs=4, batch_size=16, seed=11)  # 5 batches x 4 epochs = 20 steps
+    assert len(losses.losses) == 20
+    tlosses = []
+    for e in range(4):  # the trainer's batch order: default_rng((seed, epoch)).permutation(n)
+        order = np.random.default_rng((11, e)).permutation(len(x))
+        for s in range(0, len(x), 16):
+            idx = order[s : s + 16]
+            logits = _torch_forward(P, torch.tensor(x[idx]), model, torch)
+            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y[idx]), label_smoothing=0.1)
+            topt.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(P.values(), clip)
+            topt.step()
+            if sched:
+                sched.step()
+            tlosses.append(loss.item())
+    rel = np.abs(np.array(losses.losses) - tlosses) / np.abs(tlosses)
+    assert rel.max() < 1e-4, f"relative loss differences {rel}"
+    assert tlosses[-1] < tlosses[0]
+    for n, p in model.named_parameters():
+        if n.endswith("b_k"):
+            continue  # its exact gradient is 0 (softmax ignores a shift of all scores); Adam amplifies the noise
+        np.testing.assert_allclose(p.data, P[n].detach().numpy(), rtol=1e-3, atol=1e-4, err_msg=n)
+
+
+# ----------------------------------------------------------------------------
+# the train subcommand and the digits target
+# ----------------------------------------------------------------------------
+
+
+def _parse(argv):
+    from qkv_native import train_cli
+
+    parser = argparse.ArgumentParser(prog="qkv-native")
+    sub = parser.add_subparsers(dest="command")
+    train_cli.add_parser(sub)
+    return parser.parse_args(argv)
+
+
+def test_digits_tokens():
+    pytest.importorskip("sklearn")
+    from qkv_native.data import load_digits_tokens, tokenize_images
+
+    xtr, ytr, xte, yte = load_digits_tokens("rows", 0.2, seed=0)
+    assert xtr.shape[1:] == (8, 8) and len(xtr) + len(xte) == 1797 and xtr.dtype == F32
+    assert 0.0 <= xtr.min() and xtr.max() <= 1.0 and set(np.unique(yte)) == set(range(10))
+    img = np.arange(64, dtype=F32).reshape(1, 8, 8)
+    p = tokenize_images(img, "patches")
+    assert p.shape == (1, 16, 4) and p[0, 0].tolist() == [0, 1, 8, 9] and p[0, 5].tolist() == [18, 19, 26, 27]
+
+
+def test_train_subcommand_quick(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    ckpt = str(tmp_path / "digits.npz")
+    argv = ["train", "--epochs", "1", "--d-model", "16", "--d-ff", "32", "--num-layers", "1", "--no-progress",
+            "--checkpoint", ckpt, "--batch-size", "64"]
+    args = _parse(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "time per epoch" in out and os.path.exists(ckpt)
+    args = _parse(argv[:2] + ["2"] + argv[3:] + ["--resume", "--tokens", "rows"])
+    assert args.func(args) == 0
+    assert "resumed from" in capsys.readouterr().out
+    args = _parse(["train", "--resume"])
+    assert args.func(args) == 2
+
+
+@pytest.mark.slow
+def test_digits_reaches_97_percent(capsys):
+    pytest.importorskip("sklearn")
+    args = _parse(["train", "--no-progress", "--min-accuracy", "0.97"])
+    assert args.func(args) == 0, capsys.readouterr()
