@@ -59,7 +59,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const idx B = a.q.batch, H = a.q.heads, Hkv = a.k.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim,
             Dv = a.v.dim;
   const idx group = Hkv > 0 ? H / Hkv : 1;
-  const detail::Blocks blk = detail::choose_blocks(kt, D, Dv);
+  const detail::Blocks blk = detail::choose_blocks(kt, a.q.cu ? 0 : Sq, a.k.cu ? 0 : Sk, D, Dv);
   const double flops = 10.0 * static_cast<double>(B) * H * std::max<idx>(Sq, 1) * std::max<idx>(Sk, 1) *
                        std::max<idx>(D + Dv, 1) / 2;
   const int nt_max = threads_for(flops, 2.0e6);

@@ -48,16 +48,20 @@ class BlockTasks {
 
 // Rows per query block and keys per key block: multiples of the micro-tile's
 // rows and columns where possible (96 = lcm(12, 32) for AVX-512, 2·lcm(6, 16) for
-// AVX2), so that the products inside a block have no ragged tiles.
+// AVX2), so that the products inside a block have few ragged tiles. A sequence of
+// up to 1.5 blocks (seq_q, seq_k: the longest) is one block rather than a full
+// block and a ragged one.
 struct Blocks {
   idx bq, bk;
 };
-inline Blocks choose_blocks(const KernelTable& kt, idx d, idx dv) {
+inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, idx dv) {
   idx l = kt.mr;
   while (l % kt.nr != 0) l += kt.mr;  // lcm(mr, nr)
-  const idx bq = std::max<idx>(l, (128 / l) * l);
-  // the backward packs K and V blocks (bk × max(d, dv)): keep each within ~64 KiB
+  idx bq = std::max<idx>(l, (128 / l) * l);
   idx bk = bq;
+  if (seq_q > 0 && seq_q <= bq + bq / 2) bq = seq_q;
+  if (seq_k > 0 && seq_k <= bk + bk / 2) bk = seq_k;
+  // the backward packs K and V blocks (bk × max(d, dv)): keep each within ~64 KiB
   const idx dmax = std::max<idx>({d, dv, 1});
   while (bk > l && bk * dmax * 4 > 64 * 1024) bk -= l;
   return {bq, bk};

@@ -21,7 +21,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim, Dv = a.v.dim;
   if (B == 0 || H == 0 || Sq == 0) return;
   const idx group = H / a.k.heads;
-  const detail::Blocks blk = detail::choose_blocks(kt, D, Dv);
+  const detail::Blocks blk = detail::choose_blocks(kt, a.q.cu ? 0 : Sq, a.k.cu ? 0 : Sk, D, Dv);
   const detail::BlockTasks tasks(a.q, H, blk.bq);
   const idx n_tasks = tasks.count();
   const double flops = 4.0 * static_cast<double>(B) * H * Sq * std::max<idx>(Sk, 1) * std::max<idx>(D + Dv, 1) / 2;
