@@ -15,6 +15,7 @@
 
 #include "qkv/attention.h"
 #include "qkv/dispatch.h"
+#include "qkv/elementwise.h"
 #include "qkv/gemm.h"
 #include "qkv/projection.h"
 
@@ -186,6 +187,87 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
     }
   });
   return res;
+}
+
+// out (M×N) = act(x (M×K) · w (K×N) + b): the dense layer, bias and GELU fused into
+// the GEMM's store.
+py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, const py::object& b_obj,
+                          const std::string& activation, const py::object& out) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 2), w = as_f32(w_obj, "w", 2);
+  const idx M = x.shape[0], K = x.shape[1], N = w.shape[1];
+  if (w.shape[0] != K)
+    value_error("w must have shape (d_in=" + std::to_string(K) + ", d_out), got " + shape_str(w.shape));
+  int act = 0;
+  if (activation == "gelu") act = 1;
+  else if (activation != "none") value_error("activation must be 'none' or 'gelu', got '" + activation + "'");
+  const float* bias = nullptr;
+  if (!b_obj.is_none()) {
+    Arr b = as_f32(b_obj, "b", 1);
+    expect_shape(b, "b", {N});
+    bias = b.ptr;
+  }
+  auto [res, c] = output(out, "out", {M, N});
+  run_native([&] {
+    qkv::PlainMat A(x.ptr, x.strides[0], 1), B(w.ptr, w.strides[0], 1), C(c.ptr, c.strides[0], 1);
+    qkv::gemm(kt, M, N, K, 1.0f, A.map, B.map, 0.0f, C.map, bias, act);
+  });
+  return res;
+}
+
+py::tuple layer_norm(const py::object& x_obj, const py::object& g_obj, const py::object& b_obj, float eps) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 2), g = as_f32(g_obj, "weight", 1), b = as_f32(b_obj, "bias", 1);
+  const idx rows = x.shape[0], n = x.shape[1];
+  expect_shape(g, "weight", {n});
+  expect_shape(b, "bias", {n});
+  if (!(eps > 0.0f)) value_error("eps must be positive");
+  auto [y, ya] = output(py::none(), "y", {rows, n});
+  auto [mean, ma] = output(py::none(), "mean", {rows});
+  auto [rstd, ra] = output(py::none(), "rstd", {rows});
+  run_native([&] {
+    qkv::layer_norm_forward(kt, rows, n, x.ptr, x.strides[0], g.ptr, b.ptr, eps, ya.ptr, n, ma.ptr, ra.ptr);
+  });
+  return py::make_tuple(y, mean, rstd);
+}
+
+py::tuple layer_norm_backward(const py::object& dy_obj, const py::object& x_obj, const py::object& g_obj,
+                              const py::object& mean_obj, const py::object& rstd_obj) {
+  const auto& kt = active_kernels();
+  Arr dy = as_f32(dy_obj, "dy", 2), x = as_f32(x_obj, "x", 2), g = as_f32(g_obj, "weight", 1),
+      mean = as_f32(mean_obj, "mean", 1), rstd = as_f32(rstd_obj, "rstd", 1);
+  const idx rows = x.shape[0], n = x.shape[1];
+  expect_shape(dy, "dy", {rows, n});
+  expect_shape(g, "weight", {n});
+  expect_shape(mean, "mean", {rows});
+  expect_shape(rstd, "rstd", {rows});
+  auto [dx, dxa] = output(py::none(), "dx", {rows, n});
+  auto [dg, dga] = output(py::none(), "dweight", {n});
+  auto [db, dba] = output(py::none(), "dbias", {n});
+  run_native([&] {
+    qkv::layer_norm_backward(kt, rows, n, dy.ptr, dy.strides[0], x.ptr, x.strides[0], g.ptr, mean.ptr, rstd.ptr,
+                             dxa.ptr, n, dga.ptr, dba.ptr);
+  });
+  return py::make_tuple(dx, dg, db);
+}
+
+py::array_t<float> gelu(const py::object& x_obj) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 2);
+  auto [y, ya] = output(py::none(), "y", x.shape);
+  run_native([&] { qkv::gelu_forward(kt, x.shape[0], x.shape[1], x.ptr, x.strides[0], ya.ptr, x.shape[1]); });
+  return y;
+}
+
+py::array_t<float> gelu_backward(const py::object& x_obj, const py::object& dy_obj) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 2), dy = as_f32(dy_obj, "dy", 2);
+  expect_shape(dy, "dy", x.shape);
+  auto [dx, dxa] = output(py::none(), "dx", x.shape);
+  run_native([&] {
+    qkv::gelu_backward(kt, x.shape[0], x.shape[1], x.ptr, x.strides[0], dy.ptr, dy.strides[0], dxa.ptr, x.shape[1]);
+  });
+  return dx;
 }
 
 // Segments of one head-major (batch, heads, seq, d_head) tensor, appended to segs.
@@ -595,6 +677,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_varlen_backward", &attention_varlen_backward, py::arg("do"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("causal") = false, py::arg("scale"));
+  m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("activation") = "none",
+        py::arg("out") = py::none());
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_backward", &layer_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
+        py::arg("mean"), py::arg("rstd"));
+  m.def("gelu", &gelu, py::arg("x"));
+  m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("dy"));
   m.def("cpu_info", &cpu_info);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));

@@ -72,7 +72,7 @@ void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, 
 // and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
 void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const idx* rb, const idx* rr, idx mc,
                   idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
-                  const float* bias) {
+                  const float* bias, int act) {
   const int mr = kt.mr, nr = kt.nr;
   float* rows[64];
   for (idx jr = j_begin; jr < j_end; jr += nr) {
@@ -101,6 +101,7 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
         t.alpha = alpha;
         t.beta = beta;
         t.bias = bias ? bias + gj : nullptr;
+        t.act = act;
         kt.gemm_tile(t);
       }
       j += n;
@@ -112,7 +113,7 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
 // product, so the micro-tiles read A and B in place and threads split N. Each
 // B element is read once: the loop runs at memory bandwidth.
 void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
-                  float beta, const MatMap& C, const float* bias) {
+                  float beta, const MatMap& C, const float* bias, int act) {
   const int nr = kt.nr;
   const idx n_strips = ceil_div(N, nr);
   const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * M * N * K, 1.0e6), n_strips));
@@ -144,6 +145,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.alpha = alpha;
         t.beta = beta;
         t.bias = bias ? bias + j : nullptr;
+        t.act = act;
         kt.gemm_tile(t);
       }
       j += std::min<idx>(n, clen);
@@ -162,11 +164,11 @@ bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const MatMap& B) 
 }  // namespace
 
 void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
-          float beta, const MatMap& C, const float* bias) {
+          float beta, const MatMap& C, const float* bias, int act) {
   if (M <= 0 || N <= 0) return;
   const int mr = kt.mr, nr = kt.nr;
   if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, A, B)) {
-    gemm_small_m(kt, M, N, K, alpha, A, B, beta, C, bias);
+    gemm_small_m(kt, M, N, K, alpha, A, B, beta, C, bias, act);
     return;
   }
   if (K <= 0 || alpha == 0.0f) {
@@ -201,7 +203,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
       const idx n_jchunks = std::min<idx>(n_panels, std::max<idx>(1, ceil_div(nt, n_ic)));
       for (idx pc = 0; pc < std::max<idx>(K, 1); pc += kc_max) {
         const idx kc = K == 0 ? 0 : std::min<idx>(kc_max, K - pc);
-        const bool first = pc == 0;
+        const bool first = pc == 0, last = pc + kc_max >= K;
 #pragma omp for schedule(static)
         for (idx jp = 0; jp < n_panels; ++jp)
           pack_b_panel(B, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack.data() + jp * kc * nr);
@@ -222,7 +224,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
           macro_kernel(kt, ap.data(), bpack.data(), rb.data(), rr.data(), mc, jc, j_begin, j_end, kc, alpha,
-                       first ? beta : 1.0f, C, first ? bias : nullptr);
+                       first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)
       }

@@ -26,6 +26,11 @@ __all__ = [
     "attention_backward",
     "attention_varlen",
     "attention_varlen_backward",
+    "linear",
+    "layer_norm",
+    "layer_norm_backward",
+    "gelu",
+    "gelu_backward",
 ]
 
 
@@ -394,3 +399,99 @@ def attention_varlen_backward(
     _check_array(o, "o", 3)
     _check_array(lse, "lse", 2)
     return _core.attention_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, bool(causal), scale)
+
+
+def _rows(x: np.ndarray, name: str) -> np.ndarray:
+    """(..., n) -> (rows, n) view (a copy only when the leading axes cannot be merged)."""
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+
+def linear(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: Optional[np.ndarray] = None,
+    *,
+    activation: Optional[str] = None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """activation(x·w + b): a dense layer, bias and activation applied in the GEMM's store.
+
+    x: (..., d_in); w: (d_in, d_out); b: (d_out,) or None; activation: None or
+    ``"gelu"`` (exact erf form, as BERT and torch's default). Returns (..., d_out),
+    written into ``out`` when given (it must be C-contiguous).
+    """
+    _check_array(x, "x")
+    _check_array(w, "w", 2)
+    if b is not None:
+        _check_array(b, "b", 1)
+    act = "none" if activation is None else activation
+    if act not in ("none", "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x must have shape (..., d_in={w.shape[0]}), got {x.shape}")
+    shape = x.shape[:-1] + (w.shape[1],)
+    out2 = None
+    if out is not None:
+        _check_array(out, "out")
+        if out.shape != shape:
+            raise ValueError(f"out must have shape {shape}, got {out.shape}")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        _check_no_overlap(out, "out", x=x, w=w, b=b)
+        out2 = out.reshape(-1, shape[-1])
+    y = _core.linear(_rows(x, "x"), w, b, act, out2)
+    return out if out is not None else y.reshape(shape)
+
+
+def layer_norm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LayerNorm over the last axis: (x - mean)/sqrt(var + eps)·weight + bias (biased var).
+
+    x: (..., n); weight, bias: (n,). Returns y (..., n) and mean, rstd (...,), the
+    statistics :func:`layer_norm_backward` needs.
+    """
+    _check_array(x, "x")
+    _check_array(weight, "weight", 1)
+    _check_array(bias, "bias", 1)
+    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, float(eps))
+    return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+
+
+def layer_norm_backward(
+    dy: np.ndarray, x: np.ndarray, weight: np.ndarray, mean: np.ndarray, rstd: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`layer_norm`: (dx (..., n), dweight (n,), dbias (n,)).
+
+    dweight and dbias are summed over fixed row chunks in a fixed order, so they do
+    not depend on the thread count.
+    """
+    for name, a in (("dy", dy), ("x", x), ("weight", weight), ("mean", mean), ("rstd", rstd)):
+        _check_array(a, name)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    dx, dw, db = _core.layer_norm_backward(
+        _rows(dy, "dy"), _rows(x, "x"), weight, mean.reshape(-1), rstd.reshape(-1)
+    )
+    return dx.reshape(x.shape), dw, db
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GELU(x) = x·Φ(x), the exact (erf) form; any shape."""
+    _check_array(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dimension")
+    return _core.gelu(_rows(x, "x")).reshape(x.shape)
+
+
+def gelu_backward(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """dx = dy·GELU'(x) = dy·(Φ(x) + x·φ(x)); x and dy of the same shape."""
+    _check_array(x, "x")
+    _check_array(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
+    if x.ndim == 0:
+        raise ValueError("x must have at least 1 dimension")
+    return _core.gelu_backward(_rows(x, "x"), _rows(dy, "dy")).reshape(x.shape)

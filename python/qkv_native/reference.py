@@ -477,3 +477,58 @@ def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *
                                _as_batch(o[qs]), lse[:, qs][None], causal=causal, scale=scale)
         dq[qs], dk[ks], dv[ks] = (t[0].transpose(1, 0, 2) for t in g)
     return dq, dk, dv
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def _normal_cdf(x):
+    """Φ(x) = erfc(-x/√2)/2: accurate in both tails (math.erfc per element: tests only)."""
+    return 0.5 * _erfc(-x / math.sqrt(2.0)).astype(np.float64)
+
+
+def gelu(x):
+    """GELU(x) = x·Φ(x), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return x * _normal_cdf(x)
+
+
+def gelu_backward(x, dy):
+    """dy·GELU'(x) = dy·(Φ(x) + x·φ(x)), φ the standard normal density."""
+    x = np.asarray(x, dtype=np.float64)
+    cdf = _normal_cdf(x)
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return np.asarray(dy, dtype=np.float64) * (cdf + x * pdf)
+
+
+def linear(x, w, b=None, activation=None):
+    """activation(x·w + b) for x (..., d_in), w (d_in, d_out), b (d_out,)."""
+    y = np.asarray(x, dtype=np.float64) @ np.asarray(w, dtype=np.float64)
+    if b is not None:
+        y = y + np.asarray(b, dtype=np.float64)
+    return gelu(y) if activation == "gelu" else y
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """(x - mean)/sqrt(var + eps)·weight + bias over the last axis (biased variance).
+
+    Returns (y, mean, rstd) with mean, rstd of shape x.shape[:-1].
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=-1)
+    var = ((x - mean[..., None]) ** 2).mean(axis=-1)
+    rstd = 1.0 / np.sqrt(var + eps)
+    y = (x - mean[..., None]) * rstd[..., None] * np.asarray(weight, np.float64) + np.asarray(bias, np.float64)
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd):
+    """Gradients of :func:`layer_norm`: (dx, dweight, dbias)."""
+    dy, x = np.asarray(dy, np.float64), np.asarray(x, np.float64)
+    xh = (x - np.asarray(mean, np.float64)[..., None]) * np.asarray(rstd, np.float64)[..., None]
+    g = dy * np.asarray(weight, np.float64)
+    dx = np.asarray(rstd, np.float64)[..., None] * (
+        g - g.mean(axis=-1, keepdims=True) - xh * (g * xh).mean(axis=-1, keepdims=True)
+    )
+    axes = tuple(range(x.ndim - 1))
+    return dx, (dy * xh).sum(axis=axes), dy.sum(axis=axes)

@@ -68,10 +68,10 @@ struct PlainMat {
   PlainMat& operator=(const PlainMat&) = delete;
 };
 
-// C(M×N) = alpha·A(M×K)·B(K×N) + beta·C + bias (bias: (N,) or null, added once).
-// beta == 0 never reads C. C must not be transposed and must have cs == 1.
-// Threads split the M and N loops, never K.
+// C(M×N) = act(alpha·A(M×K)·B(K×N) + beta·C + bias) (bias: (N,) or null; act: the
+// GemmTile epilogue, 0 none, 1 GELU). beta == 0 never reads C. C must not be
+// transposed and must have cs == 1. Threads split the M and N loops, never K.
 void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
-          float beta, const MatMap& C, const float* bias);
+          float beta, const MatMap& C, const float* bias, int act = 0);
 
 }  // namespace qkv

@@ -21,6 +21,7 @@ struct GemmTile {
   float* const* c_rows;  // m row pointers, each to column 0 of the tile
   float alpha, beta;
   const float* bias;     // (n,) or null
+  int act = 0;           // epilogue applied last: 0 none, 1 GELU (exact, erf form)
 };
 
 // Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.
@@ -52,6 +53,17 @@ struct KernelTable {
                         const float* lse);
   // dS = P ∘ (dP − D_i), in place in dp (rows, cols), row strides ld.
   void (*softmax_bwd_ds)(const float* p, float* dp, idx ld, int rows, int cols, const float* d);
+
+  // LayerNorm of one row of n: y = (x - mean)·rstd·gamma + beta, rstd = 1/sqrt(var + eps)
+  // (biased variance); writes *mean and *rstd for the backward.
+  void (*layernorm_fwd)(const float* x, float* y, idx n, const float* gamma, const float* beta, float eps,
+                        float* mean, float* rstd);
+  // Its backward for one row: writes dx; accumulates dgamma += dy·x̂ and dbeta += dy.
+  void (*layernorm_bwd)(const float* dy, const float* x, idx n, const float* gamma, float mean, float rstd,
+                        float* dx, float* dgamma, float* dbeta);
+  // GELU(x) = x·Φ(x) (exact, erf form) and dx = dy·GELU'(x), elementwise over n.
+  void (*gelu_fwd)(const float* x, float* y, idx n);
+  void (*gelu_bwd)(const float* x, const float* dy, float* dx, idx n);
 
   // y[i] = exp(x[i]) for the whole range (exposed for tests of the exp polynomial).
   void (*exp)(const float* x, float* y, idx n);

@@ -34,6 +34,8 @@ constexpr float kNegInf = -__builtin_inff();
 // A is read either column-contiguous (rs_a == 1: packed panels, transposed
 // operands) or row-contiguous (cs_a == 1: Q or P rows in attention).
 
+inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other elementwise ops
+
 template <int M, bool ColA, bool FullN>
 void gemm_tile_m(const GemmTile& t) {
   V::reg acc[M][NV];
@@ -81,6 +83,7 @@ void gemm_tile_m(const GemmTile& t) {
         V::reg cv = full ? V::load(c + v * W) : V::load(c + v * W, tails[v]);
         x = V::fmadd(cv, beta, x);
       }
+      if (t.act == 1) x = gelu_v(x);
       if (full) V::store(c + v * W, x);
       else V::store(c + v * W, x, tails[v]);
     }
@@ -157,6 +160,127 @@ void exp_array(const float* x, float* y, idx n) {
   idx i = 0;
   for (; i + W <= n; i += W) V::store(y + i, exp_v<true>(V::load(x + i)));
   for (; i < n; ++i) y[i] = exp_s<true>(x[i]);
+}
+
+// Φ(x) = P(N(0,1) <= x) = erfc(-x/√2)/2, with erfc(z) for z >= 0 by the Chebyshev
+// fit of Numerical Recipes (erfcc: fractional error < 1.2e-7), relative accuracy in
+// both tails. Also returns the density φ(x) = exp(-x²/2)/√(2π) when asked.
+inline V::reg normal_cdf(V::reg x, V::reg* pdf) {
+  const V::reg z = V::abs(V::mul(x, V::set1(0.70710678118654752f)));
+  const V::reg t = V::div(V::set1(1.0f), V::fmadd(V::set1(0.5f), z, V::set1(1.0f)));
+  V::reg p = V::set1(0.17087277f);
+  p = V::fmadd(p, t, V::set1(-0.82215223f));
+  p = V::fmadd(p, t, V::set1(1.48851587f));
+  p = V::fmadd(p, t, V::set1(-1.13520398f));
+  p = V::fmadd(p, t, V::set1(0.27886807f));
+  p = V::fmadd(p, t, V::set1(-0.18628806f));
+  p = V::fmadd(p, t, V::set1(0.09678418f));
+  p = V::fmadd(p, t, V::set1(0.37409196f));
+  p = V::fmadd(p, t, V::set1(1.00002368f));
+  p = V::fmadd(p, t, V::set1(-1.26551223f));
+  const V::reg z2 = V::mul(z, z);
+  const V::reg half_erfc = V::mul(V::set1(0.5f), V::mul(t, exp_v<false>(V::sub(p, z2))));  // erfc(|z|)/2
+  if (pdf) *pdf = V::mul(V::set1(0.39894228040143268f), exp_v<false>(V::sub(V::zero(), z2)));
+  // x < 0: Φ = erfc(|z|)/2; x >= 0: Φ = 1 - erfc(|z|)/2
+  return V::select_lt(x, 0.0f, half_erfc, V::sub(V::set1(1.0f), half_erfc));
+}
+
+// GELU(x) = x·Φ(x); its limits at ±inf (0 at -inf, not -inf·0 = NaN)
+inline V::reg gelu_v(V::reg x) { return V::replace_below(x, -3.0e38f, V::mul(x, normal_cdf(x, nullptr)), 0.0f); }
+
+void gelu_fwd(const float* x, float* y, idx n) {
+  idx i = 0;
+  for (; i + W <= n; i += W) V::store(y + i, gelu_v(V::load(x + i)));
+  if (i < n) {
+    const V::tail t = V::tail_mask(static_cast<int>(n - i));
+    V::store(y + i, gelu_v(V::load(x + i, t)), t);
+  }
+}
+
+// dx = dy·(Φ(x) + x·φ(x))
+inline V::reg gelu_grad_v(V::reg x, V::reg dy) {
+  V::reg pdf;
+  const V::reg cdf = normal_cdf(x, &pdf);
+  return V::mul(dy, V::fmadd(x, pdf, cdf));
+}
+
+void gelu_bwd(const float* x, const float* dy, float* dx, idx n) {
+  idx i = 0;
+  for (; i + W <= n; i += W) V::store(dx + i, gelu_grad_v(V::load(x + i), V::load(dy + i)));
+  if (i < n) {
+    const V::tail t = V::tail_mask(static_cast<int>(n - i));
+    V::store(dx + i, gelu_grad_v(V::load(x + i, t), V::load(dy + i, t)), t);
+  }
+}
+
+// Σ x over n, vector partial sums (one pass over the row).
+inline float row_sum(const float* x, idx n) {
+  V::reg acc = V::zero();
+  idx i = 0;
+  for (; i + W <= n; i += W) acc = V::add(acc, V::load(x + i));
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += x[i];
+  return V::reduce_add(acc) + tail;
+}
+
+void layernorm_fwd(const float* x, float* y, idx n, const float* gamma, const float* beta, float eps, float* mean,
+                   float* rstd) {
+  const float mu = n > 0 ? row_sum(x, n) / static_cast<float>(n) : 0.0f;
+  const V::reg muv = V::set1(mu);
+  V::reg acc = V::zero();
+  idx i = 0;
+  for (; i + W <= n; i += W) {
+    const V::reg d = V::sub(V::load(x + i), muv);
+    acc = V::fmadd(d, d, acc);
+  }
+  float tail = 0.0f;
+  for (idx j = i; j < n; ++j) tail += (x[j] - mu) * (x[j] - mu);
+  const float var = n > 0 ? (V::reduce_add(acc) + tail) / static_cast<float>(n) : 0.0f;
+  const float rs = 1.0f / __builtin_sqrtf(var + eps);
+  const V::reg rsv = V::set1(rs);
+  for (i = 0; i + W <= n; i += W)
+    V::store(y + i, V::fmadd(V::mul(V::sub(V::load(x + i), muv), rsv), V::load(gamma + i), V::load(beta + i)));
+  for (; i < n; ++i) y[i] = (x[i] - mu) * rs * gamma[i] + beta[i];
+  *mean = mu;
+  *rstd = rs;
+}
+
+// forward: x̂ = (x - mean)·rstd; y = x̂·gamma + beta
+// dx = rstd·(g - mean(g) - x̂·mean(g·x̂)) with g = dy·gamma
+void layernorm_bwd(const float* dy, const float* x, idx n, const float* gamma, float mean, float rstd, float* dx,
+                   float* dgamma, float* dbeta) {
+  const V::reg muv = V::set1(mean), rsv = V::set1(rstd);
+  V::reg sg = V::zero(), sgx = V::zero();
+  idx i = 0;
+  for (; i + W <= n; i += W) {
+    const V::reg xh = V::mul(V::sub(V::load(x + i), muv), rsv);
+    const V::reg d = V::load(dy + i);
+    const V::reg g = V::mul(d, V::load(gamma + i));
+    sg = V::add(sg, g);
+    sgx = V::fmadd(g, xh, sgx);
+    V::store(dgamma + i, V::fmadd(d, xh, V::load(dgamma + i)));
+    V::store(dbeta + i, V::add(V::load(dbeta + i), d));
+  }
+  float tg = 0.0f, tgx = 0.0f;
+  for (idx j = i; j < n; ++j) {
+    const float xh = (x[j] - mean) * rstd, g = dy[j] * gamma[j];
+    tg += g;
+    tgx += g * xh;
+    dgamma[j] += dy[j] * xh;
+    dbeta[j] += dy[j];
+  }
+  const float inv_n = n > 0 ? 1.0f / static_cast<float>(n) : 0.0f;
+  const float mg = (V::reduce_add(sg) + tg) * inv_n, mgx = (V::reduce_add(sgx) + tgx) * inv_n;
+  const V::reg mgv = V::set1(mg), mgxv = V::set1(mgx);
+  for (i = 0; i + W <= n; i += W) {
+    const V::reg xh = V::mul(V::sub(V::load(x + i), muv), rsv);
+    const V::reg g = V::mul(V::load(dy + i), V::load(gamma + i));
+    V::store(dx + i, V::mul(rsv, V::sub(V::sub(g, mgv), V::mul(xh, mgxv))));
+  }
+  for (; i < n; ++i) {
+    const float xh = (x[i] - mean) * rstd, g = dy[i] * gamma[i];
+    dx[i] = rstd * (g - mg - xh * mgx);
+  }
 }
 
 // Loads W lanes of bias row `b` starting at column j (cs = column stride; 0 broadcasts).
@@ -322,7 +446,8 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, NR, KC, MC, NC, gemm_tile, softmax_fwd, softmax_bwd_p, softmax_bwd_ds, exp_array, fma_probe};
+      MR, NR, KC, MC, NC, gemm_tile, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
   return table;
 }
 

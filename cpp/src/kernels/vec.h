@@ -40,6 +40,12 @@ struct Vec {
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg abs(reg a) { return _mm512_abs_ps(a); }
+  // x < lo ? a : b, lane by lane
+  static reg select_lt(reg x, float lo, reg a, reg b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_LT_OQ), b, a);
+  }
   static float reduce_add(reg a) { return _mm512_reduce_add_ps(a); }
   static float reduce_max(reg a) { return _mm512_reduce_max_ps(a); }
   // Lanes whose x < lo are set to `v`.
@@ -87,6 +93,11 @@ struct Vec {
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static reg select_lt(reg x, float lo, reg a, reg b) {
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ));
+  }
   static float reduce_add(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -138,6 +149,9 @@ struct Vec {
   static reg mul(reg a, reg b) { return a * b; }
   static reg max(reg a, reg b) { return a > b ? a : b; }  // b if either is NaN, as x86 maxps
   static reg min(reg a, reg b) { return a < b ? a : b; }
+  static reg div(reg a, reg b) { return a / b; }
+  static reg abs(reg a) { return __builtin_fabsf(a); }
+  static reg select_lt(reg x, float lo, reg a, reg b) { return x < lo ? a : b; }
   static float reduce_add(reg a) { return a; }
   static float reduce_max(reg a) { return a; }
   static reg replace_below(reg x, float lo, reg r, float v) { return x < lo ? v : r; }

@@ -1,0 +1,94 @@
+"""Native dense layer (bias + GELU in the GEMM store), LayerNorm and GELU vs float64."""
+
+import numpy as np
+import pytest
+
+import qkv_native as qn
+from qkv_native import reference as ref
+
+EPS = 2.0**-24  # unit roundoff of float32
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 7, 17), (13, 65, 33), (130, 384, 129), (3, 700, 40)])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(isa, rng, rows, d_in, d_out, activation, with_bias):
+    x, w = randn(rng, rows, d_in), randn(rng, d_in, d_out, scale=d_in**-0.5)
+    b = randn(rng, d_out) if with_bias else None
+    got = qn.linear(x, w, b, activation=activation)
+    want = ref.linear(x, w, b, activation=activation)
+    # |x|·|w| bounds the GEMM's rounding; GELU is 1.13-Lipschitz and adds ~1e-7 relative
+    bound = 8 * np.sqrt(d_in) * EPS * (np.abs(x) @ np.abs(w) + (np.abs(b) if b is not None else 0)) + 4e-7 * np.abs(want) + 1e-30
+    assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
+
+
+def test_linear_batched_leading_axes_and_out(rng):
+    x, w, b = randn(rng, 2, 3, 16), randn(rng, 16, 8), randn(rng, 8)
+    out = np.empty((2, 3, 8), np.float32)
+    got = qn.linear(x, w, b, activation="gelu", out=out)
+    assert got is out
+    np.testing.assert_allclose(out, ref.linear(x, w, b, "gelu"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="activation"):
+        qn.linear(x, w, b, activation="relu6")
+    with pytest.raises(ValueError, match="d_in"):
+        qn.linear(x, w[:5], b)
+    with pytest.raises(TypeError, match="float32"):
+        qn.linear(x.astype(np.float64), w, b)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 64, 384, 1000])
+def test_gelu_forward_backward(isa, rng, n):
+    x = np.concatenate([randn(rng, 3, n, scale=3.0), np.linspace(-12, 12, 3 * n, dtype=np.float32).reshape(3, n)])
+    dy = randn(rng, *x.shape)
+    y, dx = qn.gelu(x), qn.gelu_backward(x, dy)
+    # erfc fit: fractional error < 1.2e-7, plus a few float32 roundings; in the left
+    # tail exp(-x²/2) is computed from x² in float32, whose absolute error x²·2^-24
+    # becomes a relative error of the result
+    x64 = x.astype(np.float64)
+    rel = 1e-6 + 2 * x64 * x64 * EPS
+    want_y, want_dx = ref.gelu(x), ref.gelu_backward(x, dy)
+    assert np.all(np.abs(y - want_y) <= rel * np.abs(want_y) + 1e-37)
+    assert np.all(np.abs(dx - want_dx) <= 2 * rel * np.abs(dy) * (1 + np.abs(x64)) + 1e-37)
+
+
+def test_gelu_special_values():
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -100.0, 100.0], np.float32)
+    y = qn.gelu(x[None])[0]
+    assert y[0] == 0 and y[1] == 0 and y[2] == np.inf and y[3] == 0 and np.isnan(y[4])
+    assert y[5] == 0 and y[6] == 100.0
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (5, 7), (33, 64), (17, 384), (4, 1023)])
+def test_layer_norm_forward_backward(isa, rng, rows, n):
+    x = randn(rng, rows, n, scale=2.0) + 3.0
+    w, b = randn(rng, n), randn(rng, n)
+    y, mean, rstd = qn.layer_norm(x, w, b, eps=1e-5)
+    ry, rmean, rrstd = ref.layer_norm(x, w, b, eps=1e-5)
+    tol = 16 * np.sqrt(n) * EPS
+    np.testing.assert_allclose(mean, rmean, rtol=tol, atol=tol * 4)
+    np.testing.assert_allclose(rstd, rrstd, rtol=tol * 8)
+    np.testing.assert_allclose(y, ry, rtol=tol * 8, atol=tol * 8 * (np.abs(w) * 4 + np.abs(b)).max())
+    dy = randn(rng, rows, n)
+    dx, dw, db = qn.layer_norm_backward(dy, x, w, mean, rstd)
+    rdx, rdw, rdb = ref.layer_norm_backward(dy, x, w, rmean, rrstd)
+    scale = np.abs(dy).max() * np.abs(w).max() * rrstd.max()
+    np.testing.assert_allclose(dx, rdx, atol=64 * np.sqrt(n) * EPS * scale)
+    np.testing.assert_allclose(dw, rdw, atol=64 * np.sqrt(rows) * EPS * np.abs(dy).max() * 4)
+    np.testing.assert_allclose(db, rdb, atol=64 * np.sqrt(rows) * EPS * np.abs(dy).max())
+
+
+def test_layer_norm_leading_axes_and_thread_independence(rng, restore_threads):
+    x, w, b = randn(rng, 4, 50, 24), randn(rng, 24), randn(rng, 24)
+    y, mean, rstd = qn.layer_norm(x, w, b)
+    assert y.shape == x.shape and mean.shape == (4, 50) and rstd.shape == (4, 50)
+    dy = randn(rng, *x.shape)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.layer_norm_backward(dy, x, w, mean, rstd))
+    for a, c in zip(*results):
+        np.testing.assert_array_equal(a, c)
