@@ -191,8 +191,10 @@ def test_gelu_erf_accuracy():
     got = nn.gelu_forward(x)
     assert got.dtype == F32
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    # relative accuracy deep in the left tail too: GELU(x)/x = Phi(x)
     cdf = np.array([0.5 * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
-    np.testing.assert_allclose(nn._normal_cdf(x), cdf, rtol=1e-5)  # relative, deep in the left tail too
+    nz = x != 0
+    np.testing.assert_allclose(got[nz] / x[nz], cdf[nz], rtol=1e-5)
 
 
 def test_layernorm_kernel_vs_float64():

@@ -36,7 +36,17 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .functional import attention, attention_backward, matmul, qkv_project, qkv_project_backward
+from .functional import (
+    attention,
+    attention_backward,
+    gelu,
+    layer_norm,
+    layer_norm_backward,
+    matmul,
+    qkv_project,
+    qkv_project_backward,
+)
+from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
     # kernels awaiting native versions
@@ -84,19 +94,13 @@ RngLike = Union[int, np.random.Generator, None]
 
 
 def layernorm_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float):
-    """out = (x - mean) * rstd * weight + bias over the last axis.
+    """out = (x - mean) * rstd * weight + bias over the last axis (native).
 
     x: (N, C); weight, bias: (C,). Returns out (N, C), mean (N, 1), rstd (N, 1)
     (mean and rstd are the cache the backward needs).
     """
-    mean = x.mean(axis=-1, keepdims=True, dtype=F32)  # (N, 1)
-    xc = x - mean  # (N, C)
-    var = np.mean(xc * xc, axis=-1, keepdims=True, dtype=F32)  # (N, 1), biased like torch
-    rstd = (F32(1.0) / np.sqrt(var + F32(eps))).astype(F32)  # (N, 1)
-    out = xc * rstd
-    out *= weight
-    out += bias
-    return out, mean, rstd
+    out, mean, rstd = layer_norm(x, weight, bias, eps)
+    return out, mean[..., None], rstd[..., None]
 
 
 def layernorm_backward(
@@ -108,57 +112,31 @@ def layernorm_backward(
     dweight: np.ndarray,
     dbias: np.ndarray,
 ) -> np.ndarray:
-    """Backward of :func:`layernorm_forward`; accumulates into dweight, dbias.
+    """Backward of :func:`layernorm_forward` (native); accumulates into dweight, dbias.
 
     dout, x: (N, C); mean, rstd: (N, 1); weight, dweight, dbias: (C,).
     Returns dx (N, C).
     """
-    # forward: norm = (x - mean) * rstd; out = norm * weight + bias
-    norm = (x - mean) * rstd  # (N, C)
-    dbias += dout.sum(axis=0)
-    dweight += np.sum(dout * norm, axis=0)
-    dnorm = dout * weight  # (N, C)
-    # dx = rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
-    dx = dnorm - dnorm.mean(axis=-1, keepdims=True)
-    dx -= norm * np.mean(dnorm * norm, axis=-1, keepdims=True)
-    dx *= rstd
+    dx, dw, db = layer_norm_backward(dout, x, weight, mean[..., 0], rstd[..., 0])
+    dweight += dw
+    dbias += db
     return dx
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _erfc_nonneg(z: np.ndarray) -> np.ndarray:
-    """erfc(z) for z >= 0 with fractional error < 1.2e-7 (Numerical Recipes' erfcc,
-    a Chebyshev fit); float32 in, float32 out. NumPy has no vectorised erf."""
-    t = F32(1.0) / (F32(1.0) + F32(0.5) * z)
-    poly = F32(0.17087277)
-    for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196, 1.00002368):
-        poly = poly * t + F32(c)
-    poly = poly * t - F32(1.26551223)
-    return t * np.exp(poly - z * z)
-
-
-def _normal_cdf(x: np.ndarray) -> np.ndarray:
-    """Phi(x) = 0.5 * erfc(-x / sqrt(2)), accurate in relative terms in both tails."""
-    z = x * F32(_INV_SQRT_2)
-    e = F32(0.5) * _erfc_nonneg(np.abs(z))  # 0.5 * erfc(|z|)
-    return np.where(z < 0, e, F32(1.0) - e).astype(F32)
 
 
 def gelu_forward(x: np.ndarray, approximate: str = "none") -> np.ndarray:
-    """GELU(x) = x * Phi(x) (``approximate="none"``, torch's default) or the tanh
+    """GELU(x) = x * Phi(x) (``approximate="none"``, torch's default; native) or the tanh
     form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (``"tanh"``, GPT-2). Any shape."""
     if approximate == "tanh":
         u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
         return F32(0.5) * x * (F32(1.0) + np.tanh(u))
-    return x * _normal_cdf(x)
+    return gelu(x)
 
 
 def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
-    """Backward of :func:`gelu_forward`: dx = dy * GELU'(x). dy, x: same shape."""
+    """Backward of :func:`gelu_forward`: dx = dy * GELU'(x) (native for the erf form). dy, x: same shape."""
     if approximate == "tanh":
         # forward: y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
         u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
@@ -166,8 +144,7 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> n
         du = F32(_SQRT_2_OVER_PI) * (F32(1.0) + F32(3 * 0.044715) * x * x)
         return dy * (F32(0.5) * (F32(1.0) + t) + F32(0.5) * x * (F32(1.0) - t * t) * du)
     # forward: y = x * Phi(x)  ->  y' = Phi(x) + x * phi(x)
-    pdf = F32(_INV_SQRT_2PI) * np.exp(F32(-0.5) * x * x)
-    return dy * (_normal_cdf(x) + x * pdf)
+    return gelu_backward_native(x, dy)
 
 
 def softmax_cross_entropy(
