@@ -16,6 +16,13 @@
 
 namespace qkv {
 
+AlignedBuffer& scratch(Scratch slot, idx n) {
+  thread_local AlignedBuffer buffers[static_cast<int>(Scratch::kCount)];
+  AlignedBuffer& b = buffers[static_cast<int>(slot)];
+  b.resize(n);
+  return b;
+}
+
 int threads_for(double work, double min_work) {
   const int max_t = omp_get_max_threads();
   const double t = work / min_work;
@@ -25,22 +32,38 @@ int threads_for(double work, double min_work) {
 
 namespace {
 
+// Copies the (rows × cols) window of M at (i0, j0) to dst, element (a, c) to
+// dst[a*d_rs + c*d_cs], one uniform-stride rectangle at a time.
+void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst, idx d_rs, idx d_cs) {
+  for (idx a = 0; a < rows;) {
+    idx rn = rows - a;
+    for (idx c = 0; c < cols;) {
+      idx rstep, cstep, rr, cc;
+      const float* src = M.block(i0 + a, j0 + c, &rstep, &cstep, &rr, &cc);
+      rr = std::min(rr, rows - a);
+      cc = std::min(cc, cols - c);
+      rn = std::min(rn, rr);
+      for (idx x = 0; x < rr; ++x) {
+        const float* s = src + x * rstep;
+        float* d = dst + (a + x) * d_rs + c * d_cs;
+        if (cstep == 1 && d_cs == 1)
+          for (idx y = 0; y < cc; ++y) d[y] = s[y];
+        else
+          for (idx y = 0; y < cc; ++y) d[y * d_cs] = s[y * cstep];
+      }
+      c += cc;
+    }
+    a += rn;
+  }
+}
+
 // Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels: ap[panel][p][i],
 // rows past mc zero-filled.
 void pack_a(const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
   for (idx i0 = 0; i0 < mc; i0 += mr) {
     const int m = static_cast<int>(std::min<idx>(mr, mc - i0));
     float* dst = ap + i0 * kc;
-    for (int i = 0; i < m; ++i) {
-      idx p = 0;
-      while (p < kc) {
-        idx step, len;
-        const float* src = A.run(ic + i0 + i, pc + p, &step, &len);
-        len = std::min<idx>(len, kc - p);
-        for (idx q = 0; q < len; ++q) dst[(p + q) * mr + i] = src[q * step];
-        p += len;
-      }
-    }
+    copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);
     for (idx p = 0; p < kc; ++p)
       for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
   }
@@ -50,21 +73,10 @@ void pack_a(const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) 
 // past nc_left zero-filled.
 void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, float* bp) {
   const int n = static_cast<int>(std::min<idx>(nr, nc_left));
-  for (idx p = 0; p < kc; ++p) {
-    float* dst = bp + p * nr;
-    int j = 0;
-    while (j < n) {
-      idx step, len;
-      const float* src = B.run(pc + p, j0 + j, &step, &len);
-      len = std::min<idx>(len, n - j);
-      if (step == 1)
-        for (idx q = 0; q < len; ++q) dst[j + q] = src[q];
-      else
-        for (idx q = 0; q < len; ++q) dst[j + q] = src[q * step];
-      j += static_cast<int>(len);
-    }
-    for (int jj = n; jj < nr; ++jj) dst[jj] = 0.0f;
-  }
+  copy_window(B, pc, j0, kc, n, bp, nr, 1);
+  if (n < nr)
+    for (idx p = 0; p < kc; ++p)
+      for (int j = n; j < nr; ++j) bp[p * nr + j] = 0.0f;
 }
 
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
@@ -115,6 +127,27 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
 void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
                   float beta, const MatMap& C, const float* bias, int act) {
   const int nr = kt.nr;
+  if (M == 1) {
+    // One row: the gemv kernel over column strips, one per thread (long contiguous
+    // runs of every row of B), split further at segment boundaries.
+    const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * N * K, 1.0e6), ceil_div(N, 64)));
+    const idx kStrip = ceil_div(ceil_div(N, nt), 16) * 16;
+    idx astep, alen;
+    const float* x = A.run(0, 0, &astep, &alen);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (idx strip = 0; strip < ceil_div(N, kStrip); ++strip) {
+      const idx j_end = std::min<idx>(N, (strip + 1) * kStrip);
+      for (idx j = strip * kStrip; j < j_end;) {
+        idx step, len, cstep, clen;
+        const float* bp = B.run(0, j, &step, &len);
+        float* y = C.run(0, j, &cstep, &clen);
+        const idx n = std::min<idx>(std::min<idx>(j_end - j, len), clen);
+        kt.gemv(K, n, x, bp, B.row_step(j), y, alpha, beta, bias ? bias + j : nullptr, act);
+        j += n;
+      }
+    }
+    return;
+  }
   const idx n_strips = ceil_div(N, nr);
   const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * M * N * K, 1.0e6), n_strips));
   // A rows must be contiguous along K within a batch (row-major, unsplit K).
@@ -186,15 +219,12 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
   // Few M blocks: size them so that every thread gets an equal share of rows.
   if (ceil_div(M, mc_max) < 2 * nt) mc_max = std::max<idx>(mr, ceil_div(ceil_div(M, nt), mr) * mr);
 
-  AlignedBuffer bpack(kc_max * nc_max);
-  std::vector<AlignedBuffer> apack(nt);
+  float* const bpack = scratch(Scratch::kGemmB, kc_max * nc_max).data();  // Note [workspace]
   const idx n_ic = ceil_div(M, mc_max);
 
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = omp_get_thread_num();
-    AlignedBuffer& ap = apack[tid];
-    ap.resize(mc_max * kc_max);
+    float* const ap = scratch(Scratch::kGemmA, mc_max * kc_max).data();
     std::vector<idx> rb(static_cast<size_t>(mc_max)), rr(static_cast<size_t>(mc_max));
     for (idx jc = 0; jc < N; jc += nc_max) {
       const idx nc = std::min<idx>(nc_max, N - jc);
@@ -206,7 +236,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
         const bool first = pc == 0, last = pc + kc_max >= K;
 #pragma omp for schedule(static)
         for (idx jp = 0; jp < n_panels; ++jp)
-          pack_b_panel(B, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack.data() + jp * kc * nr);
+          pack_b_panel(B, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack + jp * kc * nr);
         // (implicit barrier: the B panel is complete)
         idx packed_ic = -1;
 #pragma omp for schedule(static)
@@ -215,7 +245,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx ic = icb * mc_max;
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
-            pack_a(A, ic, mc, pc, kc, mr, ap.data());
+            pack_a(A, ic, mc, pc, kc, mr, ap);
             for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, &rb[i], &rr[i]);
             packed_ic = ic;
           }
@@ -223,7 +253,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, ap.data(), bpack.data(), rb.data(), rr.data(), mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, ap, bpack, rb.data(), rr.data(), mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)

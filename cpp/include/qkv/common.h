@@ -36,6 +36,14 @@ class AlignedBuffer {
   idx size_ = 0;
 };
 
+// Note [workspace]
+// Scratch buffers that live on between calls, one set per thread (the calling
+// thread and each OpenMP worker), grown on demand and never shrunk: a fresh
+// allocation of a few MB per call costs page faults comparable to a small GEMM.
+// `slot` names the use, so that buffers alive at the same time differ.
+enum class Scratch { kGemmB, kGemmA, kCount };
+AlignedBuffer& scratch(Scratch slot, idx n);
+
 // Threads a driver may use: the OpenMP setting, capped so that each thread gets at
 // least `min_work` units of `work` (small problems do not pay for idle threads).
 int threads_for(double work, double min_work);

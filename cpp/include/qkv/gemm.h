@@ -26,21 +26,33 @@ struct MatMap {
   idx rows_per_batch = std::numeric_limits<idx>::max();
   bool trans = false;
 
-  // Pointer to element (i, j), the step to (i, j+1), and how many elements from j
-  // on share that step (up to the next segment or batch boundary).
-  float* run(idx i, idx j, idx* step, idx* len) const {
+  // The largest rectangle from (i, j) on with uniform steps: element (i+a, j+c) is
+  // at ptr + a*rstep + c*cstep for a < *rows, c < *cols (up to the next batch or
+  // segment boundary).
+  float* block(idx i, idx j, idx* rstep, idx* cstep, idx* rows, idx* cols) const {
     const idx r0 = trans ? j : i, c0 = trans ? i : j;  // coordinates in the stored matrix
     const idx b = r0 / rows_per_batch, r = r0 - b * rows_per_batch;
     const idx s = c0 / seg_cols, c = c0 - s * seg_cols;
     const Segment& g = segs[s];
     if (trans) {
-      *step = g.rs;
-      *len = rows_per_batch - r;
+      *rstep = cs;
+      *cstep = g.rs;
+      *rows = seg_cols - c;
+      *cols = rows_per_batch - r;
     } else {
-      *step = cs;
-      *len = seg_cols - c;
+      *rstep = g.rs;
+      *cstep = cs;
+      *rows = rows_per_batch - r;
+      *cols = seg_cols - c;
     }
     return g.ptr + b * g.bs + r * g.rs + c * cs;
+  }
+
+  // Pointer to element (i, j), the step to (i, j+1), and how many elements from j
+  // on share that step (up to the next segment or batch boundary).
+  float* run(idx i, idx j, idx* step, idx* len) const {
+    idx rstep, rows;
+    return block(i, j, &rstep, step, &rows, len);
   }
 
   // Row i's offset within every segment (C maps only: not transposed): the

@@ -35,6 +35,11 @@ struct KernelTable {
   int mr, nr;          // GEMM micro-tile
   int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
   void (*gemm_tile)(const GemmTile& t);
+  // One row (M = 1, a decode step): y(n) = act(alpha · x(k) · B(k×n) + bias + beta·y),
+  // B(p, j) = b[p*rs_b + j]. Memory-bound: keeps 8 independent accumulators so the
+  // FMA latency does not limit it; each B element is read once.
+  void (*gemv)(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
+               const float* bias, int act);
 
   // Online-softmax step of the flash forward on a transposed score block:
   // st: (keys, queries) with row stride ld, already scaled (Sᵀ = K·Qᵀ·scale), so
