@@ -34,6 +34,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   {
     AlignedBuffer st_buf(blk.bk * bq_pad), q_buf(qpanel), m_buf(bq_pad), l_buf(bq_pad);
     std::vector<int> lim_rel(static_cast<size_t>(bq_pad));
+    std::vector<float> p_row(static_cast<size_t>(blk.bk));
     std::vector<idx> lim(static_cast<size_t>(bq_pad));
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
@@ -53,12 +54,19 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         l[i] = 0.0f;
       }
       for (idx i = 0; i < nq; ++i) std::fill(orow + i * a.o.ss, orow + i * a.o.ss + Dv, 0.0f);
-      detail::pack_transposed(a.q.row(b, h, q0), a.q.ss, 0, nq, D, kt.nr, q_buf.data());
+      // A few queries (decode): dot products of K rows with them, no tile of mostly
+      // padding columns; otherwise micro-tiles against Q packed transposed.
+      const bool few = nq <= 4;
+      if (!few) detail::pack_transposed(a.q.row(b, h, q0), a.q.ss, 0, nq, D, kt.nr, q_buf.data());
       for (idx k0 = 0; k0 < kmax; k0 += blk.bk) {
         const idx nk = std::min<idx>(blk.bk, kmax - k0);
         // Sᵀ (nk × nq) = scale · K (nk × D) · Qᵀ (D × nq)
-        detail::block_gemm(kt, nk, nq, D, a.scale, krow + k0 * a.k.ss, a.k.ss, 1, q_buf.data(), true, 0, 0.0f,
-                           st_buf.data(), bq_pad);
+        if (few)
+          kt.dot_rows(nk, static_cast<int>(nq), D, krow + k0 * a.k.ss, a.k.ss, a.q.row(b, h, q0), a.q.ss,
+                      st_buf.data(), bq_pad, a.scale);
+        else
+          detail::block_gemm(kt, nk, nq, D, a.scale, krow + k0 * a.k.ss, a.k.ss, 1, q_buf.data(), true, 0, 0.0f,
+                             st_buf.data(), bq_pad);
         for (idx i = 0; i < bq_pad; ++i)
           lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(lim[i] - k0, nk)));
         BiasView bias;
@@ -70,8 +78,15 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         kt.softmax_fwd(st_buf.data(), bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, lim_rel.data(), m, l,
                        orow, a.o.ss, static_cast<int>(Dv));
         // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]
-        detail::block_gemm(kt, nq, Dv, nk, 1.0f, st_buf.data(), 1, bq_pad, vrow + k0 * a.v.ss, false, a.v.ss, 1.0f,
-                           orow, a.o.ss);
+        if (few) {
+          for (idx i = 0; i < nq; ++i) {  // one streaming pass over V per query row
+            for (idx j = 0; j < nk; ++j) p_row[j] = st_buf.data()[j * bq_pad + i];
+            kt.gemv(nk, Dv, p_row.data(), vrow + k0 * a.v.ss, a.v.ss, orow + i * a.o.ss, 1.0f, 1.0f, nullptr, 0);
+          }
+        } else {
+          detail::block_gemm(kt, nq, Dv, nk, 1.0f, st_buf.data(), 1, bq_pad, vrow + k0 * a.v.ss, false, a.v.ss, 1.0f,
+                             orow, a.o.ss);
+        }
       }
       for (idx i = 0; i < nq; ++i) {
         float* o = orow + i * a.o.ss;

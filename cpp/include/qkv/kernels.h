@@ -40,6 +40,10 @@ struct KernelTable {
   // FMA latency does not limit it; each B element is read once.
   void (*gemv)(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
                const float* bias, int act);
+  // Dot products of rows, for scores against a few queries (decode):
+  // c[j*ldc + i] = alpha · Σ_p a[j*lda + p] · b[i*ldb + p], j < m, i < n <= 4.
+  void (*dot_rows)(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
+                   float alpha);
 
   // Online-softmax step of the flash forward on a transposed score block:
   // st: (keys, queries) with row stride ld, already scaled (Sᵀ = K·Qᵀ·scale), so

@@ -167,6 +167,43 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   }
 }
 
+template <int N>
+void dot_rows_n(idx m, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
+  constexpr int R = 4;  // rows of a at a time: R·N independent accumulators
+  const idx kv = k / W;
+  const int rem = static_cast<int>(k - kv * W);
+  const V::tail tail = V::tail_mask(rem);
+  idx j = 0;
+  for (; j < m; j += R) {
+    const int rows = static_cast<int>(m - j < R ? m - j : R);
+    V::reg acc[R][N];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < N; ++i) acc[r][i] = V::zero();
+    for (idx v = 0; v <= kv; ++v) {
+      if (v == kv && rem == 0) break;
+      V::reg bv[N];
+      for (int i = 0; i < N; ++i) bv[i] = v < kv ? V::load(b + i * ldb + v * W) : V::load(b + i * ldb + v * W, tail);
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const float* ar = a + (j + r) * lda + v * W;
+        const V::reg av = v < kv ? V::load(ar) : V::load(ar, tail);
+        for (int i = 0; i < N; ++i) acc[r][i] = V::fmadd(av, bv[i], acc[r][i]);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = alpha * V::reduce_add(acc[r][i]);
+  }
+}
+
+void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
+  switch (n) {
+    case 1: return dot_rows_n<1>(m, k, a, lda, b, ldb, c, ldc, alpha);
+    case 2: return dot_rows_n<2>(m, k, a, lda, b, ldb, c, ldc, alpha);
+    case 3: return dot_rows_n<3>(m, k, a, lda, b, ldb, c, ldc, alpha);
+    default: return dot_rows_n<4>(m, k, a, lda, b, ldb, c, ldc, alpha);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n
@@ -496,7 +533,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, NR, KC, MC, NC, gemm_tile, gemv, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
       layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
   return table;
 }
