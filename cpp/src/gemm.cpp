@@ -87,9 +87,10 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
                   const float* bias, int act) {
   const int mr = kt.mr, nr = kt.nr;
   float* rows[64];
-  for (idx jr = j_begin; jr < j_end; jr += nr) {
+  auto tile = [&](idx ir, idx jr) {
     const idx n_tile = std::min<idx>(nr, j_end - jr);
     const float* bpanel = bp + (jr / nr) * kc * nr;
+    const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
     idx j = 0;
     while (j < n_tile) {  // split [jc+jr, jc+jr+n_tile) at segment boundaries
       const idx gj = jc + jr + j;
@@ -97,28 +98,28 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
       const Segment& g = C.segs[s];
       const idx n = std::min<idx>(n_tile - j, C.seg_cols - c);
       float* col = g.ptr + c * C.cs;
-      for (idx ir = 0; ir < mc; ir += mr) {
-        const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
-        for (int i = 0; i < m; ++i) rows[i] = col + rb[ir + i] * g.bs + rr[ir + i] * g.rs;
-        GemmTile t;
-        t.k = kc;
-        t.m = m;
-        t.n = static_cast<int>(n);
-        t.a = ap + ir * kc;
-        t.rs_a = 1;
-        t.cs_a = mr;
-        t.b = bpanel + j;
-        t.rs_b = nr;
-        t.c_rows = rows;
-        t.alpha = alpha;
-        t.beta = beta;
-        t.bias = bias ? bias + gj : nullptr;
-        t.act = act;
-        kt.gemm_tile(t);
-      }
+      for (int i = 0; i < m; ++i) rows[i] = col + rb[ir + i] * g.bs + rr[ir + i] * g.rs;
+      GemmTile t;
+      t.k = kc;
+      t.m = m;
+      t.n = static_cast<int>(n);
+      t.a = ap + ir * kc;
+      t.rs_a = 1;
+      t.cs_a = mr;
+      t.b = bpanel + j;
+      t.rs_b = nr;
+      t.c_rows = rows;
+      t.alpha = alpha;
+      t.beta = beta;
+      t.bias = bias ? bias + gj : nullptr;
+      t.act = act;
+      kt.gemm_tile(t);
       j += n;
     }
-  }
+  };
+  // jr outer: one B micro-panel is reused by every A micro-panel of the block
+  for (idx jr = j_begin; jr < j_end; jr += nr)
+    for (idx ir = 0; ir < mc; ir += mr) tile(ir, jr);
 }
 
 // Small M (a few rows, e.g. one token): packing B would cost as much as the

@@ -54,7 +54,10 @@ void gemm_tile_m(const GemmTile& t) {
   const float* __restrict a = t.a;
   const float* __restrict b = t.b;
   const idx rs_a = t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
+  // the C rows are written at the end: start their lines on the way now
+  for (int i = 0; i < M; ++i) __builtin_prefetch(t.c_rows[i], 1, 3);
   for (idx p = 0; p < t.k; ++p) {
+    if (ColA) __builtin_prefetch(a + (p + 16) * cs_a, 0, 3);
     V::reg bv[NV];
     const float* bp = b + p * rs_b;
     for (int v = 0; v < NV; ++v) {
