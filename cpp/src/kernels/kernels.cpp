@@ -431,27 +431,29 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   for (int i = 0; i < queries; ++i) lim_min = imin(lim_min, lim[i]);
   const bool masked = lim_min < keys;
   alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
-  for (int v = 0; v < nv; ++v) V::store(mx + v * W, V::set1(kNegInf));
-  // pass 1: bias, mask, per-query max over the keys of this block
-  for (int j = 0; j < keys; ++j) {
-    float* row = st + j * ld;
-    for (int v = 0; v < nv; ++v) {
-      V::reg x = V::load(row + v * W);
+  // pass 1: bias, mask, per-query max over the keys of this block (one vector of
+  // queries at a time, walking down the keys: the running max stays in a register)
+  for (int v = 0; v < nv; ++v) {
+    V::reg mxv = V::set1(kNegInf);
+    const int lanes = imin(W, queries - v * W);
+    for (int j = 0; j < keys; ++j) {
+      float* cell = st + j * ld + v * W;
+      V::reg x = V::load(cell);
       if (bias.ptr) {
         const float* bj = bias.ptr + j * bias.cs + v * W * bias.rs;
         if (bias.rs == 0) {
           x = V::add(x, V::set1(bj[0]));
         } else {
           alignas(64) float tmp[W];
-          const int lanes = imin(W, queries - v * W);
           for (int q = 0; q < W; ++q) tmp[q] = q < lanes ? bj[q * bias.rs] : 0.0f;
           x = V::add(x, V::load(tmp));
         }
       }
       if (masked) x = V::mask_keys(x, lim + v * W, j);
-      if (bias.ptr || masked) V::store(row + v * W, x);
-      V::store(mx + v * W, V::max(V::load(mx + v * W), x));
+      if (bias.ptr || masked) V::store(cell, x);
+      mxv = V::max(mxv, x);
     }
+    V::store(mx + v * W, mxv);
   }
   // new max; m_safe replaces a -inf max by 0 so that exp(-inf - m_safe) = 0, not NaN
   alignas(64) float msafe[kMaxVecs * W];
@@ -462,16 +464,18 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     V::store(m + v * W, m_new);
     V::store(msafe + v * W, m_s);
     V::store(corr + v * W, exp_v<false>(V::sub(m_old, m_s)));
-    V::store(lsum + v * W, V::zero());
   }
-  // pass 2: P = exp(s - m), column sums
-  for (int j = 0; j < keys; ++j) {
-    float* row = st + j * ld;
-    for (int v = 0; v < nv; ++v) {
-      const V::reg p = exp_v<false>(V::sub(V::load(row + v * W), V::load(msafe + v * W)));
-      V::store(row + v * W, p);
-      V::store(lsum + v * W, V::add(V::load(lsum + v * W), p));
+  // pass 2: P = exp(s - m), column sums (again a vector of queries at a time)
+  for (int v = 0; v < nv; ++v) {
+    const V::reg ms = V::load(msafe + v * W);
+    V::reg ls = V::zero();
+    for (int j = 0; j < keys; ++j) {
+      float* cell = st + j * ld + v * W;
+      const V::reg p = exp_v<false>(V::sub(V::load(cell), ms));
+      V::store(cell, p);
+      ls = V::add(ls, p);
     }
+    V::store(lsum + v * W, ls);
   }
   for (int v = 0; v < nv; ++v)
     V::store(l + v * W, V::fmadd(V::load(l + v * W), V::load(corr + v * W), V::load(lsum + v * W)));
