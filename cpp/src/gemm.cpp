@@ -195,6 +195,23 @@ bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const MatMap& B) 
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
 
+// How many chunks to cut the jr loop into so that the n_ic × chunks work items
+// spread evenly over nt threads (a static split: the busiest thread has
+// ceil(items / nt)); the fewest chunks within 2% of the best balance.
+idx split_n(idx n_ic, idx n_panels, int nt) {
+  if (nt <= 1) return 1;
+  auto balance = [&](idx chunks) {
+    const idx items = n_ic * chunks;
+    return static_cast<double>(items) / (static_cast<double>(nt) * ceil_div(items, nt));
+  };
+  const idx max_chunks = std::min<idx>(n_panels, std::max<idx>(4, ceil_div(nt, n_ic)));
+  double best = 0.0;
+  for (idx c = 1; c <= max_chunks; ++c) best = std::max(best, balance(c));
+  for (idx c = 1; c <= max_chunks; ++c)
+    if (balance(c) >= best - 0.02) return c;
+  return 1;
+}
+
 }  // namespace
 
 void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
@@ -231,7 +248,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
       const idx nc = std::min<idx>(nc_max, N - jc);
       const idx n_panels = ceil_div(nc, nr);
       // Split the jr loop too when the M blocks cannot keep every thread busy.
-      const idx n_jchunks = std::min<idx>(n_panels, std::max<idx>(1, ceil_div(nt, n_ic)));
+      const idx n_jchunks = split_n(n_ic, n_panels, nt);
       for (idx pc = 0; pc < std::max<idx>(K, 1); pc += kc_max) {
         const idx kc = K == 0 ? 0 : std::min<idx>(kc_max, K - pc);
         const bool first = pc == 0, last = pc + kc_max >= K;
