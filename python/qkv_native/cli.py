@@ -1,0 +1,121 @@
+"""The ``qkv-native`` command: ``info`` (CPU and ISA) and ``bench`` (see :mod:`qkv_native.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+import qkv_native as qn
+
+
+def _info_text() -> str:
+    """cpu_info() as aligned lines."""
+    info = qn.cpu_info()
+    features = info["features"]
+    have = [name for name, on in features.items() if on]
+    lack = [name for name, on in features.items() if not on]
+    rows = [
+        ("qkv_native", qn.__version__),
+        ("CPU", f"{info['brand']} ({info['vendor']})"),
+        ("features", " ".join(have) or "-"),
+        ("missing", " ".join(lack) or "-"),
+        ("supported ISAs", ", ".join(info["supported_isas"]) + "  (best last)"),
+        ("active ISA", f"{info['isa']}  (override: QKV_NATIVE_ISA=scalar|avx2|avx512)"),
+        ("threads", f"{info['num_threads']}  (OMP_NUM_THREADS or qkv_native.set_num_threads)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import bench
+
+    parser = argparse.ArgumentParser(
+        prog="qkv-native",
+        description="qkv_native: fast, exact, trainable attention for CPUs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("info", help="print the CPU's features, the supported and chosen ISA, threads",
+                   description="Print qkv_native.cpu_info(): features, supported ISAs, chosen ISA, threads.")
+    b = sub.add_parser(
+        "bench",
+        help="benchmark against NumPy, PyTorch and ONNX Runtime",
+        description="Time GEMM, the fused QKV projection, attention forward/backward and a multi-head "
+        "attention layer against NumPy (always) and PyTorch / ONNX Runtime (when installed: "
+        f'{bench.INSTALL_HINT}), with the same thread count on every side.',
+    )
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="a subset of the cases with a short time budget (default; about a minute on 2 cores)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="every case, with a longer time budget")
+    b.set_defaults(mode="quick")
+    b.add_argument("--only", metavar="GROUPS",
+                   help=f"comma-separated groups to run, from: {','.join(bench.GROUPS)}")
+    b.add_argument("--threads", metavar="N,N,...",
+                   help="thread counts to sweep, e.g. 1,2 (default: qkv_native's current count)")
+    b.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="time budget per implementation and case (default: 0.25 quick, 1.0 full)")
+    b.add_argument("--json", metavar="FILE", help="write every raw timing and the machine description as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="plot GFLOP/s against seq (and threads); needs matplotlib")
+    b.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress indicator on stderr")
+    from . import train_cli
+
+    train_cli.add_parser(sub)  # sets func=train_cli.run
+    return parser
+
+
+def _bench(args, argv: Sequence[str]) -> int:
+    from . import bench
+
+    only = bench.parse_list(args.only, "only")
+    threads = bench.parse_threads(args.threads)
+    if args.plot:
+        bench.require_matplotlib()  # fail before running, not after
+    budget = None
+    if args.budget is not None:
+        if not args.budget > 0:
+            raise bench.BenchError(f"--budget must be positive, got {args.budget}")
+        base = bench.FULL if args.mode == "full" else bench.QUICK
+        budget = bench.Budget(**{**vars(base), "seconds": args.budget})
+    report = bench.run_bench(mode=args.mode, only=only, threads=threads, budget=budget,
+                             progress=args.progress, argv=list(argv))
+    print(bench.format_report(report), flush=True)
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        bench.plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``qkv-native`` and ``python -m qkv_native``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "info":
+        print(_info_text())
+        return 0
+    if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
+        return args.func(args)
+    from .bench import BenchError
+
+    try:
+        return _bench(args, argv)
+    except BenchError as exc:
+        print(f"qkv-native bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qkv-native bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
