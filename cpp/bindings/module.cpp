@@ -215,18 +215,20 @@ py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, cons
   return res;
 }
 
-py::tuple layer_norm(const py::object& x_obj, const py::object& g_obj, const py::object& b_obj, float eps) {
+py::tuple layer_norm(const py::object& x_obj, const py::object& g_obj, const py::object& b_obj, float eps,
+                     const py::object& out) {
   const auto& kt = active_kernels();
   Arr x = as_f32(x_obj, "x", 2), g = as_f32(g_obj, "weight", 1), b = as_f32(b_obj, "bias", 1);
   const idx rows = x.shape[0], n = x.shape[1];
   expect_shape(g, "weight", {n});
   expect_shape(b, "bias", {n});
   if (!(eps > 0.0f)) value_error("eps must be positive");
-  auto [y, ya] = output(py::none(), "y", {rows, n});
+  auto [y, ya] = output(out, "out", {rows, n});  // out may be x itself: each row is read before it is written
   auto [mean, ma] = output(py::none(), "mean", {rows});
   auto [rstd, ra] = output(py::none(), "rstd", {rows});
   run_native([&] {
-    qkv::layer_norm_forward(kt, rows, n, x.ptr, x.strides[0], g.ptr, b.ptr, eps, ya.ptr, n, ma.ptr, ra.ptr);
+    qkv::layer_norm_forward(kt, rows, n, x.ptr, x.strides[0], g.ptr, b.ptr, eps, ya.ptr, ya.strides[0], ma.ptr,
+                            ra.ptr);
   });
   return py::make_tuple(y, mean, rstd);
 }
@@ -679,7 +681,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("causal") = false, py::arg("scale"));
   m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("activation") = "none",
         py::arg("out") = py::none());
-  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("out") = py::none());
   m.def("layer_norm_backward", &layer_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),
         py::arg("mean"), py::arg("rstd"));
   m.def("gelu", &gelu, py::arg("x"));

@@ -61,9 +61,10 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="FILE.png", help="plot GFLOP/s against seq (and threads); needs matplotlib")
     b.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress indicator on stderr")
-    from . import train_cli
+    from . import embed_cli, train_cli
 
     train_cli.add_parser(sub)  # sets func=train_cli.run
+    embed_cli.add_parser(sub)  # sets func=embed_cli.run
     return parser
 
 

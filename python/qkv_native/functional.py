@@ -446,18 +446,27 @@ def linear(
 
 
 def layer_norm(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5, *, out: Optional[np.ndarray] = None
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LayerNorm over the last axis: (x - mean)/sqrt(var + eps)·weight + bias (biased var).
 
     x: (..., n); weight, bias: (n,). Returns y (..., n) and mean, rstd (...,), the
-    statistics :func:`layer_norm_backward` needs.
+    statistics :func:`layer_norm_backward` needs. ``out`` (C-contiguous, the shape
+    of x) receives y and may be x itself (normalised in place).
     """
     _check_array(x, "x")
     _check_array(weight, "weight", 1)
     _check_array(bias, "bias", 1)
-    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, float(eps))
-    return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+    out2 = None
+    if out is not None:
+        _check_array(out, "out")
+        if out.shape != x.shape or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous with the shape of x {x.shape}, got {out.shape}")
+        if out is not x:
+            _check_no_overlap(out, "out", x=x, weight=weight, bias=bias)
+        out2 = out.reshape(-1, x.shape[-1])
+    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, float(eps), out2)
+    return (out if out is not None else y.reshape(x.shape)), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
 def layer_norm_backward(

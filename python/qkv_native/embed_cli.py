@@ -1,0 +1,153 @@
+"""``qkv-native embed``: embed a text file, one text per line, into a .npy file.
+
+    qkv-native embed --model DIR --input texts.txt --output emb.npy
+
+The input is streamed: it is read twice (once to count the lines, once to embed
+them a chunk at a time) and the embeddings go straight into a memory-mapped
+.npy, so memory does not grow with the file. The output is written under a
+temporary name and renamed when complete. Lines end at "\\n" (a trailing "\\r"
+is dropped); every line, empty ones included, gives one row.
+
+Wiring: ``add_parser(subparsers)`` adds the sub-command to an argparse parser
+(and sets ``func=run``); ``run(args)`` returns the exit status. ``python -m
+qkv_native.embed_cli ...`` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["add_parser", "run", "main"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``embed`` sub-command to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "embed",
+        help="embed a text file (one text per line) with a BERT sentence encoder",
+        description="Embed each line of --input with the sentence encoder in --model and save a "
+                    "float32 (lines, dim) array to --output (.npy). Nothing is downloaded.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="model directory: config.json, model.safetensors, tokenizer.json "
+                        "[, modules.json, 1_Pooling/config.json]")
+    p.add_argument("--input", required=True, metavar="FILE", help="UTF-8 text file, one text per line")
+    p.add_argument("--output", required=True, metavar="FILE", help="output .npy file")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--chunk-size", type=int, default=8192,
+                   help="lines read, sorted by length and embedded together (default: 8192)")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="native threads (default: all cores)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="do not L2-normalise (a Normalize module in modules.json still applies)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+    return p
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    with open(path, "r", encoding="utf-8", newline="\n") as f:
+        for line in f:
+            if line.endswith("\n"):
+                line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+            yield line
+
+
+def _chunks(lines: Iterator[str], size: int) -> Iterator[List[str]]:
+    chunk: List[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _embed_file(enc, src: Path, tmp: Path, n: int, args: argparse.Namespace) -> None:
+    """Embed the n lines of src into the .npy file tmp, chunk by chunk, through a memory map."""
+    from .encoder import _Progress
+
+    if n == 0:  # an empty memory map cannot be created
+        with open(tmp, "wb") as f:
+            np.save(f, np.empty((0, enc.embedding_dim), np.float32), allow_pickle=False)
+        return
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, enc.embedding_dim))
+    progress = _Progress(n, not args.no_progress, desc="embed")
+    try:
+        row = 0
+        for chunk in _chunks(_read_lines(src), args.chunk_size):
+            if row + len(chunk) > n:
+                raise RuntimeError(f"{src} changed while it was read (it had {n} lines)")
+            enc.encode_into(chunk, out[row:row + len(chunk)], batch_size=args.batch_size,
+                            normalize=not args.no_normalize, progress=progress)
+            row += len(chunk)
+        if row != n:
+            raise RuntimeError(f"{src} changed while it was read ({n} lines, then {row})")
+        out.flush()
+    finally:
+        progress.close()
+        del out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``embed`` with parsed arguments; returns the exit status (0, or 2 on a user error)."""
+    import qkv_native
+    from .encoder import CheckpointError, SentenceEncoder
+
+    def fail(msg: str) -> int:
+        print(f"qkv-native embed: error: {msg}", file=sys.stderr)
+        return 2
+
+    for name in ("batch_size", "chunk_size"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail(f"--threads must be positive, got {args.threads}")
+        qkv_native.set_num_threads(args.threads)
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_file():
+        return fail(f"{src}: input file not found")
+    try:
+        enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
+        enc.chunk_size = args.chunk_size
+        try:
+            n = sum(1 for _ in _read_lines(src))
+        except UnicodeDecodeError as e:
+            return fail(f"{src}: not UTF-8 text ({e})")
+        tmp = dst.with_name(dst.name + ".partial")
+        try:
+            _embed_file(enc, src, tmp, n, args)
+            os.replace(tmp, dst)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
+        return fail(str(e))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m qkv_native.embed_cli --model DIR --input FILE --output FILE``."""
+    parser = argparse.ArgumentParser(prog="qkv-native")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "embed":
+        argv = ["embed", *argv]
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
