@@ -122,9 +122,9 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
     for (idx ir = 0; ir < mc; ir += mr) tile(ir, jr);
 }
 
-// Small M (a few rows, e.g. one token): packing B would cost as much as the
-// product, so the micro-tiles read A and B in place and threads split N. Each
-// B element is read once: the loop runs at memory bandwidth.
+// Small M (up to a few hundred rows): packing B would cost as much as the product,
+// so the micro-tiles read A and B in place and threads split N into strips; a
+// strip of B is read from memory once and from L2 for the further row tiles.
 void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
                   float beta, const MatMap& C, const float* bias, int act) {
   const int nr = kt.nr;
@@ -151,26 +151,31 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   }
   const idx n_strips = ceil_div(N, nr);
   const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * M * N * K, 1.0e6), n_strips));
-  // A rows must be contiguous along K within a batch (row-major, unsplit K).
+  // A rows are contiguous along K, all in A's first batch (small_m_ok).
+  idx astep, alen;
+  const float* a0 = A.run(0, 0, &astep, &alen);
   const idx a_rs = A.row_step(0);
+  std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
+  for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (idx strip = 0; strip < n_strips; ++strip) {
     float* rows[64];
     const idx j_end = std::min<idx>(N, (strip + 1) * nr);
     idx j = strip * nr;
-    while (j < j_end) {
-      idx step, len, cstep, clen;
+    while (j < j_end) {  // pieces of the strip within one segment of B and of C
+      idx step, len;
       const float* bp = B.run(0, j, &step, &len);
-      const idx n = std::min<idx>(j_end - j, len);
+      const idx s = j / C.seg_cols, c = j - s * C.seg_cols;
+      const Segment& g = C.segs[s];
+      const idx n = std::min<idx>(std::min<idx>(j_end - j, len), C.seg_cols - c);
       for (idx i0 = 0; i0 < M; i0 += kt.mr) {
         const int m = static_cast<int>(std::min<idx>(kt.mr, M - i0));
-        for (int i = 0; i < m; ++i) rows[i] = C.run(i0 + i, j, &cstep, &clen);
-        idx astep, alen;
+        for (int i = 0; i < m; ++i) rows[i] = g.ptr + rb[i0 + i] * g.bs + rr[i0 + i] * g.rs + c * C.cs;
         GemmTile t;
         t.k = K;
         t.m = m;
-        t.n = static_cast<int>(std::min<idx>(n, clen));
-        t.a = A.run(i0, 0, &astep, &alen);
+        t.n = static_cast<int>(n);
+        t.a = a0 + i0 * a_rs;
         t.rs_a = a_rs;
         t.cs_a = 1;
         t.b = bp;
@@ -182,7 +187,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.act = act;
         kt.gemm_tile(t);
       }
-      j += std::min<idx>(n, clen);
+      j += n;
     }
   }
 }
@@ -190,7 +195,9 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
 // True when the no-pack path can read the operands in place: A row-major with
 // whole rows in one batch, B with unit column steps (not transposed).
 bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const MatMap& B) {
-  if (M > kt.mr || A.trans || B.trans || B.cs != 1 || A.cs != 1) return false;
+  // Measured on Zen 4 (K = 384, N = 1536): reading B in place beats packing it up to
+  // about 16 micro-tile rows (the B strip of each thread stays in L2 across them).
+  if (M > 16 * kt.mr || A.trans || B.trans || B.cs != 1 || A.cs != 1) return false;
   if (A.seg_cols != MatMap().seg_cols) return false;
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
