@@ -51,6 +51,18 @@ void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o,
                     dsum + detail::lse_offset(a, b, h) + q0);
 }
 
+// A thread's buffers for key blocks: the block products' and the dK/dV accumulators.
+struct KeyBlockScratch {
+  BlockBufs bufs;
+  AlignedBuffer dk_acc, dv_acc;
+  std::vector<int> lim_rel;
+  KeyBlockScratch(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv)
+      : bufs(kt, blk, D, Dv),
+        dk_acc(blk.bk * std::max<idx>(D, 1)),
+        dv_acc(blk.bk * std::max<idx>(Dv, 1)),
+        lim_rel(static_cast<size_t>(blk.bq)) {}
+};
+
 }  // namespace
 
 void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const Tensor4& dq,
@@ -85,8 +97,11 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // One key block of one (batch, kv head): dK, dV rows [k0, k0 + bk), summed over
   // the query blocks of every query head in the group; with fused_dq also
   // dQ += scale · dS·K into those query rows (the caller owns them and zeroed them).
-  auto key_block = [&](idx b, idx hk, idx k0, BlockBufs& bufs, float* dk_acc, float* dv_acc,
-                       std::vector<int>& lim_rel, bool fused_dq) {
+  auto key_block = [&](idx b, idx hk, idx k0, KeyBlockScratch& sc, bool fused_dq) {
+    BlockBufs& bufs = sc.bufs;
+    float* dk_acc = sc.dk_acc.data();
+    float* dv_acc = sc.dv_acc.data();
+    std::vector<int>& lim_rel = sc.lim_rel;
     const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
     const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows written
     // keys past key_lengths are never read (their rows of dK/dV are 0)
@@ -136,16 +151,13 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
 #pragma omp parallel num_threads(nt)
     {
-      BlockBufs bufs(kt, blk, D, Dv);
-      AlignedBuffer dk_acc(blk.bk * std::max<idx>(D, 1)), dv_acc(blk.bk * std::max<idx>(Dv, 1));
-      std::vector<int> lim_rel(blk.bq);
+      KeyBlockScratch sc(kt, blk, D, Dv);
 #pragma omp for schedule(dynamic, 1)
       for (idx pair = 0; pair < n_pairs; ++pair) {
         const idx b = pair / Hkv, hk = pair % Hkv;
         for (idx h = hk * group; h < (hk + 1) * group; ++h)
           for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
-        for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk)
-          key_block(b, hk, k0, bufs, dk_acc.data(), dv_acc.data(), lim_rel, true);
+        for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true);
       }
     }
     return;
@@ -157,14 +169,12 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
 #pragma omp parallel num_threads(nt1)
   {
-    BlockBufs bufs(kt, blk, D, Dv);
-    AlignedBuffer dk_acc(blk.bk * std::max<idx>(D, 1)), dv_acc(blk.bk * std::max<idx>(Dv, 1));
-    std::vector<int> lim_rel(blk.bq);
+    KeyBlockScratch sc(kt, blk, D, Dv);
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
-      key_block(b, hk, k0, bufs, dk_acc.data(), dv_acc.data(), lim_rel, false);
+      key_block(b, hk, k0, sc, false);
     }
   }
 
