@@ -138,14 +138,14 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   };
 
   // Note [backward schedule]
-  // With many (batch, kv head) pairs, one pass: a task owns a pair (its dK, dV and
+  // With at least 8 (batch, kv head) pairs, one pass: a task owns a pair (its dK, dV and
   // the dQ of its query heads) and walks the key blocks: 5 block products per tile.
   // With few pairs, a pass over (batch, kv head, key block) tasks for dK, dV and a
   // second over (batch, head, query block) tasks for dQ keep every thread busy at
   // the price of recomputing P and dS (7 products per tile). The choice depends on
   // the shape only, and each order of summation is fixed, so results never depend
   // on the thread count.
-  const bool one_pass = B * Hkv >= 16;
+  const bool one_pass = B * Hkv >= 8;
   if (one_pass) {
     const idx n_pairs = B * Hkv;
     const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
