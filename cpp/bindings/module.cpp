@@ -8,7 +8,9 @@
 #include <pybind11/stl.h>
 
 #include <atomic>
+#include <algorithm>
 #include <climits>
+#include <cstdint>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -42,13 +44,19 @@ std::string shape_str(const std::vector<idx>& s) {
 }
 
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+
+// By kind and size (not identity: an array that went through pickle has an equal
+// but distinct dtype object), in native byte order.
+bool is_dtype(const py::dtype& dt, char kind, py::ssize_t size) {
+  return dt.kind() == kind && dt.itemsize() == size && dt.attr("isnative").cast<bool>();
+}
 [[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
 
 Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = false) {
   if (!py::isinstance<py::array>(obj))
     type_error(std::string(name) + " must be a numpy.ndarray of float32, got " + std::string(py::str(py::type::of(obj))));
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<float>()))
+  if (!is_dtype(a.dtype(), 'f', 4))
     type_error(std::string(name) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
                " (convert explicitly with .astype(np.float32))");
   if (a.ndim() != ndim)
@@ -64,6 +72,8 @@ Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = fa
       value_error(std::string(name) + " has a stride that is not a multiple of 4 bytes (misaligned view)");
     r.strides.push_back(st / static_cast<idx>(sizeof(float)));
   }
+  if (r.size() > 0 && reinterpret_cast<std::uintptr_t>(r.ptr) % alignof(float) != 0)
+    value_error(std::string(name) + " is not aligned to 4 bytes (a view at an odd byte offset); pass a copy");
   if (ndim > 0 && r.shape.back() > 1 && r.strides.back() != 1 && r.size() > 0)
     value_error(std::string(name) + " must be contiguous in its last axis (stride 1), got stride " +
                 std::to_string(r.strides.back()) + " elements; pass np.ascontiguousarray(" + name + ")");
@@ -101,6 +111,22 @@ Arr view_of(py::array_t<float>& a) {
   return r;
 }
 
+// True when two index tuples of a map to one address: sorted by |stride|, each
+// stride must step past everything the smaller ones span.
+bool self_overlapping(const Arr& a) {
+  if (a.size() <= 1) return false;
+  std::vector<std::pair<idx, idx>> dims;  // (|stride|, extent)
+  for (size_t i = 0; i < a.shape.size(); ++i)
+    if (a.shape[i] > 1) dims.emplace_back(a.strides[i] < 0 ? -a.strides[i] : a.strides[i], a.shape[i]);
+  std::sort(dims.begin(), dims.end());
+  idx span = 1;  // elements covered by the smaller dims
+  for (const auto& [stride, extent] : dims) {
+    if (stride < span) return true;
+    span = stride * (extent - 1) + span;
+  }
+  return false;
+}
+
 // Output: the given `out` (checked: float32, shape, writeable) or a new array.
 std::pair<py::array_t<float>, Arr> output(const py::object& out, const char* name, const std::vector<idx>& shape) {
   if (out.is_none()) {
@@ -110,6 +136,7 @@ std::pair<py::array_t<float>, Arr> output(const py::object& out, const char* nam
   }
   Arr v = as_f32(out, name, static_cast<int>(shape.size()), true);
   expect_shape(v, name, shape);
+  if (self_overlapping(v)) value_error(std::string(name) + " has overlapping elements (e.g. a zero stride); pass a fresh array");
   return {py::reinterpret_borrow<py::array_t<float>>(out), v};
 }
 
@@ -162,7 +189,7 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
   const idx ba = nda == 3 ? a.shape[0] : 1, bb = ndb == 3 ? b.shape[0] : 1;
   if (nda == 3 && ndb == 3 && ba != bb)
     value_error("a and b must have the same batch size, got " + std::to_string(ba) + " and " + std::to_string(bb));
-  const idx batch = std::max(ba, bb);
+  const idx batch = nda == 3 ? ba : bb;  // a 2-D operand broadcasts against the other's batch (even 0)
   const int oa = nda - 2, ob = ndb - 2;
   const idx M = trans_a ? a.shape[oa + 1] : a.shape[oa], Ka = trans_a ? a.shape[oa] : a.shape[oa + 1];
   const idx Kb = trans_b ? b.shape[ob + 1] : b.shape[ob], N = trans_b ? b.shape[ob] : b.shape[ob + 1];
@@ -443,14 +470,14 @@ void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const 
   args.causal = causal;
   if (!key_lengths.is_none()) {
     py::array kl = py::reinterpret_borrow<py::array>(key_lengths);
-    if (!py::isinstance<py::array>(key_lengths) || !(kl.dtype().is(py::dtype::of<int64_t>()) || kl.dtype().is(py::dtype::of<int32_t>())))
+    if (!py::isinstance<py::array>(key_lengths) || !(is_dtype(kl.dtype(), 'i', 8) || is_dtype(kl.dtype(), 'i', 4)))
       type_error("key_lengths must be a numpy array of int32 or int64");
     if (kl.ndim() != 1 || kl.shape(0) != B)
       value_error("key_lengths must have shape (batch=" + std::to_string(B) + ",)");
     lengths_store.resize(static_cast<size_t>(B));
     for (idx b = 0; b < B; ++b) {
       const char* p = static_cast<const char*>(kl.data()) + b * kl.strides(0);
-      const idx len = kl.dtype().is(py::dtype::of<int64_t>()) ? *reinterpret_cast<const int64_t*>(p)
+      const idx len = is_dtype(kl.dtype(), 'i', 8) ? *reinterpret_cast<const int64_t*>(p)
                                                                : *reinterpret_cast<const int32_t*>(p);
       if (len < 0 || len > Sk)
         value_error("key_lengths[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside [0, seq_k=" +
@@ -464,7 +491,7 @@ void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const 
     // bias is broadcast to (batch, num_heads, seq_q, seq_k) by the Python layer (zero strides)
     if (!py::isinstance<py::array>(bias)) type_error("bias must be a numpy.ndarray of float32");
     py::array ba = py::reinterpret_borrow<py::array>(bias);
-    if (!ba.dtype().is(py::dtype::of<float>())) type_error("bias must have dtype float32, got " + std::string(py::str(ba.dtype())));
+    if (!is_dtype(ba.dtype(), 'f', 4)) type_error("bias must have dtype float32, got " + std::string(py::str(ba.dtype())));
     if (ba.ndim() != 4) value_error("bias must be 4-D (batch, num_heads, seq_q, seq_k)");
     std::vector<idx> shape(ba.shape(), ba.shape() + 4);
     expect_shape(Arr{nullptr, shape, {}}, "bias", {B, H, Sq, Sk});
@@ -499,7 +526,7 @@ qkv::Tensor4 packed_tensor(const Arr& a, const std::vector<idx>& cu) {
 std::vector<idx> read_offsets(const py::object& obj, const char* name, idx total) {
   if (!py::isinstance<py::array>(obj)) type_error(std::string(name) + " must be a numpy array of int32 or int64");
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  const bool i64 = a.dtype().is(py::dtype::of<int64_t>()), i32 = a.dtype().is(py::dtype::of<int32_t>());
+  const bool i64 = is_dtype(a.dtype(), 'i', 8), i32 = is_dtype(a.dtype(), 'i', 4);
   if (!i64 && !i32) type_error(std::string(name) + " must have dtype int32 or int64, got " + std::string(py::str(a.dtype())));
   if (a.ndim() != 1 || a.shape(0) < 1) value_error(std::string(name) + " must have shape (batch + 1,)");
   std::vector<idx> cu(static_cast<size_t>(a.shape(0)));
@@ -568,7 +595,7 @@ py::tuple attention_varlen_backward(const py::object& do_obj, const py::object& 
   expect_shape(o, "o", {q.shape[0], H, v.shape[2]});
   expect_shape(d_o, "do", {q.shape[0], H, v.shape[2]});
   expect_shape(lse, "lse", {H, q.shape[0]});
-  if ((q.shape[0] > 1 && lse.strides[1] != 1) || lse.strides[0] != q.shape[0])
+  if (lse.size() > 0 && ((q.shape[0] > 1 && lse.strides[1] != 1) || (H > 1 && lse.strides[0] != q.shape[0])))
     value_error("lse must be C-contiguous (the array attention_varlen() returned)");
   qkv::AttentionArgs args;
   args.q = packed_tensor(q, cu_q);
@@ -621,7 +648,8 @@ py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, 
   expect_shape(o, "o", {B, H, Sq, v.shape[3]});
   expect_shape(d_o, "do", {B, H, Sq, v.shape[3]});
   expect_shape(lse, "lse", {B, H, Sq});
-  if (lse.strides[0] != H * Sq || lse.strides[1] != Sq || (Sq > 1 && lse.strides[2] != 1))
+  if (lse.size() > 0 && ((B > 1 && lse.strides[0] != H * Sq) || (H > 1 && lse.strides[1] != Sq) ||
+                          (Sq > 1 && lse.strides[2] != 1)))
     value_error("lse must be C-contiguous (the array attention() returned)");
   args.o = tensor4(o);
   args.lse = lse.ptr;

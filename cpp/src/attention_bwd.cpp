@@ -149,9 +149,11 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   if (one_pass) {
     const idx n_pairs = B * Hkv;
     const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
+    std::vector<KeyBlockScratch> scratch;  // allocated here: a failure raises in the caller
+    for (int t = 0; t < nt; ++t) scratch.emplace_back(kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt)
     {
-      KeyBlockScratch sc(kt, blk, D, Dv);
+      KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
       for (idx pair = 0; pair < n_pairs; ++pair) {
         const idx b = pair / Hkv, hk = pair % Hkv;
@@ -167,9 +169,11 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const detail::BlockTasks tasks1(a.k, Hkv, blk.bk);
   const idx n_tasks1 = tasks1.count();
   const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
+  std::vector<KeyBlockScratch> scratch1;  // allocated here: a failure raises in the caller
+  for (int t = 0; t < nt1; ++t) scratch1.emplace_back(kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt1)
   {
-    KeyBlockScratch sc(kt, blk, D, Dv);
+    KeyBlockScratch& sc = scratch1[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
@@ -181,10 +185,12 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();
   const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
+  std::vector<KeyBlockScratch> scratch2;  // pass 2 uses its bufs and lim_rel
+  for (int t = 0; t < nt2; ++t) scratch2.emplace_back(kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt2)
   {
-    BlockBufs bufs(kt, blk, D, Dv);
-    std::vector<int> lim_rel(blk.bq);
+    BlockBufs& bufs = scratch2[static_cast<size_t>(omp_get_thread_num())].bufs;
+    std::vector<int>& lim_rel = scratch2[static_cast<size_t>(omp_get_thread_num())].lim_rel;
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks2; ++task) {
       idx b, h, q0;

@@ -30,12 +30,32 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const idx bq_pad = ceil_div(blk.bq, kt.nr) * kt.nr;  // Qᵀ panels and Sᵀ rows
   const idx qpanel = bq_pad * std::max<idx>(D, 1);
 
+  // Per-thread buffers, allocated here so that a failed allocation raises in the
+  // caller (MemoryError) instead of terminating inside the parallel region.
+  struct Scratch {
+    AlignedBuffer st_buf, q_buf, m_buf, l_buf;
+    std::vector<int> lim_rel;
+    std::vector<float> p_row;
+    std::vector<idx> lim;
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(nt));
+  for (Scratch& sc : scratch) {
+    sc.st_buf.resize(blk.bk * bq_pad);
+    if (blk.bq > 4) sc.q_buf.resize(qpanel);  // the few-queries path reads Q in place
+    sc.m_buf.resize(bq_pad);
+    sc.l_buf.resize(bq_pad);
+    sc.lim_rel.resize(static_cast<size_t>(bq_pad));
+    sc.p_row.resize(static_cast<size_t>(blk.bk));
+    sc.lim.resize(static_cast<size_t>(bq_pad));
+  }
+
 #pragma omp parallel num_threads(nt)
   {
-    AlignedBuffer st_buf(blk.bk * bq_pad), q_buf(qpanel), m_buf(bq_pad), l_buf(bq_pad);
-    std::vector<int> lim_rel(static_cast<size_t>(bq_pad));
-    std::vector<float> p_row(static_cast<size_t>(blk.bk));
-    std::vector<idx> lim(static_cast<size_t>(bq_pad));
+    Scratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
+    AlignedBuffer &st_buf = sc.st_buf, &q_buf = sc.q_buf, &m_buf = sc.m_buf, &l_buf = sc.l_buf;
+    std::vector<int>& lim_rel = sc.lim_rel;
+    std::vector<float>& p_row = sc.p_row;
+    std::vector<idx>& lim = sc.lim;
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
       idx b, h, q0;

@@ -244,13 +244,23 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
   // Few M blocks: size them so that every thread gets an equal share of rows.
   if (ceil_div(M, mc_max) < 2 * nt) mc_max = std::max<idx>(mr, ceil_div(ceil_div(M, nt), mr) * mr);
 
-  float* const bpack = scratch(Scratch::kGemmB, kc_max * nc_max).data();  // Note [workspace]
+  // Note [workspace]; sized here, in the calling thread, so that a failed
+  // allocation raises in the caller instead of terminating a parallel region
+  float* const bpack = scratch(Scratch::kGemmB, kc_max * nc_max).data();
+  // one A block per worker, kept by the calling thread (the workers reach it through
+  // this reference: inside the region the name would be each worker's own variable)
+  thread_local std::vector<AlignedBuffer> apack_of_caller;
+  std::vector<AlignedBuffer>& apack = apack_of_caller;
+  if (apack.size() < static_cast<size_t>(nt)) apack.resize(static_cast<size_t>(nt));
+  for (int t = 0; t < nt; ++t) apack[static_cast<size_t>(t)].resize(mc_max * kc_max);
+  std::vector<std::vector<idx>> rowoff(static_cast<size_t>(nt), std::vector<idx>(static_cast<size_t>(2 * mc_max)));
   const idx n_ic = ceil_div(M, mc_max);
 
 #pragma omp parallel num_threads(nt)
   {
-    float* const ap = scratch(Scratch::kGemmA, mc_max * kc_max).data();
-    std::vector<idx> rb(static_cast<size_t>(mc_max)), rr(static_cast<size_t>(mc_max));
+    float* const ap = apack[static_cast<size_t>(omp_get_thread_num())].data();
+    idx* const rb = rowoff[static_cast<size_t>(omp_get_thread_num())].data();
+    idx* const rr = rb + mc_max;
     for (idx jc = 0; jc < N; jc += nc_max) {
       const idx nc = std::min<idx>(nc_max, N - jc);
       const idx n_panels = ceil_div(nc, nr);
@@ -271,14 +281,14 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
             pack_a(A, ic, mc, pc, kc, mr, ap);
-            for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, &rb[i], &rr[i]);
+            for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, rb + i, rr + i);
             packed_ic = ic;
           }
           const idx per = ceil_div(n_panels, n_jchunks);
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, ap, bpack, rb.data(), rr.data(), mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, ap, bpack, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)

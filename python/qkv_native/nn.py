@@ -481,10 +481,13 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
             arrays = {n: z[n] for n in z.files if n != _HEADER_KEY}
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError, AttributeError) as e:
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a corrupt file can fail anywhere in zipfile/numpy/json parsing
         raise CheckpointError(f"{path}: corrupt or not a qkv_native checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict) or header.get("format") != _MAGIC:
-        raise CheckpointError(f"{path}: not a qkv_native checkpoint (format {header.get('format')!r})")
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path}: not a qkv_native checkpoint (format {fmt!r})")
     if header.get("version") != 1:
         raise CheckpointError(f"{path}: unsupported checkpoint version {header.get('version')!r}")
     listed = header.get("arrays", {})
@@ -492,7 +495,7 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
         raise CheckpointError(f"{path}: header lists {sorted(listed)} but the file holds {sorted(arrays)}")
     for n, spec in listed.items():
         a = arrays[n]
-        if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
+        if not isinstance(spec, dict) or list(a.shape) != spec.get("shape") or str(a.dtype) != spec.get("dtype"):
             raise CheckpointError(f"{path}: array {n!r} is {a.dtype}{a.shape}, header says {spec}")
     if _checksum(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")

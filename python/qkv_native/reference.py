@@ -373,7 +373,7 @@ def attention(q, k, v, *, causal=False, key_lengths=None, bias=None, scale=None)
 
     # Numerically stable log-sum-exp over visible keys.
     row_any = allowed.any(axis=-1)                           # (b, h, i)
-    row_max = np.where(row_any, s.max(axis=-1), 0.0)         # finite everywhere
+    row_max = np.where(row_any, s.max(axis=-1, initial=-np.inf), 0.0)  # finite everywhere (seq_k may be 0)
     e = np.exp(s - row_max[..., None])                       # 0 on masked entries
     row_sum = np.where(row_any, e.sum(axis=-1), 1.0)         # >= 1 on live rows
     lse = np.where(row_any, row_max + np.log(row_sum), -np.inf)

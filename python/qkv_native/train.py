@@ -325,25 +325,38 @@ class Trainer:
         arrays, meta = load_arrays(path)
         if meta.get("kind") != "trainer":
             raise CheckpointError(f"{path}: not a trainer checkpoint (kind {meta.get('kind')!r})")
+        # Every field is read and checked before anything is changed.
+        try:
+            epoch = int(meta["epoch"])
+            seed = int(meta.get("seed", 0))
+            history = {str(k): [float(x) for x in v] for k, v in dict(meta.get("history", {})).items()}
+            saved_cbs = list(meta.get("callbacks", []))
+            cb_types = [c["type"] for c in saved_cbs]
+            optimizer_meta = meta["optimizer"]
+            rng_states = meta.get("rng", {})
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{path}: malformed trainer metadata ({type(err).__name__}: {err})") from None
         model_state = {n[len("model/") :]: a for n, a in arrays.items() if n.startswith("model/")}
         opt_state = {n[len("optim/") :]: a for n, a in arrays.items() if n.startswith("optim/")}
         backup_model = self.model.state_dict()
         backup_opt = self.optimizer.state_dict()
+        backup_rng = self.model.rng_states()
+        backup_cbs = [cb.state() for cb in self.callbacks]
         try:
             self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(opt_state, meta["optimizer"])
-            self.model.set_rng_states(meta.get("rng", {}))
-            saved_cbs = meta.get("callbacks", [])
-            if [c["type"] for c in saved_cbs] == [type(cb).__name__ for cb in self.callbacks]:
+            self.optimizer.load_state_dict(opt_state, optimizer_meta)
+            self.model.set_rng_states(rng_states)
+            if cb_types == [type(cb).__name__ for cb in self.callbacks]:
                 for cb, c in zip(self.callbacks, saved_cbs):
                     cb.load_state(c["state"])
-        except (ValueError, KeyError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             self.model.load_state_dict(backup_model)
             self.optimizer.load_state_dict(*backup_opt)
+            self.model.set_rng_states(backup_rng)
+            for cb, st in zip(self.callbacks, backup_cbs):
+                cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
-        self.epoch = int(meta["epoch"])
-        self.seed = int(meta.get("seed", 0))
-        self.history = {k: list(v) for k, v in meta.get("history", {}).items()}
+        self.epoch, self.seed, self.history = epoch, seed, history
 
 
 def _check_inputs(x, name: str) -> np.ndarray:
