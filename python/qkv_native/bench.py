@@ -80,6 +80,10 @@ CHECK_ORDER: Tuple[str, ...] = ("numpy", "torch", "onnxruntime")
 INSTALL_HINT = 'pip install ".[bench]"'
 #: The NumPy attention baseline materialises the (seq_q, seq_k) scores; above this it is skipped.
 NUMPY_SCORES_MAX_BYTES = 1.5e9
+#: Pause before each block of timed runs. Idle thread pools keep spinning for a while
+#: after a call (OpenBLAS up to ~0.1 s, OpenMP runtimes a few ms) and would steal the
+#: cores from the next implementation's first runs.
+SETTLE_S = 0.12
 #: Relative tolerance of the output check: max|got - want| <= RTOL · max|want|.
 RTOL = 1e-3
 #: Environment variables that slow NumPy's OpenBLAS on this kind of machine.
@@ -960,7 +964,8 @@ def measure(fns: Mapping[str, Callable[[], Any]], budget: Budget,
     Each of ``budget.rounds`` rounds gives every implementation one block of
     ``budget.seconds / rounds`` (and at least ``ceil(min_runs / rounds)`` runs), the
     order rotating from round to round, so that a noisy neighbour or a slow phase
-    of the machine falls on all sides alike. A block starts with one untimed call
+    of the machine falls on all sides alike. A block starts after a pause of
+    ``SETTLE_S`` (the other thread pools fall asleep), then with one untimed call
     when a call is short (under a tenth of the block: the previous implementation's
     thread pool may still be spinning); ``first_s`` (name -> seconds of an earlier
     call) tells how long a call is before any timed run. An implementation that
@@ -977,6 +982,8 @@ def measure(fns: Mapping[str, Callable[[], Any]], budget: Budget,
             if not isinstance(times[name], list):
                 continue
             fn, done = fns[name], times[name]
+            if len(names) > 1:
+                time.sleep(SETTLE_S)  # let the previous implementation's spinning threads go to sleep
             try:
                 estimate = statistics.median(done) if done else (first_s or {}).get(name, 0.0)
                 if estimate < 0.1 * block:
