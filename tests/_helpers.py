@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from qkv_native import reference as ref
 
@@ -277,3 +278,11 @@ ATTENTION_CASES = {
     "bias_per_query": dict(batch=2, heads=2, seq_q=17, seq_k=63, d_head=16, bias="q1"),
     "d_head_160": dict(seq_q=33, seq_k=200, d_head=160, d_v=24, causal=True),  # key block of 64
 }
+
+
+def torch_one_thread():
+    """torch (the test skips without it), limited to one thread: two OpenMP runtimes
+    (torch's and ours) spinning on the same 2 cores slow each other down ~40x."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch

@@ -16,12 +16,7 @@ from qkv_native import nn
 F32 = np.float32
 
 
-def _torch():
-    """torch, limited to one thread: two OpenMP runtimes (torch's and ours) spinning
-    on the same 2 cores slow each other down ~40x."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
+from _helpers import torch_one_thread as _torch  # noqa: E402
 
 
 def randn(rng, *shape, scale=1.0):

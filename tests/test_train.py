@@ -17,12 +17,7 @@ from qkv_native.train import Callback, EarlyStopping, ModelCheckpoint, Trainer, 
 F32 = np.float32
 
 
-def _torch():
-    """torch, limited to one thread: two OpenMP runtimes (torch's and ours) spinning
-    on the same 2 cores slow each other down ~40x."""
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
+from _helpers import torch_one_thread as _torch  # noqa: E402
 
 
 def toy_data(n=96, seq=4, d_in=3, classes=3, seed=0):
