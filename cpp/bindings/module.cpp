@@ -542,11 +542,11 @@ std::vector<idx> read_offsets(const py::object& obj, const char* name, idx total
   return cu;
 }
 
-py::object attention_varlen(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
-                            const py::object& cu_q_obj, const py::object& cu_k_obj, bool causal, float scale,
-                            bool return_lse, const py::object& out) {
-  const auto& kt = active_kernels();
-  Arr q = as_f32(q_obj, "q", 3), k = as_f32(k_obj, "k", 3), v = as_f32(v_obj, "v", 3);
+// The shared checks of the packed-form forward and backward; fills args' q, k, v,
+// scale and causal. cu_q, cu_k keep the offsets the tensors point into.
+void varlen_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const Arr& v, const py::object& cu_q_obj,
+                 const py::object& cu_k_obj, bool causal, float scale, std::vector<idx>& cu_q,
+                 std::vector<idx>& cu_k) {
   const idx H = q.shape[1], D = q.shape[2], Hkv = k.shape[1];
   if (k.shape[2] != D) value_error("k must have shape (total_k, num_kv_heads, d_head=" + std::to_string(D) + "), got " + shape_str(k.shape));
   if (v.shape[0] != k.shape[0] || v.shape[1] != Hkv)
@@ -557,15 +557,25 @@ py::object attention_varlen(const py::object& q_obj, const py::object& k_obj, co
                 ", num_kv_heads=" + std::to_string(Hkv));
   if (q.shape[0] >= INT_MAX || k.shape[0] >= INT_MAX) value_error("total lengths must be below 2**31");
   if (!std::isfinite(scale)) value_error("scale must be finite");
-  std::vector<idx> cu_q = read_offsets(cu_q_obj, "cu_seqlens_q", q.shape[0]);
-  std::vector<idx> cu_k = read_offsets(cu_k_obj, "cu_seqlens_k", k.shape[0]);
+  cu_q = read_offsets(cu_q_obj, "cu_seqlens_q", q.shape[0]);
+  cu_k = read_offsets(cu_k_obj, "cu_seqlens_k", k.shape[0]);
   if (cu_q.size() != cu_k.size()) value_error("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)");
-  qkv::AttentionArgs args;
   args.q = packed_tensor(q, cu_q);
   args.k = packed_tensor(k, cu_k);
   args.v = packed_tensor(v, cu_k);
   args.scale = scale;
   args.causal = causal;
+}
+
+py::object attention_varlen(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
+                            const py::object& cu_q_obj, const py::object& cu_k_obj, bool causal, float scale,
+                            bool return_lse, const py::object& out) {
+  const auto& kt = active_kernels();
+  Arr q = as_f32(q_obj, "q", 3), k = as_f32(k_obj, "k", 3), v = as_f32(v_obj, "v", 3);
+  qkv::AttentionArgs args;
+  std::vector<idx> cu_q, cu_k;
+  varlen_args(args, q, k, v, cu_q_obj, cu_k_obj, causal, scale, cu_q, cu_k);
+  const idx H = q.shape[1];
   auto [o, oa] = output(out, "out", {q.shape[0], H, v.shape[2]});
   args.o = packed_tensor(oa, cu_q);
   py::array_t<float> lse;
@@ -583,28 +593,18 @@ py::tuple attention_varlen_backward(const py::object& do_obj, const py::object& 
                                     const py::object& cu_q_obj, const py::object& cu_k_obj, bool causal, float scale) {
   const auto& kt = active_kernels();
   Arr q = as_f32(q_obj, "q", 3), k = as_f32(k_obj, "k", 3), v = as_f32(v_obj, "v", 3);
-  const idx H = q.shape[1], D = q.shape[2], Hkv = k.shape[1];
-  if (k.shape[2] != D) value_error("k must have shape (total_k, num_kv_heads, d_head=" + std::to_string(D) + "), got " + shape_str(k.shape));
-  if (v.shape[0] != k.shape[0] || v.shape[1] != Hkv) value_error("v must have shape (total_k, num_kv_heads, d_v), got " + shape_str(v.shape));
-  if (Hkv == 0 || H % Hkv != 0) value_error("the number of kv heads must divide the number of query heads");
-  if (!std::isfinite(scale)) value_error("scale must be finite");
-  std::vector<idx> cu_q = read_offsets(cu_q_obj, "cu_seqlens_q", q.shape[0]);
-  std::vector<idx> cu_k = read_offsets(cu_k_obj, "cu_seqlens_k", k.shape[0]);
-  if (cu_q.size() != cu_k.size()) value_error("cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)");
+  qkv::AttentionArgs args;
+  std::vector<idx> cu_q, cu_k;
+  varlen_args(args, q, k, v, cu_q_obj, cu_k_obj, causal, scale, cu_q, cu_k);
+  const idx H = q.shape[1];
   Arr o = as_f32(o_obj, "o", 3), d_o = as_f32(do_obj, "do", 3), lse = as_f32(lse_obj, "lse", 2);
   expect_shape(o, "o", {q.shape[0], H, v.shape[2]});
   expect_shape(d_o, "do", {q.shape[0], H, v.shape[2]});
   expect_shape(lse, "lse", {H, q.shape[0]});
   if (lse.size() > 0 && ((q.shape[0] > 1 && lse.strides[1] != 1) || (H > 1 && lse.strides[0] != q.shape[0])))
     value_error("lse must be C-contiguous (the array attention_varlen() returned)");
-  qkv::AttentionArgs args;
-  args.q = packed_tensor(q, cu_q);
-  args.k = packed_tensor(k, cu_k);
-  args.v = packed_tensor(v, cu_k);
   args.o = packed_tensor(o, cu_q);
   args.lse = lse.ptr;
-  args.scale = scale;
-  args.causal = causal;
   auto [dq, dqa] = output(py::none(), "dq", q.shape);
   auto [dk, dka] = output(py::none(), "dk", k.shape);
   auto [dv, dva] = output(py::none(), "dv", v.shape);

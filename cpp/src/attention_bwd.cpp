@@ -36,12 +36,7 @@ void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o,
                      bufs.s.data(), blk.bk);
   for (idx i = 0; i < nq; ++i)
     lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(detail::key_limit(a, b, q0 + i) - k0, nk)));
-  BiasView bias;
-  if (a.bias) {
-    bias.ptr = a.bias + b * a.bias_bs + h * a.bias_hs + q0 * a.bias_qs + k0 * a.bias_ks;
-    bias.rs = a.bias_qs;
-    bias.cs = a.bias_ks;
-  }
+  const BiasView bias = detail::bias_block(a, b, h, q0, k0);
   const float* lse = a.lse + detail::lse_offset(a, b, h) + q0;
   kt.softmax_bwd_p(bufs.s.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk), bias, lim_rel.data(), lse);
   // dP (nq × nk) = dO (nq × Dv) · Vᵀ (Dv × nk); dS = P ∘ (dP − D)
@@ -62,6 +57,14 @@ struct KeyBlockScratch {
         dv_acc(blk.bk * std::max<idx>(Dv, 1)),
         lim_rel(static_cast<size_t>(blk.bq)) {}
 };
+
+// One scratch per thread, allocated in the calling thread: a failed allocation
+// raises there instead of terminating inside the parallel region.
+std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv) {
+  std::vector<KeyBlockScratch> v;
+  for (int t = 0; t < nt; ++t) v.emplace_back(kt, blk, D, Dv);
+  return v;
+}
 
 }  // namespace
 
@@ -149,8 +152,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   if (one_pass) {
     const idx n_pairs = B * Hkv;
     const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
-    std::vector<KeyBlockScratch> scratch;  // allocated here: a failure raises in the caller
-    for (int t = 0; t < nt; ++t) scratch.emplace_back(kt, blk, D, Dv);
+    std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt)
     {
       KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
@@ -169,8 +171,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const detail::BlockTasks tasks1(a.k, Hkv, blk.bk);
   const idx n_tasks1 = tasks1.count();
   const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
-  std::vector<KeyBlockScratch> scratch1;  // allocated here: a failure raises in the caller
-  for (int t = 0; t < nt1; ++t) scratch1.emplace_back(kt, blk, D, Dv);
+  std::vector<KeyBlockScratch> scratch1 = per_thread(nt1, kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt1)
   {
     KeyBlockScratch& sc = scratch1[static_cast<size_t>(omp_get_thread_num())];
@@ -185,8 +186,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();
   const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
-  std::vector<KeyBlockScratch> scratch2;  // pass 2 uses its bufs and lim_rel
-  for (int t = 0; t < nt2; ++t) scratch2.emplace_back(kt, blk, D, Dv);
+  std::vector<KeyBlockScratch> scratch2 = per_thread(nt2, kt, blk, D, Dv);  // pass 2 uses bufs, lim_rel
 #pragma omp parallel num_threads(nt2)
   {
     BlockBufs& bufs = scratch2[static_cast<size_t>(omp_get_thread_num())].bufs;

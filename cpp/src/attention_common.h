@@ -17,6 +17,17 @@ inline idx key_limit(const AttentionArgs& a, idx b, idx i) {
   return std::max<idx>(lim, 0);
 }
 
+// The additive bias seen from query q0 and key k0 of (b, h): rows are queries.
+inline BiasView bias_block(const AttentionArgs& a, idx b, idx h, idx q0, idx k0) {
+  BiasView v;
+  if (a.bias) {
+    v.ptr = a.bias + b * a.bias_bs + h * a.bias_hs + q0 * a.bias_qs + k0 * a.bias_ks;
+    v.rs = a.bias_qs;
+    v.cs = a.bias_ks;
+  }
+  return v;
+}
+
 // Offset of lse(b, h, 0): (batch, heads, seq_q) dense, (heads, total_q) packed.
 inline idx lse_offset(const AttentionArgs& a, idx b, idx h) {
   return a.q.cu ? h * a.q.cu[a.q.batch] + a.q.cu[b] : (b * a.q.heads + h) * a.q.seq;

@@ -89,12 +89,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
                              st_buf.data(), bq_pad);
         for (idx i = 0; i < bq_pad; ++i)
           lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(lim[i] - k0, nk)));
-        BiasView bias;
-        if (a.bias) {
-          bias.ptr = a.bias + b * a.bias_bs + h * a.bias_hs + q0 * a.bias_qs + k0 * a.bias_ks;
-          bias.rs = a.bias_qs;
-          bias.cs = a.bias_ks;
-        }
+        const BiasView bias = detail::bias_block(a, b, h, q0, k0);
         kt.softmax_fwd(st_buf.data(), bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, lim_rel.data(), m, l,
                        orow, a.o.ss, static_cast<int>(Dv));
         // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]

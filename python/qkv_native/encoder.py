@@ -68,8 +68,6 @@ __all__ = [
     "bert_tensor_shapes",
     "load_state_dict",
     "layer_norm",
-    "gelu",
-    "erf",
 ]
 
 #: Pooling modes, with sentence-transformers' names; several are concatenated in the order given.

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import tempfile
-import zipfile
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
