@@ -174,18 +174,54 @@ void run_native(F&& f) {
   f();
 }
 
+// A right operand packed once (Note [packed weights] in qkv/gemm.h): w (K, N), or
+// with trans a (N, K) array (a PyTorch Linear.weight) packed as its transpose.
+struct PackedWeight {
+  idx K = 0, N = 0;
+  qkv::AlignedBuffer buf;
+
+  PackedWeight(const py::object& w_obj, bool trans) {
+    Arr w = as_f32(w_obj, "w", 2);
+    K = trans ? w.shape[1] : w.shape[0];
+    N = trans ? w.shape[0] : w.shape[1];
+    checked_numel({qkv::ceil_div(N, qkv::kPackedPanel), qkv::kPackedPanel, K}, "packed weight");
+    buf.resize(std::max<idx>(1, qkv::packed_b_size(K, N)));
+    run_native([&] {
+      qkv::PlainMat B(w.ptr, w.strides[0], 1, trans);
+      qkv::pack_b(B.map, K, N, buf.data());
+    });
+  }
+  qkv::PackedB view() const { return {buf.data(), K, N}; }
+  py::array_t<float> to_array() const {
+    py::array_t<float> a({K, N});
+    float* dst = a.mutable_data();
+    const qkv::PackedB b = view();
+    for (idx p = 0; p < K; ++p)
+      for (idx j = 0; j < N; ++j) dst[p * N + j] = *b.at(p, j);
+    return a;
+  }
+};
+
+const PackedWeight* as_packed(const py::handle& obj) {
+  return py::isinstance<PackedWeight>(obj) ? obj.cast<const PackedWeight*>() : nullptr;
+}
+
 // ---------------------------------------------------------------------------
 py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a, bool trans_b, float alpha,
                           float beta, const py::object& out) {
   const auto& kt = active_kernels();
-  py::array a_arr = py::reinterpret_borrow<py::array>(a_obj);
-  py::array b_arr = py::reinterpret_borrow<py::array>(b_obj);
+  const PackedWeight* pw = as_packed(b_obj);
   if (!py::isinstance<py::array>(a_obj)) type_error("a must be a numpy.ndarray of float32");
-  if (!py::isinstance<py::array>(b_obj)) type_error("b must be a numpy.ndarray of float32");
-  const int nda = static_cast<int>(a_arr.ndim()), ndb = static_cast<int>(b_arr.ndim());
+  if (!pw && !py::isinstance<py::array>(b_obj)) type_error("b must be a numpy.ndarray of float32 or a PackedWeight");
+  if (pw && trans_b)
+    value_error("trans_b does not apply to a PackedWeight: pack the transpose instead (pack_weight(w, trans=True))");
+  const int nda = static_cast<int>(py::reinterpret_borrow<py::array>(a_obj).ndim());
+  const int ndb = pw ? 2 : static_cast<int>(py::reinterpret_borrow<py::array>(b_obj).ndim());
   if (nda != 2 && nda != 3) value_error("a must be 2-D (M, K) or 3-D (batch, M, K), got " + std::to_string(nda) + "-D");
   if (ndb != 2 && ndb != 3) value_error("b must be 2-D (K, N) or 3-D (batch, K, N), got " + std::to_string(ndb) + "-D");
-  Arr a = as_f32(a_obj, "a", nda), b = as_f32(b_obj, "b", ndb);
+  Arr a = as_f32(a_obj, "a", nda), b;
+  if (pw) b.shape = {pw->K, pw->N}, b.strides = {pw->N, 1};
+  else b = as_f32(b_obj, "b", ndb);
   const idx ba = nda == 3 ? a.shape[0] : 1, bb = ndb == 3 ? b.shape[0] : 1;
   if (nda == 3 && ndb == 3 && ba != bb)
     value_error("a and b must have the same batch size, got " + std::to_string(ba) + " and " + std::to_string(bb));
@@ -208,8 +244,12 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
       const float* bp = b.ptr + (ndb == 3 ? i * b.strides[0] : 0);
       float* cp = c.ptr + (oshape.size() == 3 ? i * c.strides[0] : 0);
       qkv::PlainMat A(ap, trans_a ? a_cs : a_rs, trans_a ? a_rs : a_cs);
-      qkv::PlainMat B(bp, trans_b ? b_cs : b_rs, trans_b ? b_rs : b_cs);
       qkv::PlainMat C(cp, c_rs, 1);
+      if (pw) {
+        qkv::gemm(kt, M, A.map, pw->view(), alpha, beta, C.map, nullptr);
+        continue;
+      }
+      qkv::PlainMat B(bp, trans_b ? b_cs : b_rs, trans_b ? b_rs : b_cs);
       qkv::gemm(kt, M, N, Ka, alpha, A.map, B.map, beta, C.map, nullptr);
     }
   });
@@ -221,7 +261,10 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
 py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, const py::object& b_obj,
                           const std::string& activation, const py::object& out) {
   const auto& kt = active_kernels();
-  Arr x = as_f32(x_obj, "x", 2), w = as_f32(w_obj, "w", 2);
+  const PackedWeight* pw = as_packed(w_obj);
+  Arr x = as_f32(x_obj, "x", 2), w;
+  if (pw) w.shape = {pw->K, pw->N}, w.strides = {pw->N, 1};
+  else w = as_f32(w_obj, "w", 2);
   const idx M = x.shape[0], K = x.shape[1], N = w.shape[1];
   if (w.shape[0] != K)
     value_error("w must have shape (d_in=" + std::to_string(K) + ", d_out), got " + shape_str(w.shape));
@@ -237,7 +280,8 @@ py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, cons
   auto [res, c] = output(out, "out", {M, N});
   run_native([&] {
     qkv::PlainMat A(x.ptr, x.strides[0], 1), B(w.ptr, w.strides[0], 1), C(c.ptr, c.strides[0], 1);
-    qkv::gemm(kt, M, N, K, 1.0f, A.map, B.map, 0.0f, C.map, bias, act);
+    if (pw) qkv::gemm(kt, M, A.map, pw->view(), 1.0f, 0.0f, C.map, bias, act);
+    else qkv::gemm(kt, M, N, K, 1.0f, A.map, B.map, 0.0f, C.map, bias, act);
   });
   return res;
 }
@@ -312,31 +356,62 @@ struct ProjShapes {
   idx batch, seq, d_model, num_heads, num_kv_heads, d_head, d_q, d_kv, N;
 };
 
-ProjShapes check_projection(const Arr& x, const Arr& wq, const Arr& wk, const Arr& wv, idx num_heads,
-                            idx num_kv_heads) {
+// Shapes of a projection of x (batch, seq, d_model) to num_heads query heads and
+// num_kv_heads key/value heads of d_head.
+ProjShapes projection_shapes(const Arr& x, idx num_heads, idx num_kv_heads, idx d_head) {
   ProjShapes s;
   s.batch = x.shape[0];
   s.seq = x.shape[1];
   s.d_model = x.shape[2];
+  s.num_heads = num_heads;
+  s.num_kv_heads = num_kv_heads;
+  s.d_head = d_head;
+  s.d_q = num_heads * d_head;
+  s.d_kv = num_kv_heads * d_head;
+  s.N = s.d_q + 2 * s.d_kv;
+  checked_numel({s.batch, s.seq, s.N}, "projection output");
+  return s;
+}
+
+void check_heads(idx num_heads, idx num_kv_heads) {
   if (num_heads <= 0) value_error("num_heads must be positive, got " + std::to_string(num_heads));
   if (num_kv_heads <= 0) value_error("num_kv_heads must be positive, got " + std::to_string(num_kv_heads));
   if (num_heads % num_kv_heads != 0)
     value_error("num_kv_heads must divide num_heads, got num_heads=" + std::to_string(num_heads) +
                 ", num_kv_heads=" + std::to_string(num_kv_heads));
-  if (wq.shape[0] != s.d_model) value_error("w_q must have shape (d_model=" + std::to_string(s.d_model) + ", d_q), got " + shape_str(wq.shape));
-  s.d_q = wq.shape[1];
-  if (s.d_q % num_heads != 0)
-    value_error("num_heads=" + std::to_string(num_heads) + " must divide d_q=" + std::to_string(s.d_q));
-  s.num_heads = num_heads;
-  s.num_kv_heads = num_kv_heads;
-  s.d_head = s.d_q / num_heads;
-  s.d_kv = num_kv_heads * s.d_head;
+}
+
+ProjShapes check_projection(const Arr& x, const Arr& wq, const Arr& wk, const Arr& wv, idx num_heads,
+                            idx num_kv_heads) {
+  check_heads(num_heads, num_kv_heads);
+  const idx d_model = x.shape[2];
+  if (wq.shape[0] != d_model) value_error("w_q must have shape (d_model=" + std::to_string(d_model) + ", d_q), got " + shape_str(wq.shape));
+  if (wq.shape[1] % num_heads != 0)
+    value_error("num_heads=" + std::to_string(num_heads) + " must divide d_q=" + std::to_string(wq.shape[1]));
+  if (wq.shape[1] == 0) value_error("d_head must be positive (w_q has 0 columns)");
+  const ProjShapes s = projection_shapes(x, num_heads, num_kv_heads, wq.shape[1] / num_heads);
   expect_shape(wk, "w_k", {s.d_model, s.d_kv});
   expect_shape(wv, "w_v", {s.d_model, s.d_kv});
-  if (s.d_head == 0) value_error("d_head must be positive (w_q has 0 columns)");
-  s.N = s.d_q + 2 * s.d_kv;
-  checked_numel({s.batch, s.seq, s.N}, "projection output");
   return s;
+}
+
+// q, k, v outputs of a projection (given or new, checked), and `project(x, out)`
+// run on the maps that read x and write their heads.
+template <class F>
+py::tuple project_heads(const Arr& x, const ProjShapes& s, const py::object& q_out, const py::object& k_out,
+                        const py::object& v_out, F&& project) {
+  auto [q, qa] = output(q_out, "q_out", {s.batch, s.num_heads, s.seq, s.d_head});
+  auto [k, ka] = output(k_out, "k_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  auto [v, va] = output(v_out, "v_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  std::vector<qkv::Segment> osegs;
+  add_head_segments(osegs, qa);
+  add_head_segments(osegs, ka);
+  add_head_segments(osegs, va);
+  qkv::Segment xseg{x.ptr, x.strides[0], x.strides[1]};
+  qkv::MatMap xm{&xseg, 1, qkv::MatMap().seg_cols, std::max<idx>(s.seq, 1), false};
+  qkv::MatMap om{osegs.data(), 1, s.d_head, std::max<idx>(s.seq, 1), false};
+  run_native([&] { project(xm, om); });
+  return py::make_tuple(q, k, v);
 }
 
 py::tuple qkv_project(const py::object& x_obj, const py::object& wq_obj, const py::object& wk_obj,
@@ -361,24 +436,39 @@ py::tuple qkv_project(const py::object& x_obj, const py::object& wq_obj, const p
       for (idx j = 0; j < lens[t]; ++j) bias[offs[t] + j] = bt.ptr[j * bt.strides[0]];
     }
   }
-  auto [q, qa] = output(q_out, "q_out", {s.batch, s.num_heads, s.seq, s.d_head});
-  auto [k, ka] = output(k_out, "k_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
-  auto [v, va] = output(v_out, "v_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
-  std::vector<qkv::Segment> wsegs, osegs;
+  std::vector<qkv::Segment> wsegs;
   add_weight_segments(wsegs, wq, s.d_head);
   add_weight_segments(wsegs, wk, s.d_head);
   add_weight_segments(wsegs, wv, s.d_head);
-  add_head_segments(osegs, qa);
-  add_head_segments(osegs, ka);
-  add_head_segments(osegs, va);
-  qkv::Segment xseg{x.ptr, x.strides[0], x.strides[1]};
-  qkv::MatMap xm{&xseg, 1, qkv::MatMap().seg_cols, std::max<idx>(s.seq, 1), false};
   qkv::MatMap wm{wsegs.data(), 1, s.d_head, qkv::MatMap().rows_per_batch, false};
-  qkv::MatMap om{osegs.data(), 1, s.d_head, std::max<idx>(s.seq, 1), false};
-  run_native([&] {
-    qkv::project_forward(kt, s.batch * s.seq, s.d_model, s.N, xm, wm, any_bias ? bias.data() : nullptr, om);
+  return project_heads(x, s, q_out, k_out, v_out, [&](const qkv::MatMap& xm, const qkv::MatMap& om) {
+    qkv::gemm(kt, s.batch * s.seq, s.N, s.d_model, 1.0f, xm, wm, 0.0f, om, any_bias ? bias.data() : nullptr);
   });
-  return py::make_tuple(q, k, v);
+}
+
+// qkv_project with [W_Q | W_K | W_V] packed once (a PackedWeight of (d_model, N)).
+py::tuple qkv_project_packed(const py::object& x_obj, const PackedWeight& w, const py::object& b_obj,
+                             idx num_heads, idx num_kv_heads, const py::object& q_out, const py::object& k_out,
+                             const py::object& v_out) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(x_obj, "x", 3);
+  check_heads(num_heads, num_kv_heads);
+  const idx heads = num_heads + 2 * num_kv_heads;
+  if (w.K != x.shape[2])
+    value_error("w_qkv must have d_model=" + std::to_string(x.shape[2]) + " rows, got shape " + shape_str({w.K, w.N}));
+  if (w.N == 0 || w.N % heads != 0)
+    value_error("w_qkv must have (num_heads + 2*num_kv_heads)*d_head = " + std::to_string(heads) +
+                "*d_head columns, got shape " + shape_str({w.K, w.N}));
+  const ProjShapes s = projection_shapes(x, num_heads, num_kv_heads, w.N / heads);
+  const float* bias = nullptr;
+  if (!b_obj.is_none()) {
+    Arr b = as_f32(b_obj, "b_qkv", 1);
+    expect_shape(b, "b_qkv", {s.N});
+    bias = b.ptr;
+  }
+  return project_heads(x, s, q_out, k_out, v_out, [&](const qkv::MatMap& xm, const qkv::MatMap& om) {
+    qkv::gemm(kt, s.batch * s.seq, xm, w.view(), 1.0f, 0.0f, om, bias);
+  });
 }
 
 py::tuple qkv_project_backward(const py::object& x_obj, const py::object& wq_obj, const py::object& wk_obj,
@@ -686,11 +776,28 @@ py::dict cpu_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "qkv_native native core (private; use the qkv_native package)";
+  py::class_<PackedWeight>(m, "PackedWeight",
+                           "A weight packed once for many products (see qkv_native.pack_weight).")
+      .def(py::init<const py::object&, bool>(), py::arg("w"), py::arg("trans") = false)
+      .def_property_readonly("shape", [](const PackedWeight& w) { return py::make_tuple(w.K, w.N); })
+      .def_property_readonly("nbytes", [](const PackedWeight& w) {
+        return static_cast<idx>(sizeof(float)) * qkv::packed_b_size(w.K, w.N);
+      })
+      .def("to_array", &PackedWeight::to_array)
+      .def("__repr__", [](const PackedWeight& w) { return "PackedWeight(shape=" + shape_str({w.K, w.N}) + ")"; })
+      .def(py::pickle([](const PackedWeight& w) { return py::make_tuple(w.to_array()); },
+                      [](const py::tuple& t) {
+                        if (t.size() != 1) value_error("PackedWeight: bad pickle state");
+                        return PackedWeight(t[0], false);
+                      }));
   m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
         py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("out") = py::none());
   m.def("qkv_project", &qkv_project, py::arg("x"), py::arg("w_q"), py::arg("w_k"), py::arg("w_v"),
         py::arg("b_q") = py::none(), py::arg("b_k") = py::none(), py::arg("b_v") = py::none(), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("q_out") = py::none(), py::arg("k_out") = py::none(),
+        py::arg("v_out") = py::none());
+  m.def("qkv_project_packed", &qkv_project_packed, py::arg("x"), py::arg("w_qkv"), py::arg("b_qkv") = py::none(),
+        py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("q_out") = py::none(), py::arg("k_out") = py::none(),
         py::arg("v_out") = py::none());
   m.def("qkv_project_backward", &qkv_project_backward, py::arg("x"), py::arg("w_q"), py::arg("w_k"), py::arg("w_v"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("num_heads"), py::arg("num_kv_heads"),

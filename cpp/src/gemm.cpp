@@ -7,6 +7,7 @@
 //           for ir in mc step mr:        micro-tile mr × nr, kc rank-1 updates
 //
 // Threads split ic (M) and, when M has fewer blocks than threads, jr (N); never K.
+// A B packed beforehand (Note [packed weights]) skips the packing of B.
 #include "qkv/gemm.h"
 
 #include <omp.h>
@@ -79,17 +80,44 @@ void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, 
       for (int j = n; j < nr; ++j) bp[p * nr + j] = 0.0f;
 }
 
+// Where the driver reads B: a map (packed per call by the big path, read in place
+// by the small-M path) or panels packed beforehand.
+struct BOperand {
+  const MatMap* map;
+  const PackedB* packed;
+  // B(0, j): the pointer, the step to B(1, j), and how many columns from j on are
+  // contiguous (unit column step) with that row step. Untransposed maps only.
+  const float* run(idx j, idx* rs, idx* len) const {
+    if (packed) {
+      *rs = kPackedPanel;
+      *len = kPackedPanel - j % kPackedPanel;
+      return packed->at(0, j);
+    }
+    idx step;
+    *rs = map->row_step(j);
+    return map->run(0, j, &step, len);
+  }
+};
+
+// The B micro-panels of one K block that the macro-kernel reads: columns [j, j+nr)
+// (j a multiple of nr) at at(j), row step `width` (a multiple of nr).
+struct Panels {
+  const float* base;
+  idx width, panel_stride;
+  const float* at(idx j) const { return base + (j / width) * panel_stride + j % width; }
+};
+
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
 // splitting each tile at segment boundaries of the output map. rb/rr: the batch
 // and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
-void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const idx* rb, const idx* rr, idx mc,
+void macro_kernel(const KernelTable& kt, const float* ap, const Panels& bp, const idx* rb, const idx* rr, idx mc,
                   idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
                   const float* bias, int act) {
   const int mr = kt.mr, nr = kt.nr;
   float* rows[64];
   auto tile = [&](idx ir, idx jr) {
     const idx n_tile = std::min<idx>(nr, j_end - jr);
-    const float* bpanel = bp + (jr / nr) * kc * nr;
+    const float* bpanel = bp.at(jr);
     const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
     idx j = 0;
     while (j < n_tile) {  // split [jc+jr, jc+jr+n_tile) at segment boundaries
@@ -107,7 +135,7 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
       t.rs_a = 1;
       t.cs_a = mr;
       t.b = bpanel + j;
-      t.rs_b = nr;
+      t.rs_b = bp.width;
       t.c_rows = rows;
       t.alpha = alpha;
       t.beta = beta;
@@ -125,12 +153,13 @@ void macro_kernel(const KernelTable& kt, const float* ap, const float* bp, const
 // Small M (up to a few hundred rows): packing B would cost as much as the product,
 // so the micro-tiles read A and B in place and threads split N into strips; a
 // strip of B is read from memory once and from L2 for the further row tiles.
-void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
+void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const BOperand& B,
                   float beta, const MatMap& C, const float* bias, int act) {
   const int nr = kt.nr;
-  if (M == 1) {
+  if (M == 1 && !B.packed) {
     // One row: the gemv kernel over column strips, one per thread (long contiguous
-    // runs of every row of B), split further at segment boundaries.
+    // runs of every row of B), split further at segment boundaries. (Packed panels
+    // are contiguous already: the 1-row micro-tile below streams them.)
     const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * N * K, 1.0e6), ceil_div(N, 64)));
     const idx kStrip = ceil_div(ceil_div(N, nt), 16) * 16;
     idx astep, alen;
@@ -139,11 +168,11 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     for (idx strip = 0; strip < ceil_div(N, kStrip); ++strip) {
       const idx j_end = std::min<idx>(N, (strip + 1) * kStrip);
       for (idx j = strip * kStrip; j < j_end;) {
-        idx step, len, cstep, clen;
-        const float* bp = B.run(0, j, &step, &len);
+        idx rs, len, cstep, clen;
+        const float* bp = B.run(j, &rs, &len);
         float* y = C.run(0, j, &cstep, &clen);
         const idx n = std::min<idx>(std::min<idx>(j_end - j, len), clen);
-        kt.gemv(K, n, x, bp, B.row_step(j), y, alpha, beta, bias ? bias + j : nullptr, act);
+        kt.gemv(K, n, x, bp, rs, y, alpha, beta, bias ? bias + j : nullptr, act);
         j += n;
       }
     }
@@ -163,8 +192,8 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     const idx j_end = std::min<idx>(N, (strip + 1) * nr);
     idx j = strip * nr;
     while (j < j_end) {  // pieces of the strip within one segment of B and of C
-      idx step, len;
-      const float* bp = B.run(0, j, &step, &len);
+      idx rs_b, len;
+      const float* bp = B.run(j, &rs_b, &len);
       const idx s = j / C.seg_cols, c = j - s * C.seg_cols;
       const Segment& g = C.segs[s];
       const idx n = std::min<idx>(std::min<idx>(j_end - j, len), C.seg_cols - c);
@@ -179,7 +208,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.rs_a = a_rs;
         t.cs_a = 1;
         t.b = bp;
-        t.rs_b = B.row_step(j);
+        t.rs_b = rs_b;
         t.c_rows = rows;
         t.alpha = alpha;
         t.beta = beta;
@@ -193,11 +222,12 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
 }
 
 // True when the no-pack path can read the operands in place: A row-major with
-// whole rows in one batch, B with unit column steps (not transposed).
-bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const MatMap& B) {
+// whole rows in one batch, B packed beforehand or with unit column steps.
+bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const BOperand& B) {
   // Measured on Zen 4 (K = 384, N = 1536): reading B in place beats packing it up to
   // about 16 micro-tile rows (the B strip of each thread stays in L2 across them).
-  if (M > 16 * kt.mr || A.trans || B.trans || B.cs != 1 || A.cs != 1) return false;
+  if (M > 16 * kt.mr || A.trans || A.cs != 1) return false;
+  if (B.map && (B.map->trans || B.map->cs != 1)) return false;
   if (A.seg_cols != MatMap().seg_cols) return false;
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
@@ -219,10 +249,8 @@ idx split_n(idx n_ic, idx n_panels, int nt) {
   return 1;
 }
 
-}  // namespace
-
-void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
-          float beta, const MatMap& C, const float* bias, int act) {
+void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const BOperand& B,
+                 float beta, const MatMap& C, const float* bias, int act) {
   if (M <= 0 || N <= 0) return;
   const int mr = kt.mr, nr = kt.nr;
   if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, A, B)) {
@@ -246,7 +274,7 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
 
   // Note [workspace]; sized here, in the calling thread, so that a failed
   // allocation raises in the caller instead of terminating a parallel region
-  float* const bpack = scratch(Scratch::kGemmB, kc_max * nc_max).data();
+  float* const bpack = B.packed ? nullptr : scratch(Scratch::kGemmB, kc_max * nc_max).data();
   // one A block per worker, kept by the calling thread (the workers reach it through
   // this reference: inside the region the name would be each worker's own variable)
   thread_local std::vector<AlignedBuffer> apack_of_caller;
@@ -269,10 +297,15 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
       for (idx pc = 0; pc < std::max<idx>(K, 1); pc += kc_max) {
         const idx kc = K == 0 ? 0 : std::min<idx>(kc_max, K - pc);
         const bool first = pc == 0, last = pc + kc_max >= K;
+        Panels panels{bpack, nr, kc * nr};
+        if (B.packed) {  // jc is a multiple of nc_max, itself of kPackedPanel when N > nc_max
+          panels = {B.packed->at(pc, jc), kPackedPanel, K * kPackedPanel};
+        } else {
 #pragma omp for schedule(static)
-        for (idx jp = 0; jp < n_panels; ++jp)
-          pack_b_panel(B, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack + jp * kc * nr);
-        // (implicit barrier: the B panel is complete)
+          for (idx jp = 0; jp < n_panels; ++jp)
+            pack_b_panel(*B.map, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack + jp * kc * nr);
+          // (implicit barrier: the B panel is complete)
+        }
         idx packed_ic = -1;
 #pragma omp for schedule(static)
         for (idx item = 0; item < n_ic * n_jchunks; ++item) {
@@ -288,12 +321,37 @@ void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap&
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, ap, bpack, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, ap, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)
       }
     }
+  }
+}
+
+}  // namespace
+
+void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
+          float beta, const MatMap& C, const float* bias, int act) {
+  gemm_driver(kt, M, N, K, alpha, A, BOperand{&B, nullptr}, beta, C, bias, act);
+}
+
+void gemm(const KernelTable& kt, idx M, const MatMap& A, const PackedB& B, float alpha, float beta,
+          const MatMap& C, const float* bias, int act) {
+  gemm_driver(kt, M, B.N, B.K, alpha, A, BOperand{nullptr, &B}, beta, C, bias, act);
+}
+
+void pack_b(const MatMap& B, idx K, idx N, float* dst) {
+  const idx n_panels = ceil_div(N, kPackedPanel);
+  const int nt = static_cast<int>(std::min<idx>(threads_for(static_cast<double>(K) * N, 1.0e6), n_panels));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (idx p = 0; p < n_panels; ++p) {
+    float* panel = dst + p * K * kPackedPanel;
+    const idx j0 = p * kPackedPanel, n = std::min<idx>(kPackedPanel, N - j0);
+    if (K > 0) copy_window(B, 0, j0, K, n, panel, kPackedPanel, 1);
+    for (idx r = 0; r < K; ++r)
+      for (idx j = n; j < kPackedPanel; ++j) panel[r * kPackedPanel + j] = 0.0f;
   }
 }
 

@@ -16,11 +16,6 @@ MatMap transposed(const MatMap& m) {
 }
 }  // namespace
 
-void project_forward(const KernelTable& kt, idx M, idx d_model, idx N, const MatMap& x, const MatMap& w,
-                     const float* bias, const MatMap& out) {
-  gemm(kt, M, N, d_model, 1.0f, x, w, 0.0f, out, bias);
-}
-
 void project_backward(const KernelTable& kt, idx M, idx d_model, idx N, const MatMap& x, const MatMap& w,
                       const MatMap& dout, const MatMap* dx, const MatMap* dw, float* db) {
   // dx (M×d_model) = dout (M×N) · wᵀ (N×d_model)

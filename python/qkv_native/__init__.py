@@ -12,6 +12,7 @@ from typing import Iterator
 
 from . import _core, nn, optim, train
 from .functional import (
+    PackedWeight,
     attention,
     attention_backward,
     attention_varlen,
@@ -22,6 +23,7 @@ from .functional import (
     layer_norm_backward,
     linear,
     matmul,
+    pack_weight,
     qkv_project,
     qkv_project_backward,
     qkv_project_packed,
@@ -35,6 +37,8 @@ __all__ = [
     "attention_varlen",
     "attention_varlen_backward",
     "matmul",
+    "pack_weight",
+    "PackedWeight",
     "linear",
     "layer_norm",
     "layer_norm_backward",

@@ -7,9 +7,17 @@ import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
 
+class PackedWeight:
+    def __init__(self, w: F32, trans: bool = ...) -> None: ...
+    @property
+    def shape(self) -> Tuple[int, int]: ...
+    @property
+    def nbytes(self) -> int: ...
+    def to_array(self) -> F32: ...
+
 def matmul(
     a: F32,
-    b: F32,
+    b: Union[F32, PackedWeight],
     trans_a: bool = ...,
     trans_b: bool = ...,
     alpha: float = ...,
@@ -24,6 +32,17 @@ def qkv_project(
     b_q: Optional[F32] = ...,
     b_k: Optional[F32] = ...,
     b_v: Optional[F32] = ...,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    q_out: Optional[F32] = ...,
+    k_out: Optional[F32] = ...,
+    v_out: Optional[F32] = ...,
+) -> Tuple[F32, F32, F32]: ...
+def qkv_project_packed(
+    x: F32,
+    w_qkv: PackedWeight,
+    b_qkv: Optional[F32] = ...,
     *,
     num_heads: int,
     num_kv_heads: int,

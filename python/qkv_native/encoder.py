@@ -15,23 +15,25 @@ directory as it is published (Hugging Face / sentence-transformers layout)::
 Nothing is downloaded. A missing or inconsistent file raises ``FileNotFoundError``
 or :class:`CheckpointError` with a message that starts with the file's path.
 
-The forward pass, per layer (x: (batch, seq, d_model), right-padded)::
+The forward pass, per layer (x: (tokens, d_model), the batch's texts packed)::
 
-    q, k, v = qkv_project(x, [W_Q|W_K|W_V], [b_Q|b_K|b_V])     native, head-major
-    ctx     = attention(q, k, v, key_lengths=lengths)          native, written token-major
-    a       = LayerNorm(x + b_O + ctx·W_O)                     native GEMM with beta=1
-    h       = GELU(a·W_1 + b_1)                                native GEMM, NumPy GELU
-    x       = LayerNorm(a + b_2 + h·W_2)                       native GEMM with beta=1
+    q, k, v = qkv_project_packed(x, [W_Q|W_K|W_V], [b_Q|b_K|b_V])  native, head-major
+    ctx     = attention_varlen(q, k, v, cu_seqlens)                native, written token-major
+    a       = LayerNorm(x + b_O + ctx·W_O)                         native GEMM with beta=1
+    h       = GELU(a·W_1 + b_1)                                    native GEMM, GELU in its store
+    x       = LayerNorm(a + b_2 + h·W_2)                           native GEMM with beta=1
 
-Note [Padded batches]
+Every weight is packed once at load (:func:`qkv_native.pack_weight`): no call
+repacks it, and a batch of a few tokens streams each weight once from memory.
+
+Note [Packed batches]
 ---------------------
 Texts are tokenized a chunk at a time, sorted by token count (longest first) and
-cut into batches, so each batch is padded only to its own longest text. Padded
-positions carry token id 0; ``key_lengths`` keeps every query from attending
-them and pooling ignores them, so their (finite, meaningless) states never
-reach a result, and a text's embedding does not depend on the batch it is in.
-A packed (``cu_seqlens``) forward that computes no padding at all can replace
-``_forward`` later without changing anything else.
+cut into batches; a batch's texts are concatenated token after token (no
+padding at all) with ``cu_seqlens`` marking where each starts, so every GEMM runs
+over exactly the batch's tokens and attention keeps each text to itself
+(:func:`qkv_native.attention_varlen`). A text's embedding therefore does not
+depend on the batch it is in. Sorting keeps the batches' sizes similar.
 
 Note [Workspace]
 ----------------
@@ -57,7 +59,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .functional import attention, linear, matmul, qkv_project
+from .functional import PackedWeight, attention_varlen, linear, matmul, pack_weight, qkv_project_packed
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -332,17 +334,17 @@ def load_state_dict(model_dir: Union[str, Path], config: BertConfig) -> Dict[str
 
 @dataclass(frozen=True)
 class _Layer:
-    """One encoder layer's weights, packed once at load: (in, out) row-major float32."""
+    """One encoder layer's weights, packed once at load (PackedWeight: (in, out))."""
 
-    w_qkv: np.ndarray  # (d_model, 3·d_model) = [W_Q | W_K | W_V]
+    w_qkv: PackedWeight  # (d_model, 3·d_model) = [W_Q | W_K | W_V]
     b_qkv: np.ndarray  # (3·d_model,)
-    w_o: np.ndarray  # (d_model, d_model)
+    w_o: PackedWeight  # (d_model, d_model)
     b_o: np.ndarray  # (d_model,)
     ln1_gamma: np.ndarray
     ln1_beta: np.ndarray
-    w_1: np.ndarray  # (d_model, intermediate)
+    w_1: PackedWeight  # (d_model, intermediate)
     b_1: np.ndarray  # (intermediate,)
-    w_2: np.ndarray  # (intermediate, d_model)
+    w_2: PackedWeight  # (intermediate, d_model)
     b_2: np.ndarray  # (d_model,)
     ln2_gamma: np.ndarray
     ln2_beta: np.ndarray
@@ -351,16 +353,17 @@ class _Layer:
     def pack(cls, sd: Dict[str, np.ndarray], n: int) -> "_Layer":
         p = f"encoder.layer.{n}."
 
-        def t(name):  # torch (out, in) -> (in, out), contiguous copy
-            return np.ascontiguousarray(sd[p + name].T, dtype=np.float32)
+        def t(name):  # torch's (out, in), packed as (in, out)
+            return pack_weight(np.ascontiguousarray(sd[p + name], dtype=np.float32), trans=True)
 
         def v(name):
             return np.array(sd[p + name], dtype=np.float32)
 
         att = "attention.self."
         return cls(
-            w_qkv=np.ascontiguousarray(np.concatenate(
-                [sd[p + att + m + ".weight"].T for m in ("query", "key", "value")], axis=1), dtype=np.float32),
+            w_qkv=pack_weight(np.concatenate(
+                [sd[p + att + m + ".weight"] for m in ("query", "key", "value")], axis=0, dtype=np.float32),
+                trans=True),
             b_qkv=np.concatenate([v(att + m + ".bias") for m in ("query", "key", "value")]),
             w_o=t("attention.output.dense.weight"), b_o=v("attention.output.dense.bias"),
             ln1_gamma=v("attention.output.LayerNorm.weight"), ln1_beta=v("attention.output.LayerNorm.bias"),
@@ -649,42 +652,46 @@ class SentenceEncoder:
 
     def _embed_batch(self, encodings: list, lengths: np.ndarray, normalize: bool) -> np.ndarray:
         """Pooled (and maybe normalised) embeddings of one batch: (batch, embedding_dim) workspace view."""
-        B, S = len(encodings), max(int(lengths.max()), 1)
-        ids = self._ws.take("ids", (B, S), np.int64)
-        types = self._ws.take("types", (B, S), np.int64)
-        ids.fill(0)
-        types.fill(0)
-        for i, e in enumerate(encodings):
-            ids[i, : len(e.ids)] = e.ids
-            types[i, : len(e.ids)] = e.type_ids
-        if ids.max() >= self.config.vocab_size:
+        B, T = len(encodings), int(lengths.sum())
+        cu = self._ws.take("cu", (B + 1,), np.int64)  # sequence b is tokens cu[b]:cu[b+1]
+        cu[0] = 0
+        np.cumsum(lengths, out=cu[1:])
+        ids = self._ws.take("ids", (T,), np.int64)
+        types = self._ws.take("types", (T,), np.int64)
+        pos = self._ws.take("pos", (T,), np.int64)
+        for e, a, b in zip(encodings, cu[:-1].tolist(), cu[1:].tolist()):
+            ids[a:b] = e.ids
+            types[a:b] = e.type_ids
+        # position of each token within its text: t - cu[text of t]
+        np.subtract(np.arange(T), np.repeat(cu[:-1], lengths), out=pos)
+        if T and ids.max() >= self.config.vocab_size:
             raise ValueError(f"{self._tokenizer_path}: token id {ids.max()} is out of range "
                              f"for vocab_size={self.config.vocab_size}")
-        if types.max() >= max(self.config.type_vocab_size, 1):
+        if T and types.max() >= max(self.config.type_vocab_size, 1):
             raise ValueError(f"{self._tokenizer_path}: token type id {types.max()} is out of range "
                              f"for type_vocab_size={self.config.type_vocab_size}")
-        h = self._forward(ids, types, lengths)
-        pooled = self._pool(h, lengths)
+        h = self._forward(ids, types, pos, cu)
+        pooled = self._pool(h, cu, lengths)
         if normalize or self.normalize_module:
             norm = np.sqrt(np.einsum("bd,bd->b", pooled, pooled))[:, None]
             np.maximum(norm, np.float32(1e-12), out=norm)
             pooled /= norm
         return pooled
 
-    def _forward(self, ids: np.ndarray, types: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Token states of the last layer, (batch, seq, d_model), a workspace view.
+    def _forward(self, ids: np.ndarray, types: np.ndarray, pos: np.ndarray, cu: np.ndarray) -> np.ndarray:
+        """Token states of the last layer, (tokens, d_model), a workspace view.
 
-        ids, types: (batch, seq) int64, right-padded; lengths: (batch,) tokens per row.
+        ids, types, pos: (tokens,) int64 of the packed texts (Note [Packed batches]);
+        cu: (batch + 1,) offsets of the texts.
         """
         cfg, ws = self.config, self._ws
-        B, S = ids.shape
         d, H, dh, T = cfg.hidden_size, cfg.num_attention_heads, cfg.d_head, ids.size
         eps = cfg.layer_norm_eps
-        x = ws.take("x", (B, S, d))  # layer input/output
-        a = ws.take("a", (B, S, d))  # after attention + residual
-        qkv = ws.take("qkv", (3, B, H, S, dh))  # head-major q, k, v
-        ctx = ws.take("ctx", (B, S, H, dh))  # attention output, token-major
-        inter = ws.take("inter", (B, S, cfg.intermediate_size))
+        x = ws.take("x", (T, d))  # layer input/output
+        a = ws.take("a", (T, d))  # after attention + residual
+        qkv = ws.take("qkv", (3, 1, H, T, dh))  # head-major q, k, v
+        ctx = ws.take("ctx", (T, H, dh))  # attention output, token-major
+        inter = ws.take("inter", (T, cfg.intermediate_size))
 
         # embeddings: word + token type + position, then LayerNorm (BertEmbeddings' order)
         np.take(self._word_emb, ids, axis=0, out=x, mode="clip")  # ids checked < vocab_size
@@ -694,53 +701,54 @@ class SentenceEncoder:
                 x += a
             else:
                 x += self._type_emb[0]
-        x += self._pos_emb[:S]
+        np.take(self._pos_emb, pos, axis=0, out=a, mode="clip")  # pos < max_seq_length (truncation)
+        x += a
         layer_norm(x, *self._emb_ln, eps, out=x)
 
-        x2, a2, ctx2, inter2 = x.reshape(T, d), a.reshape(T, d), ctx.reshape(T, d), inter.reshape(T, -1)
+        ctx2 = ctx.reshape(T, d)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        ctx_heads = ctx.transpose(0, 2, 1, 3)  # (B, H, S, dh) view: attention writes token-major
+        # (tokens, heads, d_head) views of the head-major projections, as attention_varlen reads them
+        qt, kt, vt = (t[0].transpose(1, 0, 2) for t in (q, k, v))
         for L in self._layers:
-            qkv_project(x, L.w_qkv[:, :d], L.w_qkv[:, d:2 * d], L.w_qkv[:, 2 * d:],
-                        L.b_qkv[:d], L.b_qkv[d:2 * d], L.b_qkv[2 * d:], num_heads=H, out=(q, k, v))
-            attention(q, k, v, key_lengths=lengths, out=ctx_heads)
+            qkv_project_packed(x[None], L.w_qkv, L.b_qkv, num_heads=H, out=(q, k, v))
+            attention_varlen(qt, kt, vt, cu, cu, out=ctx)
             np.add(x, L.b_o, out=a)  # a = x + b_O + ctx·W_O
-            matmul(ctx2, L.w_o, beta=1.0, out=a2)
+            matmul(ctx2, L.w_o, beta=1.0, out=a)
             layer_norm(a, L.ln1_gamma, L.ln1_beta, eps, out=a)
-            linear(a2, L.w_1, L.b_1, activation="gelu", out=inter2)  # inter = GELU(a·W_1 + b_1)
+            linear(a, L.w_1, L.b_1, activation="gelu", out=inter)  # inter = GELU(a·W_1 + b_1)
             np.add(a, L.b_2, out=x)  # x = a + b_2 + inter·W_2
-            matmul(inter2, L.w_2, beta=1.0, out=x2)
+            matmul(inter, L.w_2, beta=1.0, out=x)
             layer_norm(x, L.ln2_gamma, L.ln2_beta, eps, out=x)
         return x
 
-    def _pool(self, h: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Pool token states h (batch, seq, d_model) over each row's first lengths[b] tokens.
+    def _pool(self, h: np.ndarray, cu: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Pool token states h (tokens, d_model) over each text's tokens cu[b]:cu[b+1].
 
-        Returns (batch, len(pooling)·d_model), a workspace view, modes side by side.
+        Returns (batch, len(pooling)·d_model), a workspace view, modes side by side;
+        a text of no tokens pools to zeros.
         """
-        B, S, d = h.shape
+        T, d = h.shape
+        B = lengths.size
         out = self._ws.take("pooled", (B, len(self.pooling) * d))
-        valid = np.arange(S)[None, :] < lengths[:, None]  # (B, S)
-        count = np.maximum(lengths.astype(np.float32), np.float32(1e-9))[:, None]  # (B, 1)
+        nonempty = lengths > 0
+        starts = cu[:-1][nonempty]  # reduceat needs non-empty segments
+        count = lengths[nonempty].astype(np.float32)[:, None]  # (B', 1)
         for j, mode in enumerate(self.pooling):
             dst = out[:, j * d:(j + 1) * d]
+            dst[~nonempty] = 0.0
+            if not starts.size:
+                continue
             if mode == "cls":
-                dst[...] = h[:, 0]
+                dst[nonempty] = h[starts]
             elif mode == "lasttoken":
-                dst[...] = h[np.arange(B), np.maximum(lengths - 1, 0)]
-                dst[lengths == 0] = 0.0
+                dst[nonempty] = h[cu[1:][nonempty] - 1]
             elif mode == "max":
-                np.max(np.where(valid[:, :, None], h, np.float32(-np.inf)), axis=1, out=dst)
-            else:  # weighted sums over tokens: one native batched GEMM, (B, 1, S)·(B, S, d)
-                if mode == "weightedmean":
-                    w = np.where(valid, np.arange(1, S + 1, dtype=np.float32), np.float32(0.0))
-                else:
-                    w = valid.astype(np.float32)
-                total = matmul(np.ascontiguousarray(w[:, None, :]), h)[:, 0]  # (B, d)
-                if mode == "mean":
-                    np.divide(total, count, out=dst)
-                elif mode == "mean_sqrt_len_tokens":
-                    np.divide(total, np.sqrt(count), out=dst)
-                else:
-                    np.divide(total, np.maximum(w.sum(axis=1, keepdims=True), np.float32(1e-9)), out=dst)
+                dst[nonempty] = np.maximum.reduceat(h, starts, axis=0)
+            elif mode == "weightedmean":  # weights 1, 2, ... by position in the text
+                w = (np.arange(T) - np.repeat(cu[:-1], lengths) + 1).astype(np.float32)
+                total = np.add.reduceat(h * w[:, None], starts, axis=0)
+                dst[nonempty] = total / np.add.reduceat(w, starts)[:, None]
+            else:
+                total = np.add.reduceat(h, starts, axis=0)  # (B', d)
+                dst[nonempty] = total / (count if mode == "mean" else np.sqrt(count))
         return out

@@ -17,7 +17,11 @@ import numpy as np
 
 from . import _core
 
+PackedWeight = _core.PackedWeight
+
 __all__ = [
+    "PackedWeight",
+    "pack_weight",
     "matmul",
     "qkv_project",
     "qkv_project_packed",
@@ -54,6 +58,30 @@ def _check_no_overlap(out: Optional[np.ndarray], out_name: str, **inputs) -> Non
             raise ValueError(f"{out_name} must not overlap the input {name}")
 
 
+def pack_weight(w: np.ndarray, *, trans: bool = False) -> PackedWeight:
+    """Pack a weight once for many products (inference): a :class:`PackedWeight`.
+
+    w: (d_in, d_out) float32, the right operand of ``x @ w``; with ``trans=True``
+    w is (d_out, d_in), e.g. a PyTorch ``Linear.weight``, and its transpose is
+    packed. :func:`matmul` (as ``b``), :func:`linear` (as ``w``) and
+    :func:`qkv_project_packed` (as ``w_qkv``) accept the result in place of the
+    array and then skip packing it on every call, and stream it sequentially,
+    which is what products with few rows (a few tokens) are limited by. The
+    packing does not depend on the ISA (it stays valid across :func:`use_isa`);
+    ``PackedWeight.to_array()`` gives the (d_in, d_out) weight back, ``.shape``
+    is (d_in, d_out), and it pickles. Later changes to ``w`` are not seen.
+    """
+    _check_array(w, "w", 2)
+    return PackedWeight(w, bool(trans))
+
+
+def _weight_shape(w, name: str) -> Tuple[int, ...]:
+    """Shape of a weight given as a 2-D float32 array or a PackedWeight."""
+    if isinstance(w, PackedWeight):
+        return w.shape
+    return _check_array(w, name, 2).shape
+
+
 def matmul(
     a: np.ndarray,
     b: np.ndarray,
@@ -66,13 +94,15 @@ def matmul(
     """``alpha · op(a) · op(b) + beta · out``, with op(x) = xᵀ when ``trans_x``.
 
     a: (M, K) or (batch, M, K) — (K, M) / (batch, K, M) when ``trans_a``.
-    b: (K, N) or (batch, K, N) — (N, K) / (batch, N, K) when ``trans_b``.
+    b: (K, N) or (batch, K, N) — (N, K) / (batch, N, K) when ``trans_b``; or a
+    :class:`PackedWeight` of shape (K, N) (see :func:`pack_weight`).
     A 2-D operand is broadcast against a 3-D one. Returns (M, N) or (batch, M, N),
     written into ``out`` when given (``beta != 0`` needs ``out``; ``beta == 0``
     never reads it).
     """
     _check_array(a, "a", (2, 3))
-    _check_array(b, "b", (2, 3))
+    if not isinstance(b, PackedWeight):
+        _check_array(b, "b", (2, 3))
     if out is not None:
         _check_array(out, "out")
         _check_no_overlap(out, "out", a=a, b=b)
@@ -108,17 +138,23 @@ def qkv_project(
             _check_array(bvec, name, 1)
     num_heads = _positive_int(num_heads, "num_heads")
     num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
-    q_out = k_out = v_out = None
-    if out is not None:
-        if not (isinstance(out, (tuple, list)) and len(out) == 3):
-            raise TypeError("out must be a tuple (q, k, v) of float32 arrays")
-        q_out, k_out, v_out = out
-        for name, o in (("out[0]", q_out), ("out[1]", k_out), ("out[2]", v_out)):
-            _check_array(o, name, 4)
-            _check_no_overlap(o, name, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
-        if np.may_share_memory(q_out, k_out) or np.may_share_memory(q_out, v_out) or np.may_share_memory(k_out, v_out):
-            raise ValueError("out arrays must not overlap each other")
+    q_out, k_out, v_out = _projection_outputs(out, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
     return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, q_out, k_out, v_out)
+
+
+def _projection_outputs(out, **inputs) -> Tuple[Optional[np.ndarray], ...]:
+    """The checked (q, k, v) of a projection's ``out=`` (or three Nones)."""
+    if out is None:
+        return None, None, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError("out must be a tuple (q, k, v) of float32 arrays")
+    q_out, k_out, v_out = out
+    for name, o in (("out[0]", q_out), ("out[1]", k_out), ("out[2]", v_out)):
+        _check_array(o, name, 4)
+        _check_no_overlap(o, name, **inputs)
+    if np.may_share_memory(q_out, k_out) or np.may_share_memory(q_out, v_out) or np.may_share_memory(k_out, v_out):
+        raise ValueError("out arrays must not overlap each other")
+    return q_out, k_out, v_out
 
 
 def qkv_project_packed(
@@ -128,15 +164,24 @@ def qkv_project_packed(
     *,
     num_heads: int,
     num_kv_heads: Optional[int] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`qkv_project` with the packed weight [W_Q | W_K | W_V].
+    """:func:`qkv_project` with the concatenated weight [W_Q | W_K | W_V].
 
-    w_qkv: (d_model, d_q + 2·d_kv); b_qkv: (d_q + 2·d_kv,). d_head is
-    w_qkv.shape[1] / (num_heads + 2·num_kv_heads). The slices are views (no copy).
+    w_qkv: (d_model, d_q + 2·d_kv), an array (its slices are views: no copy) or a
+    :class:`PackedWeight` (:func:`pack_weight`: packed once, for inference);
+    b_qkv: (d_q + 2·d_kv,). d_head is w_qkv.shape[1] / (num_heads + 2·num_kv_heads).
+    ``out = (q, k, v)`` as in :func:`qkv_project`.
     """
-    _check_array(w_qkv, "w_qkv", 2)
     num_heads = _positive_int(num_heads, "num_heads")
     num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+    if isinstance(w_qkv, PackedWeight):
+        _check_array(x, "x", 3)
+        if b_qkv is not None:
+            _check_array(b_qkv, "b_qkv", 1)
+        q_out, k_out, v_out = _projection_outputs(out, x=x, b_qkv=b_qkv)
+        return _core.qkv_project_packed(x, w_qkv, b_qkv, num_heads, num_kv_heads, q_out, k_out, v_out)
+    _check_array(w_qkv, "w_qkv", 2)
     n = w_qkv.shape[1]
     heads = num_heads + 2 * num_kv_heads
     if n % heads != 0:
@@ -162,6 +207,7 @@ def qkv_project_packed(
         bv,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
+        out=out,
     )
 
 
@@ -418,20 +464,21 @@ def linear(
 ) -> np.ndarray:
     """activation(x·w + b): a dense layer, bias and activation applied in the GEMM's store.
 
-    x: (..., d_in); w: (d_in, d_out); b: (d_out,) or None; activation: None or
+    x: (..., d_in); w: (d_in, d_out) or a :class:`PackedWeight` of that shape;
+    b: (d_out,) or None; activation: None or
     ``"gelu"`` (exact erf form, as BERT and torch's default). Returns (..., d_out),
     written into ``out`` when given (it must be C-contiguous).
     """
     _check_array(x, "x")
-    _check_array(w, "w", 2)
+    w_shape = _weight_shape(w, "w")
     if b is not None:
         _check_array(b, "b", 1)
     act = "none" if activation is None else activation
     if act not in ("none", "gelu"):
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
-    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"x must have shape (..., d_in={w.shape[0]}), got {x.shape}")
-    shape = x.shape[:-1] + (w.shape[1],)
+    if x.ndim < 1 or x.shape[-1] != w_shape[0]:
+        raise ValueError(f"x must have shape (..., d_in={w_shape[0]}), got {x.shape}")
+    shape = x.shape[:-1] + (w_shape[1],)
     out2 = None
     if out is not None:
         _check_array(out, "out")

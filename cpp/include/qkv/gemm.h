@@ -80,10 +80,36 @@ struct PlainMat {
   PlainMat& operator=(const PlainMat&) = delete;
 };
 
+// Note [packed weights]
+// A right operand B (K×N) packed once and used by many products (a layer's weight
+// at inference): column panels of kPackedPanel columns, panel p holding
+// B[0:K, 32p : 32p+32] row-major, K × 32 contiguous, columns past N zero. Every
+// micro-tile width (8, 16, 32) divides 32, so each ISA reads the panels in place
+// (rs_b = 32) and a packed weight stays valid across set_isa. Products against it
+// skip the per-call packing of B and stream each panel sequentially from memory,
+// which is what small M (a few tokens: latency-bound inference) is limited by.
+constexpr idx kPackedPanel = 32;
+
+struct PackedB {
+  const float* data;  // ceil(N / 32) panels of K × 32 floats
+  idx K, N;
+  // Element (p, j) is at at(p, j); columns j..(j | 31) follow it contiguously.
+  const float* at(idx p, idx j) const { return data + (j / kPackedPanel) * K * kPackedPanel + p * kPackedPanel + j % kPackedPanel; }
+};
+
+// Floats that pack_b writes for a K × N operand.
+inline idx packed_b_size(idx K, idx N) { return ceil_div(N, kPackedPanel) * kPackedPanel * K; }
+
+// Packs B (K×N, any map) into dst (packed_b_size(K, N) floats), threads over panels.
+void pack_b(const MatMap& B, idx K, idx N, float* dst);
+
 // C(M×N) = act(alpha·A(M×K)·B(K×N) + beta·C + bias) (bias: (N,) or null; act: the
 // GemmTile epilogue, 0 none, 1 GELU). beta == 0 never reads C. C must not be
 // transposed and must have cs == 1. Threads split the M and N loops, never K.
 void gemm(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const MatMap& B,
           float beta, const MatMap& C, const float* bias, int act = 0);
+// The same with B packed beforehand (B.K == K, B.N == N).
+void gemm(const KernelTable& kt, idx M, const MatMap& A, const PackedB& B, float alpha, float beta,
+          const MatMap& C, const float* bias, int act = 0);
 
 }  // namespace qkv

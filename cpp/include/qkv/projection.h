@@ -5,10 +5,8 @@
 
 namespace qkv {
 
-// out(M×N) = x(M×d_model) · w(d_model×N) + bias(N): one GEMM; `out` is a segmented
-// map whose segments are the heads of Q, K and V (head-major, no transpose copy).
-void project_forward(const KernelTable& kt, idx M, idx d_model, idx N, const MatMap& x, const MatMap& w,
-                     const float* bias, const MatMap& out);
+// The forward, out(M×N) = x(M×d_model) · w(d_model×N) + bias(N), is one gemm whose
+// output map's segments are the heads of Q, K and V (head-major, no transpose copy).
 
 // Given dout (M×N): dx = dout·wᵀ (M×d_model), dw = xᵀ·dout (d_model×N),
 // db = column sums of dout (N). Any output may be null (not computed).
