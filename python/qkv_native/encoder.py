@@ -59,7 +59,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .functional import PackedWeight, attention_varlen, linear, matmul, pack_weight, qkv_project_packed
+from . import _core
+from .functional import PackedWeight, pack_weight
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -705,20 +706,24 @@ class SentenceEncoder:
         x += a
         layer_norm(x, *self._emb_ln, eps, out=x)
 
-        ctx2 = ctx.reshape(T, d)
+        ctx2, x3 = ctx.reshape(T, d), x[None]
         q, k, v = qkv[0], qkv[1], qkv[2]
         # (tokens, heads, d_head) views of the head-major projections, as attention_varlen reads them
         qt, kt, vt = (t[0].transpose(1, 0, 2) for t in (q, k, v))
+        scale = 1.0 / math.sqrt(dh)
+        # The native core directly: every array here is built above with the right
+        # dtype, shape and layout, so functional's per-call checks would only add
+        # Python time to a latency-bound loop (the core still checks memory safety).
         for L in self._layers:
-            qkv_project_packed(x[None], L.w_qkv, L.b_qkv, num_heads=H, out=(q, k, v))
-            attention_varlen(qt, kt, vt, cu, cu, out=ctx)
+            _core.qkv_project_packed(x3, L.w_qkv, L.b_qkv, H, H, q, k, v)
+            _core.attention_varlen(qt, kt, vt, cu, cu, False, scale, False, ctx)
             np.add(x, L.b_o, out=a)  # a = x + b_O + ctx·W_O
-            matmul(ctx2, L.w_o, beta=1.0, out=a)
-            layer_norm(a, L.ln1_gamma, L.ln1_beta, eps, out=a)
-            linear(a, L.w_1, L.b_1, activation="gelu", out=inter)  # inter = GELU(a·W_1 + b_1)
+            _core.matmul(ctx2, L.w_o, False, False, 1.0, 1.0, a)
+            _core.layer_norm(a, L.ln1_gamma, L.ln1_beta, eps, a)
+            _core.linear(a, L.w_1, L.b_1, "gelu", inter)  # inter = GELU(a·W_1 + b_1)
             np.add(a, L.b_2, out=x)  # x = a + b_2 + inter·W_2
-            matmul(inter, L.w_2, beta=1.0, out=x)
-            layer_norm(x, L.ln2_gamma, L.ln2_beta, eps, out=x)
+            _core.matmul(inter, L.w_2, False, False, 1.0, 1.0, x)
+            _core.layer_norm(x, L.ln2_gamma, L.ln2_beta, eps, x)
         return x
 
     def _pool(self, h: np.ndarray, cu: np.ndarray, lengths: np.ndarray) -> np.ndarray:
