@@ -2,16 +2,15 @@
 every head-dim tail, and determinism (fixed thread count and across thread counts).
 
 NaN/Inf policy tested here (README "Guarantees"): a NaN in an input makes non-finite
-the output rows whose mathematical value depends on it (an infinity at most those
-rows: k = -inf is just a key of weight 0), and every other row stays finite and
-bit-identical to the run without it — with one exception: a NaN/Inf in a k or v row
-hidden from query i by causal, a mask or a -inf bias may still reach row i, because
-the kernels multiply whole key blocks (0·NaN = NaN). Keys past key_lengths are never
-read, so padding may hold anything. The rows are derived by propagating "bad"
-through the dependency graph of the forward (S = q·kᵀ·scale + bias, lse, o = P·v) and
-backward (P, D = rowsum(do∘o), dP = do·vᵀ, dS, dq = dS·k, dk = dSᵀ·q, dv = Pᵀ·do).
+exactly the output rows whose mathematical value depends on it (an infinity at most
+those rows: k = -inf is just a key of weight 0), and every other row is bit-identical
+to the run without it. A k or v row hidden from query i by causal, a mask, a -inf bias
+or key_lengths does not reach row i, even when it shares a key block with keys that
+row i sees (Note [non-finite rows] in cpp/src/attention_common.h). The rows are
+derived by propagating "bad" through the dependency graph of the forward
+(S = q·kᵀ·scale + bias, lse, o = P·v) and backward (P, D = rowsum(do∘o), dP = do·vᵀ,
+dS, dq = dS·k, dk = dSᵀ·q, dv = Pᵀ·do) over the visible (query, key) pairs only.
 """
-
 from __future__ import annotations
 
 import math
@@ -139,38 +138,42 @@ def test_varlen_sequence_without_keys(isa, rng):
 # NaN / Inf: only the affected rows
 # ----------------------------------------------------------------------------
 
-B, H, HKV, SQ, SK, D = 1, 2, 1, 20, 20, 16
-
-
-def _expected_bad(allowed, reach, qbad, kbad, vbad, biasbad, dobad):
+def _expected_bad(allowed, group, qbad, kbad, vbad, biasbad, dobad):
     """Rows of o/lse/dq/dk/dv whose value depends on a bad input (see module docstring).
 
-    allowed: (B, H, SQ, SK), which keys each query attends; reach: the pairs through
-    which a bad K/V row or bias entry may act — ``allowed`` for the rows that must
-    show it, or every pair the kernel's key blocks touch for the rows that may (see
-    the NaN policy in the README: keys past key_lengths are never read, but a key
-    hidden by causal, mask or a -inf bias shares its key block with visible ones).
+    allowed: (B, H, SQ, SK), which keys each query attends; group: query heads per kv head;
     qbad, dobad: (B, H, SQ); kbad, vbad: (B, HKV, SK); biasbad: (B, H, SQ, SK).
     """
-    group = H // HKV
+    b_, h_, sq, sk = allowed.shape
     kb = np.repeat(kbad, group, axis=1)[:, :, None, :]
     vb = np.repeat(vbad, group, axis=1)[:, :, None, :]
     a = allowed
-    s_bad = (a & qbad[..., None]) | (reach & (kb | biasbad))
+    s_bad = a & (qbad[..., None] | kb | biasbad)
     lse_bad = s_bad.any(-1)
-    o_bad = lse_bad | (reach & vb).any(-1)
-    p_bad = (a | reach) & (s_bad | lse_bad[..., None])
+    o_bad = lse_bad | (a & vb).any(-1)
+    p_bad = a & (s_bad | lse_bad[..., None])
     d_bad = dobad | o_bad
-    dp_bad = (a & dobad[..., None]) | (reach & vb)
-    ds_bad = (a | reach) & (p_bad | dp_bad | d_bad[..., None])
-    dq_bad = ((a | reach) & (ds_bad | (reach & kb))).any(-1)
+    dp_bad = a & (dobad[..., None] | vb)
+    ds_bad = a & (p_bad | dp_bad | d_bad[..., None])
+    dq_bad = (a & (ds_bad | kb)).any(-1)
 
     def reduce(t):  # (B, H, SK) -> (B, HKV, SK): any over each group
-        return t.reshape(B, HKV, group, SK).any(axis=2)
+        return t.reshape(b_, h_ // group, group, sk).any(axis=2)
 
-    dk_bad = reduce(((a | reach) & (ds_bad | qbad[..., None])).any(-2))
-    dv_bad = reduce(((a | reach) & (p_bad | dobad[..., None])).any(-2))
+    dk_bad = reduce((a & (ds_bad | qbad[..., None])).any(-2))
+    dv_bad = reduce((a & (p_bad | dobad[..., None])).any(-2))
     return dict(o=o_bad, lse=lse_bad, dq=dq_bad, dk=dk_bad, dv=dv_bad)
+
+
+def _check_rows(label, got, clean, must, value, where):
+    """Non-finite rows of got are exactly `must` (an infinity may vanish); the rest equal clean."""
+    rows_bad = ~np.isfinite(got) if label == "lse" else ~np.isfinite(got).all(-1)
+    extra = np.argwhere(rows_bad & ~must).tolist()
+    missing = np.argwhere(must & ~rows_bad).tolist()
+    assert not extra, f"{label}: rows {extra[:8]} are not finite but do not depend on the {where} value"
+    # a NaN must show; an infinity may legitimately vanish (k = -inf is a key with weight 0)
+    assert not (missing and np.isnan(value)), f"{label}: rows {missing[:8]} depend on the NaN but are finite"
+    np.testing.assert_array_equal(got[~must], clean[~must], err_msg=f"{label}: unaffected rows changed")
 
 
 # name: (where the bad value goes, value, masking)
@@ -186,33 +189,66 @@ NAN_CASES = {
     "do_nan": ("do", np.nan, {}),
     "q_nan_causal": ("q", np.nan, dict(causal=True)),
     "k_nan_causal": ("k", np.nan, dict(causal=True)),
+    "k_inf_causal": ("k", np.inf, dict(causal=True)),
     "v_nan_causal": ("v", np.nan, dict(causal=True)),
+    "v_inf_causal": ("v", -np.inf, dict(causal=True)),
     "do_nan_causal": ("do", np.nan, dict(causal=True)),
+    "do_inf_causal": ("do", np.inf, dict(causal=True)),
+    "bias_nan_causal": ("bias", np.nan, dict(causal=True)),
+    "bias_inf_causal": ("bias", np.inf, dict(causal=True)),
     "k_nan_past_key_lengths": ("k", np.nan, dict(key_lengths=True)),
     "v_nan_past_key_lengths": ("v", np.nan, dict(key_lengths=True)),
+    "q_nan_mask": ("q", np.nan, dict(mask=True)),
     "k_nan_masked_key": ("k", np.nan, dict(mask=True)),
     "v_nan_masked_key": ("v", np.nan, dict(mask=True)),
+    "v_inf_masked_key": ("v", np.inf, dict(mask=True)),
+    "do_nan_mask": ("do", np.nan, dict(mask=True)),
+    "bias_nan_masked_by_mask": ("bias", np.nan, dict(mask=True)),
+    "bias_inf_masked_by_mask": ("bias", np.inf, dict(mask=True)),
+    "q_nan_bias_masked": ("q", np.nan, dict(bias=True)),
     "k_nan_bias_masked_key": ("k", np.nan, dict(bias=True)),
     "v_nan_bias_masked_key": ("v", np.nan, dict(bias=True)),
+    "do_nan_bias_masked": ("do", np.nan, dict(bias=True)),
+    "v_nan_causal_and_mask": ("v", np.nan, dict(causal=True, mask=True)),
+}
+
+# name: (batch, num_heads, num_kv_heads, seq_q, seq_k, d_head). "one_block": every key in one
+# block; "blocks": several query and key blocks, the bad key in a block that straddles the
+# causal diagonal; "one_pass": batch·num_kv_heads >= 8, the backward's fused dq pass (Note
+# [backward schedule]); "decode": seq_q <= 4, the forward's few-queries path.
+NAN_SHAPES = {
+    "one_block": (1, 2, 1, 20, 20, 16),
+    "blocks": (1, 2, 1, 150, 200, 16),
+    "one_pass": (4, 4, 2, 40, 130, 8),
+    "decode": (2, 4, 1, 3, 130, 16),
 }
 
 
+@pytest.mark.parametrize("shape", list(NAN_SHAPES))
 @pytest.mark.parametrize("name", list(NAN_CASES))
-def test_non_finite_inputs_reach_only_the_affected_rows(isa, rng, name):
+def test_non_finite_inputs_reach_only_the_affected_rows(isa, rng, name, shape):
     where, value, masking = NAN_CASES[name]
+    B, H, HKV, SQ, SK, D = NAN_SHAPES[shape]
     q, k, v, do = randn(rng, B, H, SQ, D), randn(rng, B, HKV, SK, D), randn(rng, B, HKV, SK, D), randn(rng, B, H, SQ, D)
     bias = np.zeros((B, H, SQ, SK), F32)
     kw = dict(causal=masking.get("causal", False))
-    bad_row, bad_key = 5, 13  # query row 5 (head 0); key 13
+    # bad query row (head 0 of batch 0) and bad key; with causal the key is hidden from
+    # the first queries and seen by the last
+    bad_row = min(5, SQ - 2)
+    bad_key = 13 if SK <= 20 else SK - 2 if SQ <= 4 else 113
     if masking.get("key_lengths"):
-        kw["key_lengths"] = np.array([10])  # key 13 is padding
+        kw["key_lengths"] = np.array([bad_key - 3] + [SK] * (B - 1))  # key bad_key is padding
     if masking.get("mask"):
-        m = np.ones((SQ, SK), bool)
-        m[:, bad_key] = False  # nobody sees key 13 ...
-        m[17, bad_key] = True  # ... except query 17
+        m = rng.random((SQ, SK)) < 0.8  # a scattered mask, and ...
+        m[:, bad_key] = False  # nobody sees the bad key ...
+        m[SQ - 1, bad_key] = True  # ... except the last query
+        m[bad_row, :] = True
+        m[bad_row, bad_key] = False
+        m[bad_row, ::3] = False  # the bad query row sees some keys of every block
         kw["mask"] = m
     if masking.get("bias"):
-        bias[:, :, :15, bad_key] = -np.inf  # queries 0..14 do not see key 13
+        bias[:, :, : SQ // 2 + 1, bad_key] = -np.inf  # the first queries do not see the bad key
+        bias[:, :, bad_row, 1::4] = -np.inf
     clean = dict(q=q, k=k, v=v, bias=bias, do=do)
     dirty = {n: t.copy() for n, t in clean.items()}
     if where == "q":
@@ -236,19 +272,52 @@ def test_non_finite_inputs_reach_only_the_affected_rows(isa, rng, name):
     allowed = ref._allowed_mask(B, H, SQ, SK, causal=kw["causal"], key_lengths=kw.get("key_lengths"), bias=ref_bias)
     if "mask" in kw:
         allowed &= kw["mask"]
-    # the pairs a key block touches: every key below key_lengths (and below seq_k)
-    reach = ref._allowed_mask(B, H, SQ, SK, key_lengths=kw.get("key_lengths"))
     bad = {n: ~np.isfinite(dirty[n]) for n in dirty}
-    args = (bad["q"].any(-1), bad["k"].any(-1), bad["v"].any(-1), bad["bias"], bad["do"].any(-1))
-    must, may = _expected_bad(allowed, allowed, *args), _expected_bad(allowed, reach | allowed, *args)
+    must = _expected_bad(allowed, H // HKV, bad["q"].any(-1), bad["k"].any(-1), bad["v"].any(-1), bad["bias"],
+                         bad["do"].any(-1))
+    if where != "bias" and not masking.get("key_lengths"):  # some rows see the bad value
+        assert any(t.any() for t in must.values())
     for (label, g), c in zip(got.items(), want_clean):
-        rows_bad = ~np.isfinite(g) if label == "lse" else ~np.isfinite(g).all(-1)
-        extra = np.argwhere(rows_bad & ~may[label]).tolist()
-        missing = np.argwhere(must[label] & ~rows_bad).tolist()
-        assert not extra, f"{label}: rows {extra[:8]} are not finite but do not depend on the {where} value"
-        # a NaN must show; an infinity may legitimately vanish (k = -inf is a key with weight 0)
-        assert not (missing and np.isnan(value)), f"{label}: rows {missing[:8]} depend on the NaN but are finite"
-        np.testing.assert_array_equal(g[~may[label]], c[~may[label]], err_msg=f"{label}: unaffected rows changed")
+        _check_rows(label, g, c, must[label], value, where)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "do"])
+def test_non_finite_inputs_varlen_causal(isa, rng, where):
+    """Packed sequences (causal): a NaN reaches only the rows of its own sequence that see it."""
+    H, HKV, D = 2, 1, 16
+    lq, lk = [70, 130], [100, 200]
+    cu_q, cu_k = np.array([0, 70, 200]), np.array([0, 100, 300])
+    q, k, v, do = randn(rng, 200, H, D), randn(rng, 300, HKV, D), randn(rng, 300, HKV, D), randn(rng, 200, H, D)
+    bad_row, bad_key = 5, 113  # of sequence 1
+    clean = dict(q=q, k=k, v=v, do=do)
+    dirty = {n: t.copy() for n, t in clean.items()}
+    if where in ("q", "do"):
+        dirty[where][cu_q[1] + bad_row, 0, 3] = np.nan
+    else:
+        dirty[where][cu_k[1] + bad_key, 0, 2] = np.nan
+
+    def run(t):
+        o, lse = qn.attention_varlen(t["q"], t["k"], t["v"], cu_q, cu_k, causal=True, return_lse=True)
+        return (o, lse) + tuple(qn.attention_varlen_backward(t["do"], t["q"], t["k"], t["v"], o, lse, cu_q, cu_k,
+                                                             causal=True))
+
+    got, want = run(dirty), run(clean)
+    for b in range(2):
+        sq, sk = lq[b], lk[b]
+        rq, rk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        # (seq, heads, ...) -> (1, heads, seq, ...)
+        bad = {n: np.moveaxis(~np.isfinite(dirty[n][rq if n in ("q", "do") else rk]), 0, 1)[None].any(-1)
+               for n in dirty}
+        allowed = ref._allowed_mask(1, H, sq, sk, causal=True)
+        must = _expected_bad(allowed, H // HKV, bad["q"], bad["k"], bad["v"], np.zeros((1, H, sq, sk), bool),
+                             bad["do"])
+        for label, g, c in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+            if label == "lse":
+                g, c = g[None, :, rq], c[None, :, rq]
+            else:
+                sl = rk if label in ("dk", "dv") else rq
+                g, c = np.moveaxis(g[sl], 0, 1)[None], np.moveaxis(c[sl], 0, 1)[None]
+            _check_rows(label, g, c, must[label], np.nan, where)
 
 
 def test_matmul_nan_reaches_only_its_row_and_column(isa, rng):

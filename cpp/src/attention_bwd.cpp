@@ -2,6 +2,7 @@
 //   D_i = rowsum(dO ∘ O)_i                                   (per query row)
 //   per tile (query block × key block): P = exp(S − lse); dV += Pᵀ·dO; dP = dO·Vᵀ;
 //   dS = P∘(dP − D); dK += dSᵀ·Q·scale; dQ += dS·K·scale
+// (the three products that accumulate under Note [non-finite rows])
 // scheduled in one pass or two, see Note [backward schedule]. Every output element
 // is summed by one task in a fixed order, so results are identical whatever the
 // thread count. Extra memory: D (batch·heads·seq_q) and per-thread blocks.
@@ -26,10 +27,11 @@ struct BlockBufs {
 };
 
 // For query rows [q0, q0+nq) of head h against keys [k0, k0+nk) (K/V already packed
-// transposed in bufs.kp / bufs.vp): leaves P in bufs.s and dS (unscaled) in bufs.dp.
-void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
-              const detail::Blocks& blk, idx b, idx h, idx q0, idx nq, idx k0, idx nk, BlockBufs& bufs,
-              std::vector<int>& lim_rel) {
+// transposed in bufs.kp / bufs.vp): leaves P in bufs.s and dS (unscaled) in bufs.dp;
+// returns the tile's mask (it points into lim_rel).
+detail::TileMask p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
+                          const detail::Blocks& blk, idx b, idx h, idx q0, idx nq, idx k0, idx nk, BlockBufs& bufs,
+                          std::vector<int>& lim_rel) {
   const idx D = a.q.dim, Dv = a.v.dim;
   // S (nq × nk) = scale · Q·Kᵀ, then P = exp(S + bias − lse) on allowed keys
   detail::block_gemm(kt, nq, nk, D, a.scale, a.q.row(b, h, q0), a.q.ss, 1, bufs.kp.data(), true, 0, 0.0f,
@@ -44,18 +46,22 @@ void p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o,
                      bufs.dp.data(), blk.bk);
   kt.softmax_bwd_ds(bufs.s.data(), bufs.dp.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk),
                     dsum + detail::lse_offset(a, b, h) + q0);
+  return {lim_rel.data(), bias, nq, nk};
 }
 
-// A thread's buffers for key blocks: the block products' and the dK/dV accumulators.
+// A thread's buffers for key blocks: the block products' and the dK/dV accumulators,
+// and a copy of dO, Q or K rows for Note [non-finite rows].
 struct KeyBlockScratch {
   BlockBufs bufs;
   AlignedBuffer dk_acc, dv_acc;
   std::vector<int> lim_rel;
+  detail::FiniteRows finite;
   KeyBlockScratch(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv)
       : bufs(kt, blk, D, Dv),
         dk_acc(blk.bk * std::max<idx>(D, 1)),
         dv_acc(blk.bk * std::max<idx>(Dv, 1)),
-        lim_rel(static_cast<size_t>(blk.bq)) {}
+        lim_rel(static_cast<size_t>(blk.bq)),
+        finite(std::max(blk.bq, blk.bk), std::max(D, Dv)) {}
 };
 
 // One scratch per thread, allocated in the calling thread: a failed allocation
@@ -121,17 +127,17 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     for (idx h = hk * group; h < (hk + 1) * group; ++h) {
       for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
         const idx nq = std::min<idx>(blk.bq, seq_q - q0);
-        p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        const detail::TileMask mask = p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
         // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
-        detail::block_gemm(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), false, d_o.ss, 1.0f,
-                           dv_acc, Dv);
+        detail::block_gemm_masked(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), d_o.ss, dv_acc,
+                                  Dv, mask, true, sc.finite);
         // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
-        detail::block_gemm(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), false, a.q.ss,
-                           1.0f, dk_acc, D);
+        detail::block_gemm_masked(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), a.q.ss,
+                                  dk_acc, D, mask, true, sc.finite);
         // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
         if (fused_dq)
-          detail::block_gemm(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), false, a.k.ss,
-                             1.0f, dq.row(b, h, q0), dq.ss);
+          detail::block_gemm_masked(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), a.k.ss,
+                                    dq.row(b, h, q0), dq.ss, mask, false, sc.finite);
       }
     }
     for (idx j = 0; j < n_rows; ++j) {
@@ -186,11 +192,12 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();
   const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
-  std::vector<KeyBlockScratch> scratch2 = per_thread(nt2, kt, blk, D, Dv);  // pass 2 uses bufs, lim_rel
+  std::vector<KeyBlockScratch> scratch2 = per_thread(nt2, kt, blk, D, Dv);  // pass 2 uses bufs, lim_rel, finite
 #pragma omp parallel num_threads(nt2)
   {
-    BlockBufs& bufs = scratch2[static_cast<size_t>(omp_get_thread_num())].bufs;
-    std::vector<int>& lim_rel = scratch2[static_cast<size_t>(omp_get_thread_num())].lim_rel;
+    KeyBlockScratch& sc = scratch2[static_cast<size_t>(omp_get_thread_num())];
+    BlockBufs& bufs = sc.bufs;
+    std::vector<int>& lim_rel = sc.lim_rel;
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks2; ++task) {
       idx b, h, q0;
@@ -206,10 +213,10 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
         const idx nk = std::min<idx>(blk.bk, kmax - k0);
         detail::pack_transposed(a.k.row(b, hk, 0), a.k.ss, k0, nk, D, kt.nr, bufs.kp.data());
         detail::pack_transposed(a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, kt.nr, bufs.vp.data());
-        p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        const detail::TileMask mask = p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
         // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
-        detail::block_gemm(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), false, a.k.ss,
-                           1.0f, dqrow, dq.ss);
+        detail::block_gemm_masked(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), a.k.ss,
+                                  dqrow, dq.ss, mask, false, sc.finite);
       }
     }
   }

@@ -1,6 +1,8 @@
 // Pieces shared by the attention forward and backward drivers.
 #pragma once
 #include <algorithm>
+#include <cassert>
+#include <limits>
 #include <vector>
 
 #include "qkv/attention.h"
@@ -122,6 +124,102 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
       kt.gemm_tile(t);
     }
   }
+}
+
+// The masking of one tile (query rows [q0, q0+queries) × keys [k0, k0+keys)), Note
+// [attention masking]: query i of the tile may attend key j of the tile iff j < lim[i]
+// and bias(i, j) != -inf.
+struct TileMask {
+  const int* lim;  // (queries,) lim(b, q0 + i) − k0, clamped to [-1, keys]
+  BiasView bias;   // rows are the tile's queries
+  idx queries, keys;
+  bool sees(idx i, idx j) const {
+    return j < lim[i] && !(bias.ptr && bias.ptr[i * bias.rs + j * bias.cs] == -std::numeric_limits<float>::infinity());
+  }
+  // Whether some pair of the tile may be hidden (a bias may hold -inf anywhere).
+  bool any_hidden() const {
+    if (bias.ptr) return true;
+    for (idx i = 0; i < queries; ++i)
+      if (lim[i] < keys) return true;
+    return false;
+  }
+};
+
+// Note [non-finite rows]
+// The block products C += A·B of attention (O += P·V; dV += Pᵀ·dO, dK += dSᵀ·Q,
+// dQ += dS·K) sum over a tile's keys (or queries) the terms A(i, p)·B(p, :), where
+// A(i, p) is exactly 0 for every pair that Note [attention masking] hides. A row p
+// of B holding a NaN or Inf would still reach every row i of C, since 0·NaN = NaN.
+// So in a tile where some pair is hidden (TileMask::any_hidden), B is scanned
+// (kt.all_finite: O(rows·cols), against the product's O(m·n·k)), and if some of
+// its rows are not finite the product runs as
+//   C += A·B'                        B' = B with those rows zeroed (the fast kernel)
+//   C(i, :) += A(i, p)·B(p, :)       for each such row p and each row i that sees p
+// A row i that sees none of them gets the bits of a run with any finite values in
+// those rows: its terms there are 0·B'(p, :) = 0·finite, which leave the sum as it
+// is (a zero's sign aside). "Sees" is TileMask::sees, not A(i, p) != 0, so a row that
+// sees a NaN shows it even where its weight underflowed to 0. (softmax_bwd_ds sets
+// dS = 0 wherever P == 0, underflow included: that is where dP's NaN stops.) With
+// finite inputs (the usual case) the scan is all the extra work, and tiles that
+// hide no pair skip even that.
+class FiniteRows {
+ public:
+  FiniteRows(idx max_rows, idx max_cols) : copy_(std::max<idx>(max_rows * max_cols, 1)), max_rows_(max_rows) {
+    bad_.reserve(static_cast<size_t>(max_rows));  // no allocation inside the parallel regions
+  }
+  // b (k × n, row stride rs_b): when `hidden` and some rows are not finite, a copy of b
+  // (row stride n, owned by this object) with those rows zeroed; else b itself. *rs:
+  // the result's row stride.
+  const float* finite(const KernelTable& kt, bool hidden, const float* b, idx rs_b, idx k, idx n, idx* rs) {
+    bad_.clear();
+    *rs = rs_b;
+    if (!hidden || kt.all_finite(k, n, b, rs_b)) return b;
+    assert(k <= max_rows_ && k * n <= copy_.size());
+    float* out = copy_.data();
+    for (idx p = 0; p < k; ++p) {
+      const float* row = b + p * rs_b;
+      if (kt.all_finite(1, n, row, rs_b)) {
+        std::copy(row, row + n, out + p * n);
+      } else {
+        bad_.push_back(p);
+        std::fill(out + p * n, out + (p + 1) * n, 0.0f);
+      }
+    }
+    *rs = n;
+    return out;
+  }
+  // After c (m × n) += alpha · a (m × k) · finite(b): c(i, :) += alpha · a(i, p) · b(p, :)
+  // for each row p that finite() zeroed and each row i of c that sees it. The rows of
+  // c are the tile's queries (mask.sees(i, p)) or, with c_rows_are_keys, its keys
+  // (mask.sees(p, i)). a(i, p) = a[i*rs_a + p*cs_a].
+  void add_back(idx m, idx n, float alpha, const float* a, idx rs_a, idx cs_a, const float* b, idx rs_b, float* c,
+                idx ldc, const TileMask& mask, bool c_rows_are_keys) const {
+    for (const idx p : bad_) {
+      const float* brow = b + p * rs_b;
+      for (idx i = 0; i < m; ++i) {
+        if (!(c_rows_are_keys ? mask.sees(p, i) : mask.sees(i, p))) continue;
+        const float w = alpha * a[i * rs_a + p * cs_a];
+        float* crow = c + i * ldc;
+        for (idx d = 0; d < n; ++d) crow[d] += w * brow[d];
+      }
+    }
+  }
+
+ private:
+  AlignedBuffer copy_;
+  std::vector<idx> bad_;
+  idx max_rows_;
+};
+
+// c (m × n) += alpha · a (m × k) · b (k × n), b plain rows (row stride rs_b), under
+// Note [non-finite rows] for the tile `mask`; c_rows_are_keys as in FiniteRows::add_back.
+inline void block_gemm_masked(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
+                              idx cs_a, const float* b, idx rs_b, float* c, idx ldc, const TileMask& mask,
+                              bool c_rows_are_keys, FiniteRows& fr) {
+  idx rs = 0;
+  const float* bf = fr.finite(kt, mask.any_hidden(), b, rs_b, k, n, &rs);
+  block_gemm(kt, m, n, k, alpha, a, rs_a, cs_a, bf, false, rs, 1.0f, c, ldc);
+  fr.add_back(m, n, alpha, a, rs_a, cs_a, b, rs_b, c, ldc, mask, c_rows_are_keys);
 }
 
 }  // namespace detail

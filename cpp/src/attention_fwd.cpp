@@ -3,7 +3,8 @@
 //   Sᵀ = K·Qᵀ·scale (keys × queries: micro-tiles read K rows in place)
 //   online softmax down the key axis (vertical: lanes are queries), O rescaled
 //   where a query's running max moves, Sᵀ := Pᵀ
-//   O += P·V (P read column-wise from Pᵀ, V rows in place)
+//   O += P·V (P read column-wise from Pᵀ, V rows in place; Note [non-finite rows]
+//   where the tile hides some keys)
 // and finally O /= l, lse = m + log(l). Extra memory: per thread one score block
 // and one packed Q block; the (seq_q, seq_k) score matrix never exists.
 #include <omp.h>
@@ -37,8 +38,11 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
     std::vector<int> lim_rel;
     std::vector<float> p_row;
     std::vector<idx> lim;
+    detail::FiniteRows finite_v;
+    Scratch(idx bk, idx dv) : finite_v(bk, dv) {}
   };
-  std::vector<Scratch> scratch(static_cast<size_t>(nt));
+  std::vector<Scratch> scratch;
+  for (int t = 0; t < nt; ++t) scratch.emplace_back(blk.bk, Dv);
   for (Scratch& sc : scratch) {
     sc.st_buf.resize(blk.bk * bq_pad);
     if (blk.bq > 4) sc.q_buf.resize(qpanel);  // the few-queries path reads Q in place
@@ -92,16 +96,21 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         const BiasView bias = detail::bias_block(a, b, h, q0, k0);
         kt.softmax_fwd(st_buf.data(), bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, lim_rel.data(), m, l,
                        orow, a.o.ss, static_cast<int>(Dv));
-        // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]
+        // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]; V with
+        // its non-finite rows zeroed where the tile hides keys, Note [non-finite rows]
+        const detail::TileMask mask{lim_rel.data(), bias, nq, nk};
+        const float* v_blk = vrow + k0 * a.v.ss;
+        idx rs_v = 0;
+        const float* v_use = sc.finite_v.finite(kt, mask.any_hidden(), v_blk, a.v.ss, nk, Dv, &rs_v);
         if (few) {
           for (idx i = 0; i < nq; ++i) {  // one streaming pass over V per query row
             for (idx j = 0; j < nk; ++j) p_row[j] = st_buf.data()[j * bq_pad + i];
-            kt.gemv(nk, Dv, p_row.data(), vrow + k0 * a.v.ss, a.v.ss, orow + i * a.o.ss, 1.0f, 1.0f, nullptr, 0);
+            kt.gemv(nk, Dv, p_row.data(), v_use, rs_v, orow + i * a.o.ss, 1.0f, 1.0f, nullptr, 0);
           }
         } else {
-          detail::block_gemm(kt, nq, Dv, nk, 1.0f, st_buf.data(), 1, bq_pad, vrow + k0 * a.v.ss, false, a.v.ss, 1.0f,
-                             orow, a.o.ss);
+          detail::block_gemm(kt, nq, Dv, nk, 1.0f, st_buf.data(), 1, bq_pad, v_use, false, rs_v, 1.0f, orow, a.o.ss);
         }
+        sc.finite_v.add_back(nq, Dv, 1.0f, st_buf.data(), 1, bq_pad, v_blk, a.v.ss, orow, a.o.ss, mask, false);
       }
       for (idx i = 0; i < nq; ++i) {
         float* o = orow + i * a.o.ss;

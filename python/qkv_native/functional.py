@@ -286,8 +286,8 @@ def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
         if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_:
             raise TypeError("mask must be a boolean numpy array (True = may attend)")
         m = _broadcast4(mask, "mask", full)
-        madd = np.where(m, np.float32(0.0), np.float32(-np.inf))
-        add = madd if add is None else (add + madd)
+        # where the mask is False the bias is -inf whatever it held (NaN + -inf would be NaN)
+        add = np.where(m, np.float32(0.0) if add is None else add, np.float32(-np.inf))
     return scale, key_lengths, add
 
 

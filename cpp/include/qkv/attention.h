@@ -25,6 +25,10 @@ struct Tensor4 {
 // (causal is aligned bottom-right: the last query sees every key; for seq_q == seq_k
 // this is the usual top-left mask). The additive bias may add -inf anywhere. A row
 // with no key left outputs 0 with lse = -inf, and gets zero gradients.
+// A hidden pair (i, j) is exact: nothing of k, v or bias at key j reaches row i of o,
+// lse or dq, and nothing of q or do at row i reaches row j of dk or dv, even when they
+// are NaN or Inf (a hidden score is -inf whatever q·k is; the block products follow
+// Note [non-finite rows] in attention_common.h). Keys past key_lengths are never read.
 struct AttentionArgs {
   Tensor4 q;   // (batch, num_heads, seq_q, d_head)
   Tensor4 k;   // (batch, num_kv_heads, seq_k, d_head)

@@ -48,7 +48,8 @@ struct KernelTable {
   // Online-softmax step of the flash forward on a transposed score block:
   // st: (keys, queries) with row stride ld, already scaled (Sᵀ = K·Qᵀ·scale), so
   // every step is vertical (lanes = queries, no horizontal reductions).
-  // For query i and key j: s += bias(i, j); keys j >= lim[i] are masked (-inf).
+  // For query i and key j: s += bias(i, j); keys j >= lim[i] are masked (-inf), and so
+  // are keys with bias -inf, even where s is NaN or +inf.
   // m, l: running max and sum per query (in/out); o: (queries, dv) output
   // accumulator with row stride ldo, rescaled by exp(m_old - m_new) where the max
   // moved. On return st holds Pᵀ = exp(s - m_new) (0 where masked).
@@ -57,11 +58,15 @@ struct KernelTable {
                       float* l, float* o, idx ldo, int dv);
 
   // Backward recompute: s (rows, cols) := exp(s + bias - lse_i) for j < lim[i], else 0;
-  // rows with lse_i = -inf (fully masked) give 0.
+  // rows with lse_i = -inf (fully masked) give 0. Hidden keys (j >= lim[i], bias -inf)
+  // give exactly 0 whatever s and lse are (NaN included).
   void (*softmax_bwd_p)(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
                         const float* lse);
   // dS = P ∘ (dP − D_i), in place in dp (rows, cols), row strides ld.
   void (*softmax_bwd_ds)(const float* p, float* dp, idx ld, int rows, int cols, const float* d);
+  // Whether x (rows, cols), row stride ld, holds no NaN and no ±inf: a scan for
+  // Note [non-finite rows] (cpp/src/attention_common.h).
+  bool (*all_finite)(idx rows, idx cols, const float* x, idx ld);
 
   // LayerNorm of one row of n: y = (x - mean)·rstd·gamma + beta, rstd = 1/sqrt(var + eps)
   // (biased variance); writes *mean and *rstd for the backward.

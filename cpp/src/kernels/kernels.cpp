@@ -382,6 +382,10 @@ inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
   return V::load(tmp);
 }
 
+// s + bias, where a bias of -inf hides the key whatever s is (a NaN or +inf score from a
+// non-finite q or k row must not reach a query that does not see that key).
+inline V::reg add_bias(V::reg s, V::reg b) { return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::add(s, b)); }
+
 // Adds bias and applies the key limit to one row of S in place; returns the row max.
 inline float bias_mask_row(float* s, int cols, const float* brow, idx bcs, int lim) {
   const int lim_c = imin(lim, cols);  // lanes past cols are -inf for the max, never stored
@@ -389,7 +393,7 @@ inline float bias_mask_row(float* s, int cols, const float* brow, idx bcs, int l
   for (int j = 0; j < cols; j += W) {
     const int lanes = imin(W, cols - j);
     V::reg x = lanes == W ? V::load(s + j) : V::load(s + j, V::tail_mask(lanes));
-    if (brow) x = V::add(x, load_bias(brow, bcs, j, lanes));
+    if (brow) x = add_bias(x, load_bias(brow, bcs, j, lanes));
     x = V::mask_from(x, j, lim_c);
     if (lanes == W) V::store(s + j, x);
     else V::store(s + j, x, V::tail_mask(lanes));
@@ -442,11 +446,11 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
       if (bias.ptr) {
         const float* bj = bias.ptr + j * bias.cs + v * W * bias.rs;
         if (bias.rs == 0) {
-          x = V::add(x, V::set1(bj[0]));
+          x = add_bias(x, V::set1(bj[0]));
         } else {
           alignas(64) float tmp[W];
           for (int q = 0; q < W; ++q) tmp[q] = q < lanes ? bj[q * bias.rs] : 0.0f;
-          x = V::add(x, V::load(tmp));
+          x = add_bias(x, V::load(tmp));
         }
       }
       if (masked) x = V::mask_keys(x, lim + v * W, j);
@@ -493,6 +497,10 @@ void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const i
     }
     const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
     bias_mask_row(srow, cols, brow, bias.cs, lim[i]);
+    if (lse[i] != lse[i]) {  // NaN (a row made non-finite by its inputs): P is NaN, but 0 on hidden keys
+      for (int j = 0; j < cols; ++j) srow[j] = srow[j] == kNegInf ? 0.0f : lse[i];
+      continue;
+    }
     exp_sub_row(srow, cols, lse[i]);
   }
 }
@@ -512,6 +520,22 @@ void softmax_bwd_ds(const float* p, float* dp, idx ld, int rows, int cols, const
     }
     for (; j < cols; ++j) drow[j] = prow[j] == 0.0f ? 0.0f : prow[j] * (drow[j] - d[i]);
   }
+}
+
+// Whether every element of x (rows × cols, row stride ld) is finite: x·0 is 0 for a
+// finite x and NaN for ±inf or NaN, so the sum of x·0 stays 0 exactly when all are.
+bool all_finite(idx rows, idx cols, const float* x, idx ld) {
+  const idx nv = cols / W;
+  const int rem = static_cast<int>(cols - nv * W);
+  const V::tail tail = V::tail_mask(rem);
+  const V::reg zero = V::zero();
+  V::reg acc = V::zero();
+  for (idx r = 0; r < rows; ++r) {
+    const float* row = x + r * ld;
+    for (idx v = 0; v < nv; ++v) acc = V::fmadd(V::load(row + v * W), zero, acc);
+    if (rem > 0) acc = V::fmadd(V::load(row + nv * W, tail), zero, acc);
+  }
+  return V::reduce_add(acc) == 0.0f;
 }
 
 // 2*NACC independent FMA chains keep both FMA pipes busy; returns FLOPs done.
@@ -541,7 +565,7 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
+      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
   return table;
 }
 
