@@ -284,6 +284,51 @@ def test_batch_composition_does_not_change_results(tmp_path, isa):
     np.testing.assert_allclose(enc.encode(texts[3]), alone[3], rtol=0, atol=1e-6)
 
 
+def test_thread_limits_hold_and_do_not_change_results(tmp_path, restore_threads):
+    """set_num_threads and threadpoolctl's OpenMP limit reach every native call and the
+    tokenizer (one-by-one under a one-thread limit); the embeddings are bit-identical."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    texts = tiny_texts(40, seed=9)
+    qn.set_num_threads(2)
+    free = enc.encode(texts, batch_size=16)
+    calls = []
+    qn.set_num_threads(1)
+    try:
+        enc.tokenizer = _Spy(enc.tokenizer, calls)
+        one = enc.encode(texts, batch_size=16)
+        assert calls and set(calls) == {"encode"}
+        qn.set_num_threads(2)
+        calls.clear()
+        with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+            assert qn.get_num_threads() == 1
+            limited = enc.encode(texts, batch_size=16)
+        assert set(calls) == {"encode"}
+        calls.clear()
+        enc.encode(texts[:3])
+        assert calls == ["encode_batch"]
+    finally:
+        enc.tokenizer = getattr(enc.tokenizer, "_inner", enc.tokenizer)
+    np.testing.assert_array_equal(one, free)
+    np.testing.assert_array_equal(limited, free)
+
+
+class _Spy:
+    """A tokenizer wrapper that records which of its encode methods ran."""
+
+    def __init__(self, inner, calls):
+        self._inner, self._calls = inner, calls
+
+    def encode(self, *a, **kw):
+        self._calls.append("encode")
+        return self._inner.encode(*a, **kw)
+
+    def encode_batch(self, *a, **kw):
+        self._calls.append("encode_batch")
+        return self._inner.encode_batch(*a, **kw)
+
+
 def test_buffers_do_not_grow_with_the_corpus(tmp_path):
     write_tiny_model(tmp_path)
     enc = qe.SentenceEncoder.from_pretrained(tmp_path)

@@ -155,6 +155,13 @@ qkv::Tensor4 tensor4(const Arr& a) {
 
 std::atomic<int> g_num_threads{0};
 
+// The threads the next op started from this thread may use: set_num_threads'
+// ceiling, lowered by this thread's OpenMP limit (threadpoolctl, OMP_NUM_THREADS).
+int effective_threads() {
+  const int n = g_num_threads.load(), omp = omp_get_max_threads();
+  return n > 0 && n < omp ? n : omp;
+}
+
 const qkv::KernelTable& active_kernels() {
   try {
     return qkv::kernels();
@@ -767,8 +774,7 @@ py::dict cpu_info() {
   d["features"] = feats;
   d["supported_isas"] = qkv::supported_isas();
   d["isa"] = std::string(active_kernels().isa);
-  const int n = g_num_threads.load();
-  d["num_threads"] = n > 0 ? n : omp_get_max_threads();
+  d["num_threads"] = effective_threads();
   return d;
 }
 
@@ -828,10 +834,7 @@ PYBIND11_MODULE(_core, m) {
     g_num_threads.store(n);
     omp_set_num_threads(n);
   });
-  m.def("get_num_threads", [] {
-    const int n = g_num_threads.load();
-    return n > 0 ? n : omp_get_max_threads();
-  });
+  m.def("get_num_threads", &effective_threads);
   m.def("set_isa", [](const std::string& isa) {
     try {
       qkv::set_active_isa(isa);

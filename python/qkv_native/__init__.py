@@ -73,7 +73,9 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The number of threads native ops use."""
+    """The number of threads native ops called from this thread use: the
+    :func:`set_num_threads` ceiling, lowered by an OpenMP limit in force here
+    (threadpoolctl, OMP_NUM_THREADS)."""
     return _core.get_num_threads()
 
 

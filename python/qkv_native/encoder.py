@@ -602,7 +602,14 @@ class SentenceEncoder:
         return self.config.hidden_size * len(self.pooling)
 
     def tokenize(self, texts: Sequence[str]) -> list:
-        """``tokenizers.Encoding`` per text: special tokens added, truncated to max_seq_length."""
+        """``tokenizers.Encoding`` per text: special tokens added, truncated to max_seq_length.
+
+        Under a one-thread limit (:func:`qkv_native.set_num_threads`, threadpoolctl,
+        OMP_NUM_THREADS) texts are tokenized one by one in this thread: the
+        ``tokenizers`` package's batch call would use its own pool of all the cores.
+        """
+        if _core.get_num_threads() == 1:
+            return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
         return self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
 
     def encode(self, texts: Union[str, Iterable[str]], batch_size: int = 32, normalize: bool = True,
