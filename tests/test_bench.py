@@ -27,6 +27,7 @@ TINY_CASES = [
     Case("attention_backward", ATT(2, 4, 5, 8, num_kv_heads=2, causal=True), quick=True),
     Case("attention_backward", ATT(3, 2, 6, 4, key_lengths=(6, 2, 4), causal=True), quick=True),
     Case("attention_backward", ATT(1, 2, 3, 4, seq_k=7, causal=True), quick=True),
+    Case("attention_train", ATT(3, 2, 6, 4, key_lengths=(6, 2, 4), causal=True), quick=True),
     Case("mha", bench._mha_params(2, 5, 8, 2), quick=True),
     Case("mha", bench._mha_params(1, 4, 8, 2, causal=True), quick=True),
 ]
@@ -84,6 +85,7 @@ def test_default_cases_cover_the_spec():
     attention = [c.params for c in full if c.group == "attention"]
     backward = [c.params for c in full if c.group == "attention_backward"]
     assert len(attention) == 8 and len(backward) == 7
+    assert [c.params for c in full if c.group == "attention_train"] == backward
     assert all(p["seq_q"] > 1 for p in backward)  # no decode backward
     gqa = [p for p in attention if p["num_kv_heads"] != p["num_heads"]]
     assert gqa == [ATT(1, 32, 2048, 128, num_kv_heads=8, causal=True)]

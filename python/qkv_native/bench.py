@@ -787,6 +787,65 @@ ATTENTION_BACKWARD = Op(
 )
 
 
+# ---- attention forward + backward (a training step's attention) ------------------------------
+# Canonical output (o, dq, dk, dv); every call runs the forward and then the backward.
+
+
+def _attention_train_native(i, p, ctx):
+    kl = _key_lengths(p)
+
+    def step():
+        o, lse = qn.attention(i["q"], i["k"], i["v"], causal=p["causal"], key_lengths=kl, return_lse=True)
+        return (o, *qn.attention_backward(i["do"], i["q"], i["k"], i["v"], o, lse, causal=p["causal"], key_lengths=kl))
+
+    return Runner(step)
+
+
+def _attention_train_numpy(i, p, ctx):
+    mask, scale = _np_attention_state(i, p, ctx)
+
+    def step():
+        o, prob = _np_attention_forward(i["q"], i["k"], i["v"], mask, scale)
+        return (o, *_np_attention_backward(i["do"], i["q"], i["k"], i["v"], o, prob, scale))
+
+    return Runner(step)
+
+
+def _attention_train_torch(i, p, ctx):
+    torch = ctx.baselines.torch
+    leaves = [torch.from_numpy(i[n]).requires_grad_() for n in ("q", "k", "v")]
+    mask, do = _torch_mask(torch, p), torch.from_numpy(i["do"])
+
+    def step():
+        o = _torch_attention(torch, *leaves, p, mask)
+        return (o.detach(), *torch.autograd.grad(o, leaves, do))
+
+    return Runner(step, _canon_torch)
+
+
+def _attention_train_reference(i, p):
+    kw = dict(causal=p["causal"], key_lengths=_key_lengths(p))
+    o, lse = ref.attention(i["q"], i["k"], i["v"], **kw)
+    return (o, *ref.attention_backward(i["do"], i["q"], i["k"], i["v"], o, lse, **kw))
+
+
+ATTENTION_TRAIN = Op(
+    group="attention_train",
+    title="attention forward + backward (o, dq, dk, dv), (batch, num_heads, seq, d_head); FLOPs 3.5x forward",
+    label=_attention_label,
+    flops=lambda p: 3.5 * _attention_flops(p),
+    seq=lambda p: p["seq_k"],
+    make_inputs=_attention_backward_inputs,
+    impls={
+        "qkv_native": _attention_train_native,
+        "numpy": _attention_train_numpy,
+        "torch": _attention_train_torch,
+    },
+    reference=_attention_train_reference,
+    reference_max_flops=1e8,
+)
+
+
 # ---- multi-head attention layer, forward + backward ----------------------------------------
 # y = concat_heads(attention(qkv_project(x)))·W_O + b_O; x, y, dy: (batch, seq, d_model).
 # Canonical output: (y, dx, dw_qkv, db_qkv, dw_o, db_o).
@@ -1000,8 +1059,8 @@ ENCODER = Op(
 
 
 #: Every group, in table order.
-OPS: Dict[str, Op] = {op.group: op for op in (GEMM, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD, MHA,
-                                              ENCODER)}
+OPS: Dict[str, Op] = {op.group: op for op in (GEMM, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD,
+                                              ATTENTION_TRAIN, MHA, ENCODER)}
 GROUPS: Tuple[str, ...] = tuple(OPS)
 
 
@@ -1029,6 +1088,7 @@ def _default_cases() -> List[Case]:
         cases.append(Case("projection_backward", _projection_params(m, k, projection_seq[m]), quick=m == 4096))
     cases += [Case("attention", p, quick=quick) for p, quick in attention]
     cases += [Case("attention_backward", p, quick=quick) for p, quick in attention if p["seq_q"] > 1]
+    cases += [Case("attention_train", p, quick=quick) for p, quick in attention if p["seq_q"] > 1]
     cases += [
         Case("mha", _mha_params(32, 128, 384, 12), quick=True),
         Case("mha", _mha_params(8, 512, 768, 12), quick=False),
