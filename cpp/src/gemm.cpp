@@ -179,7 +179,10 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     return;
   }
   const idx n_strips = ceil_div(N, nr);
-  const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * M * N * K, 1.0e6), n_strips));
+  // Few rows are bound by streaming B, and a second thread adds bandwidth: count
+  // B's bytes as work too (a 384 × 1536 weight gets both threads even for one row).
+  const double work = std::max(2.0 * M * N * K, 8.0 * static_cast<double>(N) * K);
+  const int nt = static_cast<int>(std::min<idx>(threads_for(work, 1.0e6), n_strips));
   // A rows are contiguous along K, all in A's first batch (small_m_ok).
   idx astep, alen;
   const float* a0 = A.run(0, 0, &astep, &alen);
@@ -213,6 +216,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.cs_a = 1;
         t.b = bp;
         t.rs_b = rs_b;
+        t.stream_b = tile == 0;  // the first row tile reads the strip from memory
         t.c_rows = rows;
         t.alpha = alpha;
         t.beta = beta;

@@ -26,6 +26,23 @@ constexpr int KC = 256, MC = 64, NC = 512;
 constexpr int NR = NV * W;
 
 inline int imin(int a, int b) { return a < b ? a : b; }
+
+// Note [streaming prefetch]
+// Kernels that read an operand once, straight from memory (decode: K and V; one-row
+// products: the weight), are bound by how many cache misses are in flight. The
+// hardware prefetcher restarts at each new stream (a K block, then a V block, ...)
+// and leaves much of the DRAM bandwidth unused, so these loops also prefetch, into
+// L2, every line of the row kStreamAhead rows on. Past the operand's end that is the
+// next block the caller will pass (the next K/V block of a decode, the next head):
+// a prefetch is only a hint, it never faults, so no bound is checked. The address is
+// computed as an integer (no out-of-bounds pointer is formed).
+constexpr idx kStreamAhead = 48;
+inline void prefetch_row(const float* row, idx rows_ahead, idx stride, idx n) {
+  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(row) +
+                           static_cast<std::uintptr_t>(rows_ahead * stride) * sizeof(float);
+  for (idx i = 0; i < n; i += 64 / static_cast<idx>(sizeof(float)))
+    __builtin_prefetch(reinterpret_cast<const void*>(p + static_cast<std::uintptr_t>(i) * sizeof(float)), 0, 1);
+}
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 constexpr float kNegInf = -__builtin_inff();
 
@@ -60,6 +77,7 @@ void gemm_tile_m(const GemmTile& t) {
     if (ColA) __builtin_prefetch(a + (p + 16) * cs_a, 0, 3);
     V::reg bv[NV];
     const float* bp = b + p * rs_b;
+    if (t.stream_b) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
     for (int v = 0; v < NV; ++v) {
       if (FullN) bv[v] = V::load(bp + v * W);
       else bv[v] = lanes[v] == W ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
@@ -146,6 +164,7 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   idx p = 0;
   for (; p + 4 <= k; p += 4) {
     const float* r0 = b + p * rs_b;
+    for (idx r = 0; r < 4; ++r) prefetch_row(r0 + r * rs_b, kStreamAhead, rs_b, n);  // Note [streaming prefetch]
     const V::reg x0 = V::set1(x[p]), x1 = V::set1(x[p + 1]), x2 = V::set1(x[p + 2]), x3 = V::set1(x[p + 3]);
     for (idx v = 0; v < nvec; ++v) {
       V::reg acc = V::fmadd(x0, load_b(r0, v), load_y(v, fresh));
@@ -170,32 +189,40 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   }
 }
 
-template <int N>
-void dot_rows_n(idx m, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
-  constexpr int R = 4;  // rows of a at a time: R·N independent accumulators
+// c[(j+r)*ldc + i] = alpha · a_row(j+r) · b_row(i) for r < R rows, i < N: R·N
+// accumulators, all in registers (R and N are compile-time: no spill).
+template <int R, int N>
+inline void dot_rows_block(idx j, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
+                           float alpha) {
   const idx kv = k / W;
   const int rem = static_cast<int>(k - kv * W);
-  const V::tail tail = V::tail_mask(rem);
-  idx j = 0;
-  for (; j < m; j += R) {
-    const int rows = static_cast<int>(m - j < R ? m - j : R);
-    V::reg acc[R][N];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < N; ++i) acc[r][i] = V::zero();
-    for (idx v = 0; v <= kv; ++v) {
-      if (v == kv && rem == 0) break;
-      V::reg bv[N];
-      for (int i = 0; i < N; ++i) bv[i] = v < kv ? V::load(b + i * ldb + v * W) : V::load(b + i * ldb + v * W, tail);
-      for (int r = 0; r < R; ++r) {
-        if (r >= rows) break;
-        const float* ar = a + (j + r) * lda + v * W;
-        const V::reg av = v < kv ? V::load(ar) : V::load(ar, tail);
-        for (int i = 0; i < N; ++i) acc[r][i] = V::fmadd(av, bv[i], acc[r][i]);
-      }
+  for (int r = 0; r < R; ++r) prefetch_row(a + (j + r) * lda, kStreamAhead, lda, k);  // Note [streaming prefetch]
+  V::reg acc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < N; ++i) acc[r][i] = V::zero();
+  auto step = [&](idx off, auto load) {
+    V::reg bv[N];
+    for (int i = 0; i < N; ++i) bv[i] = load(b + i * ldb + off);
+    for (int r = 0; r < R; ++r) {
+      const V::reg av = load(a + (j + r) * lda + off);
+      for (int i = 0; i < N; ++i) acc[r][i] = V::fmadd(av, bv[i], acc[r][i]);
     }
-    for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = alpha * V::reduce_add(acc[r][i]);
+  };
+  for (idx v = 0; v < kv; ++v) step(v * W, [](const float* p) { return V::load(p); });
+  if (rem) {
+    const V::tail tail = V::tail_mask(rem);
+    step(kv * W, [&](const float* p) { return V::load(p, tail); });
   }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = alpha * V::reduce_add(acc[r][i]);
+}
+
+template <int N>
+void dot_rows_n(idx m, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
+  constexpr int R = 4;  // rows of a at a time
+  idx j = 0;
+  for (; j + R <= m; j += R) dot_rows_block<R, N>(j, k, a, lda, b, ldb, c, ldc, alpha);
+  for (; j < m; ++j) dot_rows_block<1, N>(j, k, a, lda, b, ldb, c, ldc, alpha);
 }
 
 void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
