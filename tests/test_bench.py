@@ -18,6 +18,7 @@ ATT = bench._attention_params
 
 TINY_CASES = [
     Case("gemm", {"m": 5, "k": 7, "n": 3}, quick=True),
+    Case("gemv", {"k": 7, "n": 5, "weights": 3}, quick=True),
     Case("projection", bench._projection_params(6, 8, seq=3, d_head=4), quick=True),
     Case("projection_backward", bench._projection_params(6, 8, seq=3, d_head=4), quick=True),
     Case("attention", ATT(2, 4, 5, 8, num_kv_heads=2, causal=True), quick=True),  # gqa causal
@@ -202,6 +203,9 @@ def test_json_report_schema(tiny_report, tmp_path):
     assert {"numpy", "torch", "onnxruntime", "qkv_native"} <= set(data["versions"])
     assert data["versions"]["qkv_native"] == qn.__version__
     assert data["peak_gflops"]["1"] > 0 and len(data["fma_probes_gflops"]["1"]) == 10
+    assert data["stream_gbps"]["1"] > 0
+    gemv = [r for r in data["results"] if r["group"] == "gemv" and r["status"] == "ok"]
+    assert gemv and all(r["bytes"] == 4 * 3 * 7 * 5 and r["gbps"] > 0 and "bw_fraction" in r for r in gemv)
     keys = {"group", "case", "shape", "flops", "threads", "impl", "status", "times_s"}
     for r in data["results"]:
         assert keys <= set(r)

@@ -160,7 +160,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     // One row: the gemv kernel over column strips, one per thread (long contiguous
     // runs of every row of B), split further at segment boundaries. (Packed panels
     // are contiguous already: the 1-row micro-tile below streams them.)
-    const int nt = static_cast<int>(std::min<idx>(threads_for(2.0 * N * K, 1.0e6), ceil_div(N, 64)));
+    const int nt = static_cast<int>(std::min<idx>(threads_for(8.0 * N * K, 1.0e6), ceil_div(N, 64)));  // bytes of B
     const idx kStrip = ceil_div(ceil_div(N, nt), 16) * 16;
     idx astep, alen;
     const float* x = A.run(0, 0, &astep, &alen);

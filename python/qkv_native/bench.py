@@ -310,6 +310,9 @@ class Op:
     # What one call processes, as (count, unit) pairs (e.g. [(2000, "texts"), (49000,
     # "tokens")]): the table then shows qkv_native's rate in each unit per second.
     items: Optional[Callable[[Mapping[str, Any]], Sequence[Tuple[float, str]]]] = None
+    # Bytes one call must read from memory, for memory-bound cases (None: not one):
+    # the table then shows GB/s and the fraction of the probed streaming bandwidth.
+    bytes: Optional[Callable[[Mapping[str, Any]], Optional[float]]] = None
     # Float64 twin of the canonical output, used when flops <= reference_max_flops.
     reference: Optional[Callable[[Dict[str, np.ndarray], Mapping[str, Any]], Tuple[np.ndarray, ...]]] = None
     reference_max_flops: float = 0.0
@@ -396,6 +399,61 @@ GEMM = Op(
     },
     reference=lambda i, p: (ref.matmul(i["a"], i["b"]),),
     reference_max_flops=5e9,
+)
+
+
+# ---- GEMV: one row against weights streamed from memory --------------------------------------
+# One call multiplies x (1, K) by `weights` distinct (K, N) matrices, more bytes than the
+# last-level cache holds, so every weight comes from memory (a decode step's projections).
+
+
+def _gemv_inputs(p, rng):
+    return {"x": _randn(rng, (1, p["k"])), "w": _randn(rng, (p["weights"], p["k"], p["n"]))}
+
+
+def _gemv_runner(mm):
+    def build(i, p, ctx):
+        x, w = i["x"], i["w"]
+        out = np.empty((w.shape[0], 1, w.shape[2]), np.float32)
+
+        def run():
+            for j in range(w.shape[0]):
+                mm(x, w[j], out[j])
+            return out
+
+        return Runner(run)
+
+    return build
+
+
+def _gemv_torch(i, p, ctx):
+    torch = ctx.baselines.torch
+    x, w = torch.from_numpy(i["x"]), torch.from_numpy(i["w"])
+    out = torch.empty((w.shape[0], 1, w.shape[2]))
+
+    def run():
+        for j in range(w.shape[0]):
+            torch.mm(x, w[j], out=out[j])
+        return out
+
+    return Runner(run, _canon_torch)
+
+
+GEMV = Op(
+    group="gemv",
+    title="GEMV from memory: x (1, K) · w_i (K, N) for `weights` distinct w_i, (K, N, weights); GB/s of w read",
+    label=lambda p: f"({p['k']}, {p['n']}, {p['weights']})",
+    flops=lambda p: p["weights"] * gemm_flops(1, p["k"], p["n"]),
+    seq=lambda p: p["k"],
+    make_inputs=_gemv_inputs,
+    impls={
+        "qkv_native": _gemv_runner(lambda x, w, out: _core.matmul(x, w, False, False, 1.0, 0.0, out)),
+        "numpy": _gemv_runner(lambda x, w, out: np.matmul(x, w, out=out)),
+        "torch": _gemv_torch,
+    },
+    reference=lambda i, p: (np.einsum("k,wkn->wn", i["x"][0].astype(np.float64), i["w"])[:, None, :],),
+    reference_max_flops=1e9,
+    bytes=lambda p: 4.0 * p["weights"] * p["k"] * p["n"],
 )
 
 
@@ -568,6 +626,12 @@ def _padded_key_lengths(batch: int, seq_k: int, seed: int = 0) -> Tuple[int, ...
     return tuple(int(n) for n in lengths)
 
 
+def _kv_bytes(p) -> float:
+    """Bytes of K and V (decode reads each once)."""
+    keys = p["batch"] * p["seq_k"] if p["key_lengths"] is None else int(np.sum(p["key_lengths"]))
+    return 4.0 * keys * p["num_kv_heads"] * 2 * p["d_head"]
+
+
 def _attention_label(p) -> str:
     heads = p["num_heads"] if p["num_kv_heads"] == p["num_heads"] else f"{p['num_heads']}/{p['num_kv_heads']}"
     seq = p["seq_q"] if p["seq_q"] == p["seq_k"] else f"{p['seq_q']}/{p['seq_k']}"
@@ -728,6 +792,7 @@ ATTENTION = Op(
     },
     reference=_attention_reference,
     reference_max_flops=2e8,
+    bytes=lambda p: _kv_bytes(p) if p["seq_q"] == 1 else None,
 )
 
 
@@ -1059,7 +1124,7 @@ ENCODER = Op(
 
 
 #: Every group, in table order.
-OPS: Dict[str, Op] = {op.group: op for op in (GEMM, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD,
+OPS: Dict[str, Op] = {op.group: op for op in (GEMM, GEMV, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD,
                                               ATTENTION_TRAIN, MHA, ENCODER)}
 GROUPS: Tuple[str, ...] = tuple(OPS)
 
@@ -1082,6 +1147,9 @@ def _default_cases() -> List[Case]:
     cases = []
     for m, k, n in gemm_shapes:
         cases.append(Case("gemm", {"m": m, "k": k, "n": n}, quick=(m, k, n) in quick_gemm))
+    # 24 weights of 384 x 1152 (42 MB) or 8 of 1024 x 3072 (100 MB): beyond the last-level cache
+    cases += [Case("gemv", {"k": 384, "n": 1152, "weights": 24}, quick=True),
+              Case("gemv", {"k": 1024, "n": 3072, "weights": 8}, quick=False)]
     for m, k, n in gemm_shapes:
         cases.append(Case("projection", _projection_params(m, k, projection_seq[m]), quick=(m, k, n) in quick_gemm))
     for m, k, n in gemm_shapes[:3]:
@@ -1277,6 +1345,8 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
         result = results[impl] = {"group": case.group, "case": case.label, "shape": dict(case.params),
                                   "flops": case.flops, "threads": ctx.threads, "impl": impl,
                                   "status": "ok", "times_s": []}
+        if op.bytes is not None and op.bytes(case.params):
+            result["bytes"] = op.bytes(case.params)
         builder = op.impls.get(impl)
         if builder is None:
             result["status"], result["note"] = "n/a", f"no {impl} implementation of {case.group}"
@@ -1318,8 +1388,16 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
         result["times_s"] = times
         result.update(_stats(times))
         result["gflops"] = case.flops / result["median_s"] / 1e9
+        if result.get("bytes"):
+            result["gbps"] = result["bytes"] / result["median_s"] / 1e9
     progress.step()
     return list(results.values())
+
+
+def stream_bandwidth(seconds: float) -> float:
+    """Streaming-read bandwidth of memory on the current threads, GB/s (the best pass
+    over a 512 MiB buffer within ``seconds``; ``qkv_native._core.read_bandwidth``)."""
+    return float(_core.read_bandwidth(seconds))
 
 
 def fma_peak(seconds: float) -> Tuple[float, List[float]]:
@@ -1416,6 +1494,7 @@ def run_bench(
         "threads": threads,
         "loadavg": {"start": _loadavg()},  # 1-minute load average before and after
         "peak_gflops": {},  # threads -> GFLOP/s
+        "stream_gbps": {},  # threads -> GB/s of a streaming read of memory
         "fma_probes_gflops": {},
         "results": [],
     }
@@ -1430,9 +1509,13 @@ def run_bench(
                 results = [r for case in selected for r in _run_case(case, impls, ctx, budget, bar)]
                 probes += fma_peak(budget.probe_seconds)[1]
                 peak = max(probes)
+                stream = stream_bandwidth(budget.probe_seconds)
                 for r in results:
                     if "gflops" in r:
                         r["peak_fraction"] = r["gflops"] / peak if peak > 0 else None
+                    if "gbps" in r:
+                        r["bw_fraction"] = r["gbps"] / stream if stream > 0 else None
+                report["stream_gbps"][str(n)] = stream
                 report["results"] += results
                 report["peak_gflops"][str(n)] = peak
                 report["fma_probes_gflops"][str(n)] = probes
@@ -1520,22 +1603,26 @@ def format_report(report: Dict[str, Any]) -> str:
     lines += report["notes"]
     lines += [
         "time: median ms, ± half the interquartile range in % of it, implementations taking turns; * = fastest",
-        "GF/s, %peak: qkv_native's; vs X: X's median / qkv_native's (>1: qkv_native is faster)",
+        "GF/s, %peak: qkv_native's; GB/s, %bw: bytes read from memory per second, against the streaming read; "
+        "vs X: X's median / qkv_native's (>1: qkv_native is faster)",
         "same thread count on every side (qkv_native, torch, NumPy's BLAS, ONNX Runtime intra-op); "
         f"first outputs checked (rtol {report['rtol']:g}) before timing",
     ]
     errors = []
     for n in report["threads"]:
         peak = report["peak_gflops"][str(n)]
-        lines += ["", f"== {n} thread{'s' if n > 1 else ''}: fp32 FMA peak ({m['isa']}) {peak:.1f} GFLOP/s =="]
+        stream = report.get("stream_gbps", {}).get(str(n))
+        bw = f", streaming read {stream:.1f} GB/s" if stream else ""
+        lines += ["", f"== {n} thread{'s' if n > 1 else ''}: fp32 FMA peak ({m['isa']}) {peak:.1f} GFLOP/s{bw} =="]
         of_n = [r for r in report["results"] if r["threads"] == n]
         for group in dict.fromkeys(r["group"] for r in of_n):
             in_group = [r for r in of_n if r["group"] == group]
             impls = [i for i in report["impls"] if any(r["impl"] == i and r["status"] != "n/a" for r in in_group)]
             others = [i for i in impls if i != "qkv_native"]
             items = OPS[group].items if group in OPS else None
-            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["rate"] if items else []),
-                      *[f"vs {b}" for b in others]]]
+            mem = any("bytes" in r for r in in_group)
+            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["GB/s", "%bw"] if mem else []),
+                      *(["rate"] if items else []), *[f"vs {b}" for b in others]]]
             for case in dict.fromkeys(r["case"] for r in in_group):
                 by_impl = {r["impl"]: r for r in in_group if r["case"] == case}
                 ok = {i: by_impl[i]["median_s"] for i in impls if by_impl[i]["status"] == "ok"}
@@ -1547,6 +1634,9 @@ def format_report(report: Dict[str, Any]) -> str:
                     + [_cell(by_impl[i], i == best) for i in impls]
                     + [f"{native['gflops']:.1f}" if mine else "-",
                        f"{100 * native['peak_fraction']:.0f}%" if mine and native.get("peak_fraction") else "-"]
+                    + ([f"{native['gbps']:.1f}" if mine and "gbps" in native else "-",
+                        f"{100 * native['bw_fraction']:.0f}%" if mine and native.get("bw_fraction") else "-"]
+                       if mem else [])
                     + ([_rate(items(native["shape"]), mine)] if items else [])
                     + [f"{ok[b] / mine:.2f}x" if mine and b in ok else "-" for b in others]
                 )

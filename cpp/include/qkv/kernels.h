@@ -84,6 +84,8 @@ struct KernelTable {
   void (*exp)(const float* x, float* y, idx n);
   // Runs a dependent-free FMA loop for `iters` iterations; returns the FLOPs done.
   double (*fma_probe)(idx iters);
+  // Sums x[0..n) (a streaming read, for the bandwidth probe); returns the sum.
+  float (*read_probe)(const float* x, idx n);
 };
 
 namespace scalar { const KernelTable& kernel_table(); }

@@ -580,6 +580,19 @@ double fma_probe(idx iters) {
   return 2.0 * NACC * W * static_cast<double>(iters);
 }
 
+float read_probe(const float* x, idx n) {
+  constexpr int NACC = 4;  // independent sums: the adds never wait on each other
+  V::reg acc[NACC];
+  for (int i = 0; i < NACC; ++i) acc[i] = V::zero();
+  idx i = 0;
+  for (; i + NACC * W <= n; i += NACC * W)
+    for (int a = 0; a < NACC; ++a) acc[a] = V::add(acc[a], V::load(x + i + a * W));
+  float sum = 0.0f;
+  for (int a = 0; a < NACC; ++a) sum += V::reduce_add(acc[a]);
+  for (; i < n; ++i) sum += x[i];
+  return sum;
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -592,7 +605,7 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
+      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe, read_probe};
   return table;
 }
 
