@@ -101,12 +101,14 @@ inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, in
 // panels (b_packed: panel stride k*nr, row stride nr) or plain rows (row stride rs_b).
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc) {
-  const int mr = kt.mr, nr = kt.nr;
+  const int nr = kt.nr;
+  const idx tiles = row_tiles(m, kt.mr);
   float* rows[64];
   for (idx j0 = 0; j0 < n; j0 += nr) {
     const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
-    for (idx i0 = 0; i0 < m; i0 += mr) {
-      const int mt = static_cast<int>(std::min<idx>(mr, m - i0));
+    for (idx tile = 0; tile < tiles; ++tile) {
+      const idx i0 = row_tile_begin(tile, tiles, m);
+      const int mt = static_cast<int>(row_tile_begin(tile + 1, tiles, m) - i0);
       for (int i = 0; i < mt; ++i) rows[i] = c + (i0 + i) * ldc + j0;
       GemmTile t;
       t.k = k;

@@ -187,7 +187,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   idx astep, alen;
   const float* a0 = A.run(0, 0, &astep, &alen);
   const idx a_rs = A.row_step(0);
-  const idx n_row_tiles = ceil_div(M, kt.mr);
+  const idx n_row_tiles = row_tiles(M, kt.mr);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -201,11 +201,9 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
       const idx s = j / C.seg_cols, c = j - s * C.seg_cols;
       const Segment& g = C.segs[s];
       const idx n = std::min<idx>(std::min<idx>(j_end - j, len), C.seg_cols - c);
-      // Rows split evenly over the fewest tiles (13 = 7 + 6, not 12 + 1): a tile of
-      // one or two rows is FMA-latency bound and would cost a third of a full one.
-      for (idx tile = 0; tile < n_row_tiles; ++tile) {
-        const idx i0 = tile * M / n_row_tiles;
-        const int m = static_cast<int>((tile + 1) * M / n_row_tiles - i0);
+      for (idx tile = 0; tile < n_row_tiles; ++tile) {  // rows split evenly (row_tiles)
+        const idx i0 = row_tile_begin(tile, n_row_tiles, M);
+        const int m = static_cast<int>(row_tile_begin(tile + 1, n_row_tiles, M) - i0);
         for (int i = 0; i < m; ++i) rows[i] = g.ptr + rb[i0 + i] * g.bs + rr[i0 + i] * g.rs + c * C.cs;
         GemmTile t;
         t.k = K;

@@ -12,6 +12,12 @@ using idx = std::int64_t;
 
 inline idx ceil_div(idx a, idx b) { return (a + b - 1) / b; }
 
+// m rows split evenly over the fewest micro-tiles of at most mr rows (13 = 7 + 6, not
+// 12 + 1: a tile of one or two rows is FMA-latency bound and costs a third of a full
+// one). Tile t of row_tiles(m, mr) holds rows [row_tile_begin(t), row_tile_begin(t + 1)).
+inline idx row_tiles(idx m, idx mr) { return ceil_div(m, mr); }
+inline idx row_tile_begin(idx t, idx tiles, idx m) { return t * m / tiles; }
+
 // An uninitialised, 64-byte aligned float buffer (workspace, packed panels).
 class AlignedBuffer {
  public:
