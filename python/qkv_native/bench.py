@@ -830,9 +830,7 @@ def _attention_backward_torch(i, p, ctx):
 
 
 def _attention_backward_reference(i, p):
-    kw = dict(causal=p["causal"], key_lengths=_key_lengths(p))
-    o, lse = ref.attention(i["q"], i["k"], i["v"], **kw)
-    return ref.attention_backward(i["do"], i["q"], i["k"], i["v"], o, lse, **kw)
+    return _attention_train_reference(i, p)[1:]  # (dq, dk, dv)
 
 
 ATTENTION_BACKWARD = Op(
