@@ -31,6 +31,9 @@ __all__ = [
     "layer_norm_backward",
     "gelu",
     "gelu_backward",
+    "softmax_cross_entropy",
+    "adam_update",
+    "sgd_update",
 ]
 
 
@@ -504,3 +507,75 @@ def gelu_backward(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError("x must have at least 1 dimension")
     return _core.gelu_backward(_rows(x, "x"), _rows(dy, "dy")).reshape(x.shape)
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    out: Optional[np.ndarray] = None,
+) -> Tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient in one pass, computed stably (log-sum-exp).
+
+    logits: (N, C) float32; targets: (N,) int32/int64 in [0, C) or ``ignore_index``.
+    With label smoothing eps the target distribution is (1 - eps)·onehot + eps/C
+    (torch's definition): row loss (1 - eps)·(lse - x_t) + eps·(lse - mean(x)).
+    The mean runs over the rows that are not ignored; with none left the loss is
+    0 and the gradient 0. Rows run in parallel; the loss is summed in row order
+    (in float64), so it does not depend on the thread count.
+    Returns (loss, dlogits (N, C) float32 = d loss / d logits), dlogits written
+    into ``out`` when given.
+    """
+    _check_array(logits, "logits", 2)
+    if out is not None:
+        _check_array(out, "out", 2)
+        _check_no_overlap(out, "out", logits=logits)
+    return _core.softmax_cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), out)
+
+
+def _flat_args(w, g, state, offsets, decay):
+    for name, a in (("w", w), ("g", g), *state):
+        if a is not None:
+            _check_array(a, name, 1)
+    if not isinstance(decay, np.ndarray) or decay.dtype != np.bool_:
+        raise TypeError("decay must be a numpy bool array, one entry per parameter")
+
+
+def adam_update(
+    w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, offsets: np.ndarray, decay: np.ndarray, *,
+    lr: float, betas: Tuple[float, float], eps: float, weight_decay: float, decoupled: bool, step: int,
+) -> None:
+    """One Adam (``decoupled=False``, L2 weight decay) or AdamW step, in place, in one pass.
+
+    w, g, m, v: (n,) flat float32 buffers holding the parameters back to back:
+    parameter p is elements [offsets[p], offsets[p+1]) (offsets: (n_params + 1,)
+    ints from 0); decay: (n_params,) bool, weight decay on for parameter p. step:
+    t = 1, 2, ... (bias correction). Per element, rounding as written (torch's formulas):
+    AdamW w *= 1 - lr·wd; Adam g += wd·w; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+    w -= lr/(1-β1^t) · m / (√v / √(1-β2^t) + eps). The constants are computed here in
+    float64 and rounded to float32 once.
+    """
+    _flat_args(w, g, (("m", m), ("v", v)), offsets, decay)
+    b1, b2 = betas
+    wd = float(weight_decay)
+    _core.adam_update(
+        w, g, m, v, offsets, decay, b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**step), eps,
+        lr / (1.0 - b1**step), (1.0 - lr * wd) if (wd and decoupled) else 1.0, wd if not decoupled else 0.0,
+    )
+
+
+def sgd_update(
+    w: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], offsets: np.ndarray, decay: np.ndarray, *,
+    lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, first: bool,
+) -> None:
+    """One SGD step (torch.optim.SGD), in place, in one pass; flat buffers as in :func:`adam_update`.
+
+    d = g + wd·w; buf = d on the ``first`` step, else momentum·buf + (1 - dampening)·d;
+    d = d + momentum·buf (Nesterov) or buf; w -= lr·d. buf: (n,) float32, or None
+    without momentum.
+    """
+    _flat_args(w, g, (("buf", buf),), offsets, decay)
+    _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, bool(first),
+                     bool(nesterov))

@@ -13,10 +13,10 @@ transpose.
 
 The hot paths run native: GEMMs go through :func:`qkv_native.matmul`, the
 Q/K/V projections through :func:`qkv_native.qkv_project` (one GEMM) and
-attention through :func:`qkv_native.attention` (flash style). LayerNorm, GELU and
-softmax-cross-entropy have no native kernel yet: each is written once, below,
-as a vectorised NumPy float32 function pair (``*_forward`` / ``*_backward``),
-the single place to swap in a native call later.
+attention through :func:`qkv_native.attention` (flash style), LayerNorm, GELU
+and softmax cross-entropy (forward and backward in one pass) through their
+native kernels; the ``*_forward`` / ``*_backward`` pairs below adapt them to the
+layers (the tanh form of GELU stays vectorised NumPy).
 
 Initialisation is explicit and seeded: every layer with parameters takes
 ``init`` (a name from :data:`INITS`) and ``rng`` (an int seed or a
@@ -44,16 +44,17 @@ from .functional import (
     matmul,
     qkv_project,
     qkv_project_backward,
+    softmax_cross_entropy,
 )
 from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
-    # kernels awaiting native versions
+    # the layer kernels' forward/backward pairs
     "layernorm_forward",
     "layernorm_backward",
     "gelu_forward",
     "gelu_backward",
-    "softmax_cross_entropy",
+    "softmax_cross_entropy",  # qkv_native.functional's, re-exported
     # infrastructure
     "Parameter",
     "Module",
@@ -87,8 +88,7 @@ RngLike = Union[int, np.random.Generator, None]
 
 
 # ----------------------------------------------------------------------------
-# Kernels without a native version yet. One definition each; vectorised NumPy,
-# float32, no Python loop over elements. Swap these for native calls.
+# The layer kernels: thin adapters of the native ops to the layers' caches.
 # ----------------------------------------------------------------------------
 
 
@@ -144,47 +144,6 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> n
         return dy * (F32(0.5) * (F32(1.0) + t) + F32(0.5) * x * (F32(1.0) - t * t) * du)
     # forward: y = x * Phi(x)  ->  y' = Phi(x) + x * phi(x)
     return gelu_backward_native(x, dy)
-
-
-def softmax_cross_entropy(
-    logits: np.ndarray,
-    targets: np.ndarray,
-    *,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-) -> Tuple[float, np.ndarray]:
-    """Mean softmax cross-entropy and its gradient, computed stably (log-sum-exp).
-
-    logits: (N, C) float32; targets: (N,) ints in [0, C) or ``ignore_index``.
-    With label smoothing eps the target distribution is (1 - eps)·onehot + eps/C
-    (torch's definition). The mean runs over the rows that are not ignored; with
-    none left the loss is 0 and the gradient 0.
-    Returns (loss, dlogits (N, C) float32 = d loss / d logits).
-    """
-    n, c = logits.shape
-    valid = targets != ignore_index  # (N,)
-    n_valid = int(valid.sum())
-    safe_t = np.where(valid, targets, 0)
-    m = logits.max(axis=1, keepdims=True)  # (N, 1)
-    shifted = logits - m
-    e = np.exp(shifted)
-    sum_e = e.sum(axis=1, keepdims=True)  # (N, 1)
-    logp = shifted - np.log(sum_e)  # (N, C) log-softmax
-    eps = F32(label_smoothing)
-    # loss_i = -(1 - eps) * logp[i, t_i] - eps/C * sum_c logp[i, c]
-    nll = -logp[np.arange(n), safe_t]  # (N,)
-    row = (F32(1.0) - eps) * nll
-    if label_smoothing:
-        row = row - (eps / F32(c)) * logp.sum(axis=1)
-    denom = max(n_valid, 1)
-    loss = float(np.sum(row[valid], dtype=np.float64) / denom)
-    # dlogits_i = (softmax_i - target distribution_i) / n_valid, 0 for ignored rows
-    grad = e / sum_e
-    if label_smoothing:
-        grad -= eps / F32(c)
-    grad[np.arange(n), safe_t] -= F32(1.0) - eps
-    grad *= (valid.astype(F32) / F32(denom))[:, None]
-    return loss, grad
 
 
 # ----------------------------------------------------------------------------
@@ -1103,10 +1062,7 @@ class CrossEntropyLoss:
         if logits.shape[:-1] != targets.shape:
             raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits {logits.shape}), got {targets.shape}")
         c = logits.shape[-1]
-        t = targets.reshape(-1)
-        bad = (t != self.ignore_index) & ((t < 0) | (t >= c))
-        if bad.any():
-            raise ValueError(f"targets must lie in [0, {c}) or equal ignore_index={self.ignore_index}, got {t[bad][0]}")
+        t = targets.reshape(-1).astype(np.int64, copy=False)  # the range is checked natively
         loss, grad = softmax_cross_entropy(
             logits.reshape(-1, c), t, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index
         )

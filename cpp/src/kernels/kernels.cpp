@@ -514,6 +514,99 @@ void softmax_bwd_ds(const float* p, float* dp, idx ld, int rows, int cols, const
   }
 }
 
+// ---------------------------------------------------------------------------
+// Softmax cross-entropy of one row (see KernelTable::xent_row), in shifted terms so that
+// huge logits lose nothing: d = x - max; lse - x_j = log Σexp(d) - d_j.
+// Pass 1: max; pass 2: e = exp(d) into dx, Σe and Σd; pass 3: dx = (e/Σe - eps/c)·scale,
+// then dx[t] -= (1 - eps)·scale.
+float xent_row(const float* x, idx c, idx t, float eps, float grad_scale, float* dx) {
+  V::reg mx = V::set1(kNegInf);
+  idx i = 0;
+  for (; i + W <= c; i += W) mx = V::max(mx, V::load(x + i));
+  float m = V::reduce_max(mx);
+  for (; i < c; ++i) m = fmaxf_(m, x[i]);
+  const V::reg mv = V::set1(m);
+  V::reg se = V::zero(), sd = V::zero();
+  for (i = 0; i + W <= c; i += W) {
+    const V::reg d = V::sub(V::load(x + i), mv);
+    const V::reg e = exp_v<false>(d);
+    V::store(dx + i, e);
+    se = V::add(se, e);
+    sd = V::add(sd, d);
+  }
+  float sum_e = V::reduce_add(se), sum_d = V::reduce_add(sd);
+  for (; i < c; ++i) {
+    dx[i] = exp_s(x[i] - m);
+    sum_e += dx[i];
+    sum_d += x[i] - m;
+  }
+  const float log_sum = __builtin_logf(sum_e);
+  const float off = eps / static_cast<float>(c);
+  const V::reg inv = V::set1(1.0f / sum_e), offv = V::set1(off), sc = V::set1(grad_scale);
+  for (i = 0; i + W <= c; i += W) V::store(dx + i, V::mul(V::sub(V::mul(V::load(dx + i), inv), offv), sc));
+  for (; i < c; ++i) dx[i] = (dx[i] * (1.0f / sum_e) - off) * grad_scale;
+  dx[t] -= (1.0f - eps) * grad_scale;
+  return (1.0f - eps) * (log_sum - (x[t] - m)) + eps * (log_sum - sum_d / static_cast<float>(c));
+}
+
+// ---------------------------------------------------------------------------
+// Optimizer updates (see AdamStep / SgdStep in qkv/kernels.h). Every operation is
+// one rounding, in the order of the formulas (the kernels are built with
+// -ffp-contract=off), so the result is bit-identical to the NumPy float32 code.
+template <class Step>
+inline void for_each_lane(idx n, Step&& step) {
+  idx i = 0;
+  for (; i + W <= n; i += W) step(i, V::tail_mask(W), true);
+  if (i < n) step(i, V::tail_mask(static_cast<int>(n - i)), false);
+}
+
+void adam_update(float* w, const float* g, float* m, float* v, idx n, const AdamStep& s) {
+  const V::reg decay = V::set1(s.decay_mul), l2 = V::set1(s.l2), b1 = V::set1(s.beta1),
+               c1 = V::set1(s.one_minus_beta1), b2 = V::set1(s.beta2), c2 = V::set1(s.one_minus_beta2),
+               bc2 = V::set1(s.bias2_sqrt), eps = V::set1(s.eps), step = V::set1(s.step_size);
+  for_each_lane(n, [&](idx i, V::tail t, bool full) {
+    V::reg wv = full ? V::load(w + i) : V::load(w + i, t);
+    V::reg gv = full ? V::load(g + i) : V::load(g + i, t);
+    V::reg mv = full ? V::load(m + i) : V::load(m + i, t);
+    V::reg vv = full ? V::load(v + i) : V::load(v + i, t);
+    if (s.decoupled) wv = V::mul(wv, decay);
+    if (s.coupled) gv = V::add(gv, V::mul(l2, wv));
+    mv = V::add(V::mul(mv, b1), V::mul(c1, gv));
+    vv = V::add(V::mul(vv, b2), V::mul(c2, V::mul(gv, gv)));
+    const V::reg denom = V::add(V::div(V::sqrt(vv), bc2), eps);
+    wv = V::sub(wv, V::mul(step, V::div(mv, denom)));
+    if (full) {
+      V::store(w + i, wv);
+      V::store(m + i, mv);
+      V::store(v + i, vv);
+    } else {
+      V::store(w + i, wv, t);
+      V::store(m + i, mv, t);
+      V::store(v + i, vv, t);
+    }
+  });
+}
+
+void sgd_update(float* w, const float* g, float* buf, idx n, const SgdStep& s) {
+  const V::reg wd = V::set1(s.wd), mom = V::set1(s.momentum), damp = V::set1(s.one_minus_dampening),
+               lr = V::set1(s.lr);
+  for_each_lane(n, [&](idx i, V::tail t, bool full) {
+    V::reg wv = full ? V::load(w + i) : V::load(w + i, t);
+    V::reg d = full ? V::load(g + i) : V::load(g + i, t);
+    if (s.has_wd) d = V::add(d, V::mul(wd, wv));
+    if (s.has_buf) {
+      V::reg b = d;
+      if (!s.first) b = V::add(V::mul(full ? V::load(buf + i) : V::load(buf + i, t), mom), V::mul(damp, d));
+      if (full) V::store(buf + i, b);
+      else V::store(buf + i, b, t);
+      d = s.nesterov ? V::add(d, V::mul(mom, b)) : b;
+    }
+    wv = V::sub(wv, V::mul(lr, d));
+    if (full) V::store(w + i, wv);
+    else V::store(w + i, wv, t);
+  });
+}
+
 // 2*NACC independent FMA chains keep both FMA pipes busy; returns FLOPs done.
 double fma_probe(idx iters) {
   constexpr int NACC = 12;
@@ -541,7 +634,7 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe};
+      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, adam_update, sgd_update, exp_array, fma_probe};
   return table;
 }
 
