@@ -1,4 +1,5 @@
-"""Native dense layer (bias + GELU in the GEMM store), LayerNorm and GELU vs float64."""
+"""Native dense layer (bias + GELU in the GEMM store), LayerNorm, GELU and softmax
+cross-entropy vs float64."""
 
 import numpy as np
 import pytest
@@ -92,3 +93,49 @@ def test_layer_norm_leading_axes_and_thread_independence(rng, restore_threads):
         results.append(qn.layer_norm_backward(dy, x, w, mean, rstd))
     for a, c in zip(*results):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("c", [1, 7, 17, 65, 1000])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy(isa, rng, c, label_smoothing):
+    rows = 37
+    logits = randn(rng, rows, c, scale=3.0)
+    logits[0] += 1e4  # huge logits: computed from x - max, nothing is lost
+    logits[1] -= 1e4
+    targets = rng.integers(0, c, rows)
+    targets[[2, 5]] = -7  # ignored rows
+    loss, grad = qn.softmax_cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-7)
+    want_loss, want_grad = ref.softmax_cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-7)
+    # a row's loss is a handful of float32 operations on log(Σ exp) (Σ of c terms) and the shifted logits
+    n_valid = rows - 2
+    assert abs(loss - want_loss) <= 64 * EPS * (1 + np.log(c)) * (1 + np.abs(logits - logits.max(1, keepdims=True)).max())
+    # softmax probabilities to a few ulp (exp polynomial + sum of c terms), over n_valid
+    assert np.all(np.abs(grad - want_grad) <= (16 + np.sqrt(c)) * EPS * (np.abs(want_grad) + 1.0 / (c * n_valid)) + 1e-30)
+    assert not grad[[2, 5]].any()
+    if c == 1:
+        assert loss == 0.0 and not grad.any()  # one class: probability 1, no loss
+
+
+def test_softmax_cross_entropy_edge_cases(rng, restore_threads):
+    logits = randn(rng, 3000, 17)
+    targets = rng.integers(0, 17, 3000).astype(np.int32)
+    out = np.empty_like(logits)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.softmax_cross_entropy(logits, targets, label_smoothing=0.2, out=out)[0])
+    assert results[0] == results[1]  # row losses summed in row order
+    loss0, grad0 = qn.softmax_cross_entropy(logits[:4], np.full(4, -100))
+    assert loss0 == 0.0 and not grad0.any()  # every row ignored
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 17\).*targets\[1\] = 17"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 17, 2]))
+    with pytest.raises(ValueError, match=r"targets must have shape \(3,\)"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 1]))
+    with pytest.raises(TypeError, match="targets must be a numpy array of int32 or int64"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 1, 2]), label_smoothing=1.0)
+    with pytest.raises(TypeError, match="logits must have dtype float32"):
+        qn.softmax_cross_entropy(logits[:3].astype(np.float64), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="out must not overlap"):
+        qn.softmax_cross_entropy(logits, targets, out=logits)
