@@ -139,3 +139,38 @@ def test_softmax_cross_entropy_edge_cases(rng, restore_threads):
         qn.softmax_cross_entropy(logits[:3].astype(np.float64), np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="out must not overlap"):
         qn.softmax_cross_entropy(logits, targets, out=logits)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (17,), (5, 13), (65, 3, 7), (70000,)])
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**64 - 1])
+def test_dropout(isa, rng, shape, seed):
+    x = randn(rng, *shape)
+    y, mask = qn.functional.dropout(x, 0.3, seed)
+    want_y, want_mask = ref.dropout(x, 0.3, seed)
+    np.testing.assert_array_equal(mask != 0, want_mask != 0)  # the same drops on every ISA
+    np.testing.assert_array_equal(mask[mask != 0], np.float32(1 / 0.7))
+    np.testing.assert_array_equal(y, x * mask)  # one float32 product
+    assert np.all(np.abs(y - want_y) <= 2 * EPS * np.abs(want_y))
+
+
+def test_dropout_statistics_threads_and_errors(rng, restore_threads):
+    x = np.ones((300, 1000), np.float32)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.functional.dropout(x, 0.1, 99)[0])
+    np.testing.assert_array_equal(results[0], results[1])
+    dropped = (results[0] == 0).mean()
+    assert abs(dropped - 0.1) < 5 * np.sqrt(0.1 * 0.9 / x.size)
+    # neighbouring seeds and neighbouring elements are not correlated
+    other = qn.functional.dropout(x, 0.5, 100)[0] == 0
+    half = qn.functional.dropout(x, 0.5, 99)[0] == 0
+    assert abs((other == half).mean() - 0.5) < 0.01
+    assert abs((half[:, 1:] == half[:, :-1]).mean() - 0.5) < 0.01
+    assert not qn.functional.dropout(x, 0.0, 1)[1].min() == 0  # p = 0 keeps everything
+    with pytest.raises(ValueError, match="p must"):
+        qn.functional.dropout(x, 1.0, 1)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        qn.functional.dropout(x[:, ::2], 0.1, 1)
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        qn.functional.dropout(x.astype(np.float64), 0.1, 1)

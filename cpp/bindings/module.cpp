@@ -322,6 +322,20 @@ py::tuple softmax_cross_entropy(const py::object& logits_obj, const py::object& 
   return py::make_tuple(loss, dx);
 }
 
+// (y, mask): inverted dropout of a C-contiguous x, drop probability threshold / 2^32.
+py::tuple dropout(const py::object& x_obj, std::uint64_t seed, std::uint32_t threshold, float scale) {
+  const auto& kt = active_kernels();
+  if (!py::isinstance<py::array>(x_obj)) type_error("x must be a numpy.ndarray of float32");
+  py::array xa = py::reinterpret_borrow<py::array>(x_obj);
+  if (!(xa.flags() & py::array::c_style)) value_error("x must be C-contiguous");
+  Arr x = as_f32(x_obj, "x", static_cast<int>(xa.ndim()));
+  auto [y, ya] = output(py::none(), "y", x.shape);
+  auto [mask, ma] = output(py::none(), "mask", x.shape);
+  const idx n = x.size();
+  run_native([&] { qkv::dropout_forward(kt, n, x.ptr, ya.ptr, ma.ptr, seed, threshold, scale); });
+  return py::make_tuple(y, mask);
+}
+
 // The flat buffers and parameter table shared by the optimizer updates: every buffer
 // is 1-D contiguous float32 of offsets[-1] elements.
 struct FlatParams {
@@ -831,6 +845,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("dy"));
   m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("targets"),
         py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("out") = py::none());
+  m.def("dropout", &dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"));
   m.def("adam_update", &adam_update, py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("offsets"),
         py::arg("decay"), py::arg("beta1"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),
         py::arg("bias2_sqrt"), py::arg("eps"), py::arg("step_size"), py::arg("decay_mul"), py::arg("l2"));

@@ -78,6 +78,20 @@ double softmax_cross_entropy(const KernelTable& kt, idx rows, idx c, const float
   return total / static_cast<double>(std::max<idx>(n_valid, 1));
 }
 
+void dropout_forward(const KernelTable& kt, idx n, const float* x, float* y, float* mask, std::uint64_t seed,
+                     std::uint32_t threshold, float scale) {
+  // Chunks of 2^15 elements aligned to 2^15 never cross a 2^32 boundary of the index.
+  constexpr idx kChunk = idx(1) << 15;
+  const idx n_chunks = ceil_div(n, kChunk);
+  const int nt = threads_for(static_cast<double>(n), 6.0e4);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (idx c = 0; c < n_chunks; ++c) {
+    const idx b = c * kChunk;
+    kt.dropout_fwd(x + b, y + b, mask + b, std::min(kChunk, n - b), seed, static_cast<std::uint32_t>(b),
+                   static_cast<std::uint32_t>(static_cast<std::uint64_t>(b) >> 32), threshold, scale);
+  }
+}
+
 namespace {
 
 // Runs update(p, begin, end) over chunks of parameters' element ranges: parameters are

@@ -32,6 +32,7 @@ __all__ = [
     "gelu",
     "gelu_backward",
     "softmax_cross_entropy",
+    "dropout",
     "adam_update",
     "sgd_update",
 ]
@@ -533,6 +534,26 @@ def softmax_cross_entropy(
         _check_array(out, "out", 2)
         _check_no_overlap(out, "out", logits=logits)
     return _core.softmax_cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), out)
+
+
+def dropout(x: np.ndarray, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Inverted dropout: each element dropped with probability p, the others scaled by 1/(1-p).
+
+    x: C-contiguous float32, any shape. The drops are a pure function of (seed,
+    element index) (counter-based bits, see :func:`qkv_native.reference.dropout_bits`):
+    element i is dropped iff bits < round(p·2^32). seed: int in [0, 2^64).
+    Returns y (shape of x) and mask (float32, shape of x, 1/(1-p) or 0) with y = x·mask,
+    the mask the backward multiplies by.
+    """
+    _check_array(x, "x")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must lie in [0, 1), got {p}")
+    return _core.dropout(x, int(seed), dropout_threshold(p), 1.0 / (1.0 - p))
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of drop probability p: round(p·2^32), at most 2^32 - 1."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
 
 
 def _flat_args(w, g, state, offsets, decay):

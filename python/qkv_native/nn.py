@@ -38,6 +38,7 @@ import numpy as np
 from .functional import (
     attention,
     attention_backward,
+    dropout,
     gelu,
     layer_norm,
     layer_norm_backward,
@@ -700,7 +701,8 @@ class ReLU(Module):
 class Dropout(Module):
     """Inverted dropout, seeded: in training each element is zeroed with
     probability p and the rest scaled by 1/(1-p); identity in eval mode (or p=0).
-    The generator's state is part of a trainer checkpoint."""
+    Each call draws one seed from the layer's generator (whose state is part of a
+    trainer checkpoint) for the native :func:`qkv_native.functional.dropout`."""
 
     def __init__(self, p: float = 0.1, *, rng: RngLike = 0):
         super().__init__()
@@ -718,9 +720,9 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape, dtype=F32) >= F32(self.p)
-        self._mask = keep.astype(F32) * F32(1.0 / (1.0 - self.p))
-        return x * self._mask
+        # one draw from the checkpointed generator seeds the native counter-based bits
+        y, self._mask = dropout(x, self.p, int(self.rng.integers(0, 2**63)))
+        return y
 
     def backward(self, dy):
         return dy if self._mask is None else dy * self._mask  # forward: y = x * mask

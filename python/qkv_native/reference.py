@@ -38,6 +38,8 @@ __all__ = [
     "attention",
     "attention_backward",
     "softmax_cross_entropy",
+    "dropout_bits",
+    "dropout",
     "adam_update",
     "sgd_update",
 ]
@@ -588,3 +590,32 @@ def sgd_update(w, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, we
         buf = d.copy() if buf is None else momentum * np.asarray(buf, np.float64) + (1 - dampening) * d
         d = d + momentum * buf if nesterov else buf
     return w - lr * d, buf
+
+
+def _mix32(h):
+    """Wellons' lowbias32 on uint32 arrays (wrapping arithmetic)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x7FEB352D)
+    h = h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x846CA68B)
+    return h ^ (h >> np.uint32(16))
+
+
+def dropout_bits(seed, n):
+    """The 32 random bits of elements 0..n-1 under ``seed`` (Note [dropout bits]):
+    mix(mix(lo32(i) ^ lo32(seed)) + (hi32(i) ^ hi32(seed))). Returns uint32 (n,)."""
+    i = np.arange(n, dtype=np.uint64)
+    lo, hi = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32), (i >> np.uint64(32)).astype(np.uint32)
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    with np.errstate(over="ignore"):
+        return _mix32(_mix32(lo ^ k0) + (hi ^ k1))
+
+
+def dropout(x, p, seed):
+    """(y, mask) of inverted dropout in float64: element i (row-major) is dropped iff
+    dropout_bits(seed)[i] < round(p·2^32); mask = 1/(1-p) or 0; y = x·mask."""
+    x = _f64(x, "x")
+    threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+    keep = (dropout_bits(seed, x.size) >= threshold).reshape(x.shape)
+    mask = np.where(keep, 1.0 / (1.0 - p), 0.0)
+    return x * mask, mask

@@ -31,6 +31,11 @@ double softmax_cross_entropy(const KernelTable& kt, idx rows, idx c, const float
                              const std::int64_t* targets, std::int64_t ignore_index, float label_smoothing,
                              float* dlogits, idx lddx);
 
+// Inverted dropout of n elements (Note [dropout bits] in kernels.cpp): x, y, mask: (n,)
+// contiguous; drop probability threshold / 2^32; y = x·scale or 0, mask = scale or 0.
+void dropout_forward(const KernelTable& kt, idx n, const float* x, float* y, float* mask, std::uint64_t seed,
+                     std::uint32_t threshold, float scale);
+
 // One optimizer step over parameters laid out back to back in flat buffers:
 // parameter p is elements [offsets[p], offsets[p+1]); decay[p] says whether its
 // step uses `with_decay` (weight decay on) or `without_decay`. w, g and the state

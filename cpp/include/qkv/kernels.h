@@ -99,6 +99,12 @@ struct KernelTable {
   // (1 - eps)·(lse - x_t) + eps·(lse - mean(x)), lse = log Σ exp(x).
   float (*xent_row)(const float* x, idx c, idx t, float eps, float grad_scale, float* dx);
 
+  // Dropout of n elements (inverted): element j is dropped iff dropout_bits(seed, index) <
+  // threshold (P = threshold / 2^32), index = (hi << 32) | (lo + j) (the caller keeps
+  // lo + j below 2^32). y = x·scale where kept, 0 where dropped; mask (n) = scale or 0.
+  void (*dropout_fwd)(const float* x, float* y, float* mask, idx n, std::uint64_t seed, std::uint32_t lo,
+                      std::uint32_t hi, std::uint32_t threshold, float scale);
+
   // Optimizer updates over n elements of w, g and the state (see OptimStep); every
   // product and sum is rounded as written there (no FMA), as optim.py's NumPy code was.
   void (*adam_update)(float* w, const float* g, float* m, float* v, idx n, const AdamStep& s);

@@ -550,6 +550,32 @@ float xent_row(const float* x, idx c, idx t, float eps, float grad_scale, float*
 }
 
 // ---------------------------------------------------------------------------
+// Dropout (see KernelTable::dropout_fwd). Note [dropout bits]: the random 32 bits of
+// element `index` under `seed` are mix(mix(lo32(index) ^ lo32(seed)) + (hi32(index) ^ hi32(seed))),
+// mix = Wellons' lowbias32 (a bijection of uint32 with good avalanche). Counter-based:
+// any element, chunk or thread order gives the same bits; reference.dropout_bits is
+// the NumPy twin. Plain integer code, vectorised by the compiler for each ISA.
+inline std::uint32_t mix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7feb352du;
+  h ^= h >> 15;
+  h *= 0x846ca68bu;
+  h ^= h >> 16;
+  return h;
+}
+
+void dropout_fwd(const float* __restrict x, float* __restrict y, float* __restrict mask, idx n, std::uint64_t seed,
+                 std::uint32_t lo, std::uint32_t hi, std::uint32_t threshold, float scale) {
+  const std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = hi ^ static_cast<std::uint32_t>(seed >> 32);
+  for (idx j = 0; j < n; ++j) {
+    const std::uint32_t bits = mix32(mix32((lo + static_cast<std::uint32_t>(j)) ^ k0) + k1);
+    const float m = bits >= threshold ? scale : 0.0f;
+    y[j] = x[j] * m;
+    mask[j] = m;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Optimizer updates (see AdamStep / SgdStep in qkv/kernels.h). Every operation is
 // one rounding, in the order of the formulas (the kernels are built with
 // -ffp-contract=off), so the result is bit-identical to the NumPy float32 code.
@@ -634,7 +660,7 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, adam_update, sgd_update, exp_array, fma_probe};
+      layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update, exp_array, fma_probe};
   return table;
 }
 
