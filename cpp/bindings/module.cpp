@@ -765,7 +765,8 @@ py::object attention(const py::object& q_obj, const py::object& k_obj, const py:
 
 py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, const py::object& k_obj,
                              const py::object& v_obj, const py::object& o_obj, const py::object& lse_obj, bool causal,
-                             const py::object& key_lengths, const py::object& bias, float scale) {
+                             const py::object& key_lengths, const py::object& bias, float scale,
+                             const py::object& dq_out, const py::object& dk_out, const py::object& dv_out) {
   const auto& kt = active_kernels();
   Arr q = as_f32(q_obj, "q", 4), k = as_f32(k_obj, "k", 4), v = as_f32(v_obj, "v", 4);
   qkv::AttentionArgs args;
@@ -781,9 +782,10 @@ py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, 
     value_error("lse must be C-contiguous (the array attention() returned)");
   args.o = tensor4(o);
   args.lse = lse.ptr;
-  auto [dq, dqa] = output(py::none(), "dq", q.shape);
-  auto [dk, dka] = output(py::none(), "dk", k.shape);
-  auto [dv, dva] = output(py::none(), "dv", v.shape);
+  // outputs may be strided views (e.g. of one token-major buffer); the Python layer checks overlaps
+  auto [dq, dqa] = output(dq_out, "out[0]", q.shape);
+  auto [dk, dka] = output(dk_out, "out[1]", k.shape);
+  auto [dv, dva] = output(dv_out, "out[2]", v.shape);
   run_native([&] { qkv::attention_backward(kt, args, tensor4(d_o), tensor4(dqa), tensor4(dka), tensor4(dva)); });
   return py::make_tuple(dq, dk, dv);
 }
@@ -828,7 +830,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("return_lse") = false, py::arg("out") = py::none());
   m.def("attention_backward", &attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("lse"), py::arg("causal") = false, py::arg("key_lengths") = py::none(),
-        py::arg("bias") = py::none(), py::arg("scale"));
+        py::arg("bias") = py::none(), py::arg("scale"), py::arg("dq_out") = py::none(),
+        py::arg("dk_out") = py::none(), py::arg("dv_out") = py::none());
   m.def("attention_varlen", &attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("causal") = false, py::arg("scale"), py::arg("return_lse") = false,
         py::arg("out") = py::none());

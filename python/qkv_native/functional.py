@@ -112,17 +112,24 @@ def qkv_project(
             _check_array(bvec, name, 1)
     num_heads = _positive_int(num_heads, "num_heads")
     num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
-    q_out = k_out = v_out = None
-    if out is not None:
-        if not (isinstance(out, (tuple, list)) and len(out) == 3):
-            raise TypeError("out must be a tuple (q, k, v) of float32 arrays")
-        q_out, k_out, v_out = out
-        for name, o in (("out[0]", q_out), ("out[1]", k_out), ("out[2]", v_out)):
-            _check_array(o, name, 4)
-            _check_no_overlap(o, name, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
-        if np.may_share_memory(q_out, k_out) or np.may_share_memory(q_out, v_out) or np.may_share_memory(k_out, v_out):
-            raise ValueError("out arrays must not overlap each other")
-    return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, q_out, k_out, v_out)
+    outs = _check_outs(out, 4, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
+    return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, *outs)
+
+
+def _check_outs(out, ndim: int, **inputs) -> Tuple[Optional[np.ndarray], ...]:
+    """A triple of output arrays (or None -> three Nones), checked: float32, ndim, no overlap
+    with the inputs or with each other."""
+    if out is None:
+        return None, None, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError("out must be a tuple of three float32 arrays")
+    for i, o in enumerate(out):
+        _check_array(o, f"out[{i}]", ndim)
+        _check_no_overlap(o, f"out[{i}]", **inputs)
+    a, b, c = out  # exact test: interleaved views of one buffer (its column blocks) are fine
+    if np.shares_memory(a, b) or np.shares_memory(a, c) or np.shares_memory(b, c):
+        raise ValueError("out arrays must not overlap each other")
+    return tuple(out)
 
 
 def qkv_project_packed(
@@ -313,6 +320,7 @@ def attention_backward(
     bias: Optional[np.ndarray] = None,
     mask: Optional[np.ndarray] = None,
     scale: Optional[float] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`attention` with respect to q, k and v.
 
@@ -320,13 +328,16 @@ def attention_backward(
     ``attention(..., return_lse=True)``; the masking arguments must be those of
     the forward. Returns (dq, dk, dv) with the shapes of q, k, v (for grouped-query
     attention dk/dv sum over the query heads of each group). Fully masked rows
-    get zero gradients. Results do not depend on the thread count.
+    get zero gradients. Results do not depend on the thread count. ``out = (dq, dk, dv)``:
+    arrays (any strides with a contiguous last axis, e.g. head-major views of one
+    token-major buffer) that receive the gradients.
     """
     scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
     _check_array(do, "do", 4)
     _check_array(o, "o", 4)
     _check_array(lse, "lse", 3)
-    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale)
+    outs = _check_outs(out, 4, do=do, q=q, k=k, v=v, o=o, lse=lse, bias=add)
+    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs)
 
 
 def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):

@@ -11,8 +11,10 @@ float32. Weights are stored ``(d_in, d_out)`` (y = x·W + b), the layout of
 ``qkv_native.matmul`` and ``qkv_project``; ``torch.nn.Linear.weight`` is the
 transpose.
 
-The hot paths run native: GEMMs go through :func:`qkv_native.matmul`, the
-Q/K/V projections through :func:`qkv_native.qkv_project` (one GEMM) and
+The hot paths run native: GEMMs go through :func:`qkv_native.matmul` and
+:func:`qkv_native.linear` (bias in the GEMM's store), the Q/K/V projections are
+one GEMM against [W_Q | W_K | W_V] whose token-major result attention reads
+through head-major strided views, and
 attention through :func:`qkv_native.attention` (flash style), LayerNorm, GELU
 and softmax cross-entropy (forward and backward in one pass) through their
 native kernels; the ``*_forward`` / ``*_backward`` pairs below adapt them to the
@@ -42,9 +44,8 @@ from .functional import (
     gelu,
     layer_norm,
     layer_norm_backward,
+    linear,
     matmul,
-    qkv_project,
-    qkv_project_backward,
     softmax_cross_entropy,
 )
 from .functional import gelu_backward as gelu_backward_native
@@ -539,9 +540,7 @@ class Linear(Module):
             raise ValueError(f"x must have shape (..., d_in={self.d_in}), got {x.shape}")
         x2 = x.reshape(-1, self.d_in)  # (N, d_in)
         self._x = x2
-        y = matmul(x2, self.weight.data)  # (N, d_out)
-        if self.bias is not None:
-            y += self.bias.data
+        y = linear(x2, self.weight.data, self.bias.data if self.bias is not None else None)  # (N, d_out)
         return y.reshape(*x.shape[:-1], self.d_out)
 
     def backward(self, dy):
@@ -788,18 +787,16 @@ class MultiHeadAttention(Module):
             f"d_head={self.d_head}, causal={self.causal}"
         )
 
-    def _b(self, name):
-        return getattr(self, name).data if self.has_bias else None
-
     def _split(self, y2, batch, seq, heads):
-        """(batch·seq, heads·d_head) -> view (batch, heads, seq, d_head) (last axis contiguous)."""
+        """(batch·seq, heads·d_head) token-major -> view (batch, heads, seq, d_head) (last axis contiguous)."""
         return y2.reshape(batch, seq, heads, self.d_head).transpose(0, 2, 1, 3)
 
-    @staticmethod
-    def _merge(t):
-        """(batch, heads, seq, d_head) -> (batch·seq, heads·d_head) contiguous copy."""
-        b, h, s, d = t.shape
-        return np.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(b * s, h * d)
+    def _packed(self, names):
+        """The weights (and biases, or None) of ``names`` (a subset of "q", "k", "v") side by side:
+        (d_model, Σ widths), (Σ widths,). One GEMM then computes all of them."""
+        w = np.concatenate([getattr(self, "w_" + n).data for n in names], axis=1)
+        b = np.concatenate([getattr(self, "b_" + n).data for n in names]) if self.has_bias else None
+        return w, b
 
     def forward(self, x, context=None, *, key_lengths=None, mask=None):
         x = _as_f32(x, "x")
@@ -807,12 +804,15 @@ class MultiHeadAttention(Module):
             raise ValueError(f"x must have shape (batch, seq_q, d_model={self.d_model}), got {x.shape}")
         batch, seq_q, _ = x.shape
         kl = _key_lengths(key_lengths, batch)
+        x2 = x.reshape(-1, self.d_model)
+        d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
+        # Q, K and V token-major, (B·S, d_q | d_kv | d_kv), from one GEMM with the bias in its
+        # store (two for cross-attention); q, k, v are head-major strided views of it (no copy)
         if context is None:
-            # q: (B, H, Sq, D), k, v: (B, Hkv, Sq, D) in one native GEMM
-            q, k, v = qkv_project(
-                x, self.w_q.data, self.w_k.data, self.w_v.data, self._b("b_q"), self._b("b_k"), self._b("b_v"),
-                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            )
+            c2, seq_k = x2, seq_q
+            w_qkv, b_qkv = self._packed("qkv")
+            qkv2 = linear(x2, w_qkv, b_qkv)  # (B·S, d_q + 2·d_kv)
+            q2, kv2 = qkv2[:, :d_q], qkv2[:, d_q:]
         else:
             context = _as_f32(context, "context")
             if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.d_model:
@@ -820,33 +820,29 @@ class MultiHeadAttention(Module):
                     f"context must have shape (batch={batch}, seq_k, d_model={self.d_model}), got {context.shape}"
                 )
             seq_k = context.shape[1]
-            x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
-            q2 = matmul(x2, self.w_q.data)  # (B·Sq, H·D)
-            kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)  # (d_model, 2·Hkv·D)
-            kv2 = matmul(c2, kv_w)  # (B·Sk, 2·Hkv·D), K and V in one GEMM
-            if self.has_bias:
-                q2 += self.b_q.data
-                kv2 += np.concatenate([self.b_k.data, self.b_v.data])
-            d_kv = self.num_kv_heads * self.d_head
-            q = self._split(q2, batch, seq_q, self.num_heads)
-            k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
-            v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
+            c2 = context.reshape(-1, self.d_model)
+            w_q, b_q = self._packed("q")
+            w_kv, b_kv = self._packed("kv")
+            w_qkv = (w_q, w_kv)
+            q2, kv2 = linear(x2, w_q, b_q), linear(c2, w_kv, b_kv)  # (B·Sq, d_q), (B·Sk, 2·d_kv)
+        q = self._split(q2, batch, seq_q, self.num_heads)
+        k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
+        v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
         # attention writes o straight into the token-major buffer (B, Sq, H, D) through a
         # head-major strided view, so merging the heads for W_O needs no copy
         o_buf = np.empty((batch, seq_q, self.num_heads, self.d_head), F32)
         o = o_buf.transpose(0, 2, 1, 3)  # (B, H, Sq, D) view
         _, lse = attention(q, k, v, causal=self.causal, key_lengths=kl, mask=mask, return_lse=True, out=o)
-        o2 = o_buf.reshape(batch * seq_q, self.num_heads * self.d_head)  # (B·Sq, H·D), no copy
-        y = matmul(o2, self.w_o.data)  # (B·Sq, d_model)
-        if self.has_bias:
-            y += self.b_o.data
-        self._cache = (x, context, q, k, v, o, lse, o2, kl, mask)
+        o2 = o_buf.reshape(batch * seq_q, d_q)  # (B·Sq, H·D), no copy
+        y = linear(o2, self.w_o.data, self.b_o.data if self.has_bias else None)  # (B·Sq, d_model)
+        self._cache = (x2, c2, context, w_qkv, q, k, v, o, lse, o2, kl, mask, seq_k)
         return y.reshape(batch, seq_q, self.d_model)
 
     def backward(self, dy):
         """Accumulates into all weights; returns dx, or (dx, dcontext) for cross-attention."""
-        x, context, q, k, v, o, lse, o2, kl, mask = self._cache
-        batch, seq_q, _ = x.shape
+        x2, c2, context, w_qkv, q, k, v, o, lse, o2, kl, mask, seq_k = self._cache
+        batch, _, seq_q, _ = q.shape
+        d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
         dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_model)  # (B·Sq, d_model)
         # forward: y = o2 · W_O + b_O
         matmul(o2, dy2, trans_a=True, beta=1.0, out=self.w_o.grad)  # dW_O += o2ᵀ · dy
@@ -854,38 +850,29 @@ class MultiHeadAttention(Module):
             self.b_o.grad += dy2.sum(axis=0)
         do2 = matmul(dy2, self.w_o.data, trans_b=True)  # (B·Sq, H·D) = dy · W_Oᵀ
         do = self._split(do2, batch, seq_q, self.num_heads)  # (B, H, Sq, D) view
-        # forward: o, lse = attention(q, k, v, causal, key_lengths, mask)
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask)
+        # forward: o, lse = attention(q, k, v, causal, key_lengths, mask); the gradients land
+        # token-major: dqkv2 = [dQ | dK | dV] (self-attention), or dq2 and dkv2 = [dK | dV]
         if context is None:
-            # forward: q, k, v = qkv_project(x, W_Q, W_K, W_V, b_Q, b_K, b_V)
-            dx, dwq, dwk, dwv, dbq, dbk, dbv = qkv_project_backward(
-                x, self.w_q.data, self.w_k.data, self.w_v.data, dq, dk, dv
-            )
-            self.w_q.grad += dwq
-            self.w_k.grad += dwk
-            self.w_v.grad += dwv
-            if self.has_bias:
-                self.b_q.grad += dbq
-                self.b_k.grad += dbk
-                self.b_v.grad += dbv
-            return dx
-        # forward: q2 = x2 · W_Q + b_Q;  kv2 = c2 · [W_K | W_V] + [b_K | b_V]
-        x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
-        dq2 = self._merge(dq)  # (B·Sq, H·D)
-        dkv2 = np.concatenate([self._merge(dk), self._merge(dv)], axis=1)  # (B·Sk, 2·Hkv·D)
-        d_kv = self.num_kv_heads * self.d_head
+            dqkv2 = np.empty((batch * seq_q, d_q + 2 * d_kv), F32)
+            dq2, dkv2 = dqkv2[:, :d_q], dqkv2[:, d_q:]
+        else:
+            dq2, dkv2 = np.empty((batch * seq_q, d_q), F32), np.empty((batch * seq_k, 2 * d_kv), F32)
+        outs = (self._split(dq2, batch, seq_q, self.num_heads), self._split(dkv2[:, :d_kv], batch, seq_k, self.num_kv_heads),
+                self._split(dkv2[:, d_kv:], batch, seq_k, self.num_kv_heads))
+        attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask, out=outs)
+        # forward: q2 = x2 · W_Q + b_Q;  kv2 = c2 · [W_K | W_V] + [b_K | b_V]  (c2 = x2 for self-attention)
         matmul(x2, dq2, trans_a=True, beta=1.0, out=self.w_q.grad)  # dW_Q += x2ᵀ · dq2
-        dwkv = matmul(c2, dkv2, trans_a=True)  # (d_model, 2·Hkv·D)
-        self.w_k.grad += dwkv[:, :d_kv]
-        self.w_v.grad += dwkv[:, d_kv:]
+        matmul(c2, dkv2[:, :d_kv], trans_a=True, beta=1.0, out=self.w_k.grad)
+        matmul(c2, dkv2[:, d_kv:], trans_a=True, beta=1.0, out=self.w_v.grad)
         if self.has_bias:
             self.b_q.grad += dq2.sum(axis=0)
             dbkv = dkv2.sum(axis=0)
             self.b_k.grad += dbkv[:d_kv]
             self.b_v.grad += dbkv[d_kv:]
-        dx = matmul(dq2, self.w_q.data, trans_b=True).reshape(x.shape)
-        kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)
-        dcontext = matmul(dkv2, kv_w, trans_b=True).reshape(context.shape)
+        if context is None:
+            return matmul(dqkv2, w_qkv, trans_b=True).reshape(batch, seq_q, self.d_model)  # one GEMM
+        dx = matmul(dq2, w_qkv[0], trans_b=True).reshape(batch, seq_q, self.d_model)
+        dcontext = matmul(dkv2, w_qkv[1], trans_b=True).reshape(context.shape)
         return dx, dcontext
 
 

@@ -408,12 +408,13 @@ inline float exp_sub_row(float* s, int cols, float m) {
     V::store(s + j, e);
     sum = V::add(sum, e);
   }
-  float tail = 0.0f;
-  for (; j < cols; ++j) {
-    s[j] = exp_s(s[j] - m);
-    tail += s[j];
+  if (j < cols) {  // the tail as one masked vector: lanes past cols read as -inf, exp gives 0
+    const V::tail t = V::tail_mask(cols - j);
+    const V::reg e = exp_v<false>(V::sub(V::mask_from(V::load(s + j, t), j, cols), mv));
+    V::store(s + j, e, t);
+    sum = V::add(sum, e);
   }
-  return V::reduce_add(sum) + tail;
+  return V::reduce_add(sum);
 }
 
 inline void scale_row(float* o, int n, float c) {
