@@ -12,13 +12,12 @@ float32. Weights are stored ``(d_in, d_out)`` (y = x·W + b), the layout of
 transpose.
 
 The hot paths run native: GEMMs go through :func:`qkv_native.matmul` and
-:func:`qkv_native.linear` (bias in the GEMM's store), the Q/K/V projections are
-one GEMM against [W_Q | W_K | W_V] whose token-major result attention reads
-through head-major strided views, and
-attention through :func:`qkv_native.attention` (flash style), LayerNorm, GELU
-and softmax cross-entropy (forward and backward in one pass) through their
-native kernels; the ``*_forward`` / ``*_backward`` pairs below adapt them to the
-layers (the tanh form of GELU stays vectorised NumPy).
+:func:`qkv_native.linear` (bias in the GEMM's store); the Q/K/V projections are
+one GEMM against [W_Q | W_K | W_V] whose token-major result attention
+(:func:`qkv_native.attention`, flash style) reads through head-major strided
+views; LayerNorm, GELU, dropout and softmax cross-entropy (loss and gradient in
+one pass) have native kernels. The ``*_forward`` / ``*_backward`` pairs below
+adapt them to the layers (only the tanh form of GELU is vectorised NumPy).
 
 Initialisation is explicit and seeded: every layer with parameters takes
 ``init`` (a name from :data:`INITS`) and ``rng`` (an int seed or a
