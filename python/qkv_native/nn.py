@@ -790,9 +790,12 @@ class MultiHeadAttention(Module):
         """(batch·seq, heads·d_head) token-major -> view (batch, heads, seq, d_head) (last axis contiguous)."""
         return y2.reshape(batch, seq, heads, self.d_head).transpose(0, 2, 1, 3)
 
-    def _packed(self, names):
-        """The weights (and biases, or None) of ``names`` (a subset of "q", "k", "v") side by side:
-        (d_model, Σ widths), (Σ widths,). One GEMM then computes all of them."""
+    def _width(self, name: str) -> int:
+        return (self.num_heads if name == "q" else self.num_kv_heads) * self.d_head
+
+    def _packed(self, names: str):
+        """The weights and biases (or None) of ``names`` (e.g. "qkv", "q", "kv") side by side:
+        (d_model, Σ widths), (Σ widths,). One GEMM then projects onto all of them."""
         w = np.concatenate([getattr(self, "w_" + n).data for n in names], axis=1)
         b = np.concatenate([getattr(self, "b_" + n).data for n in names]) if self.has_bias else None
         return w, b
@@ -804,26 +807,23 @@ class MultiHeadAttention(Module):
         batch, seq_q, _ = x.shape
         kl = _key_lengths(key_lengths, batch)
         x2 = x.reshape(-1, self.d_model)
-        d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
-        # Q, K and V token-major, (B·S, d_q | d_kv | d_kv), from one GEMM with the bias in its
-        # store (two for cross-attention); q, k, v are head-major strided views of it (no copy)
         if context is None:
-            c2, seq_k = x2, seq_q
-            w_qkv, b_qkv = self._packed("qkv")
-            qkv2 = linear(x2, w_qkv, b_qkv)  # (B·S, d_q + 2·d_kv)
-            q2, kv2 = qkv2[:, :d_q], qkv2[:, d_q:]
+            seq_k, groups = seq_q, [("qkv", x2)]
         else:
             context = _as_f32(context, "context")
             if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.d_model:
                 raise ValueError(
                     f"context must have shape (batch={batch}, seq_k, d_model={self.d_model}), got {context.shape}"
                 )
-            seq_k = context.shape[1]
-            c2 = context.reshape(-1, self.d_model)
-            w_q, b_q = self._packed("q")
-            w_kv, b_kv = self._packed("kv")
-            w_qkv = (w_q, w_kv)
-            q2, kv2 = linear(x2, w_q, b_q), linear(c2, w_kv, b_kv)  # (B·Sq, d_q), (B·Sk, 2·d_kv)
+            seq_k, groups = context.shape[1], [("q", x2), ("kv", context.reshape(-1, self.d_model))]
+        # Q, K and V token-major from one GEMM per input, bias in its store: (B·S, d_q | d_kv | d_kv);
+        # q, k, v are head-major strided views of it (no copy)
+        projections = []  # (names, input (N, d_model), packed weight, output (N, Σ widths))
+        for names, inp in groups:
+            w, b = self._packed(names)
+            projections.append((names, inp, w, linear(inp, w, b)))
+        q2, kv2 = projections[0][3][:, : self._width("q")], projections[-1][3][:, -2 * self._width("k") :]
+        d_kv = self._width("k")
         q = self._split(q2, batch, seq_q, self.num_heads)
         k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
         v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
@@ -832,16 +832,16 @@ class MultiHeadAttention(Module):
         o_buf = np.empty((batch, seq_q, self.num_heads, self.d_head), F32)
         o = o_buf.transpose(0, 2, 1, 3)  # (B, H, Sq, D) view
         _, lse = attention(q, k, v, causal=self.causal, key_lengths=kl, mask=mask, return_lse=True, out=o)
-        o2 = o_buf.reshape(batch * seq_q, d_q)  # (B·Sq, H·D), no copy
+        o2 = o_buf.reshape(batch * seq_q, self.num_heads * self.d_head)  # (B·Sq, H·D), no copy
         y = linear(o2, self.w_o.data, self.b_o.data if self.has_bias else None)  # (B·Sq, d_model)
-        self._cache = (x2, c2, context, w_qkv, q, k, v, o, lse, o2, kl, mask, seq_k)
+        self._cache = (projections, q, k, v, o, lse, o2, kl, mask, context)
         return y.reshape(batch, seq_q, self.d_model)
 
     def backward(self, dy):
         """Accumulates into all weights; returns dx, or (dx, dcontext) for cross-attention."""
-        x2, c2, context, w_qkv, q, k, v, o, lse, o2, kl, mask, seq_k = self._cache
+        projections, q, k, v, o, lse, o2, kl, mask, context = self._cache
         batch, _, seq_q, _ = q.shape
-        d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
+        seq_k = k.shape[2]
         dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_model)  # (B·Sq, d_model)
         # forward: y = o2 · W_O + b_O
         matmul(o2, dy2, trans_a=True, beta=1.0, out=self.w_o.grad)  # dW_O += o2ᵀ · dy
@@ -849,30 +849,30 @@ class MultiHeadAttention(Module):
             self.b_o.grad += dy2.sum(axis=0)
         do2 = matmul(dy2, self.w_o.data, trans_b=True)  # (B·Sq, H·D) = dy · W_Oᵀ
         do = self._split(do2, batch, seq_q, self.num_heads)  # (B, H, Sq, D) view
-        # forward: o, lse = attention(q, k, v, causal, key_lengths, mask); the gradients land
-        # token-major: dqkv2 = [dQ | dK | dV] (self-attention), or dq2 and dkv2 = [dK | dV]
+        # forward: o, lse = attention(q, k, v, ...); the gradients land token-major, in
+        # buffers shaped like the projections' outputs ([dQ | dK | dV], or dQ and [dK | dV])
+        douts = [np.empty_like(out) for _, _, _, out in projections]
+        d_q, d_kv = self._width("q"), self._width("k")
+        dq2, dkv2 = douts[0][:, :d_q], douts[-1][:, -2 * d_kv :]
+        grads = (self._split(dq2, batch, seq_q, self.num_heads), self._split(dkv2[:, :d_kv], batch, seq_k, self.num_kv_heads),
+                 self._split(dkv2[:, d_kv:], batch, seq_k, self.num_kv_heads))
+        attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask, out=grads)
+        # forward: out = inp · [W_names] + [b_names] per projection
+        dinputs = []
+        for (names, inp, w, _), dout in zip(projections, douts):
+            dw = matmul(inp, dout, trans_a=True)  # (d_model, Σ widths): one GEMM for all the weights
+            db = dout.sum(axis=0) if self.has_bias else None
+            col = 0
+            for n in names:
+                width = self._width(n)
+                getattr(self, "w_" + n).grad += dw[:, col : col + width]
+                if db is not None:
+                    getattr(self, "b_" + n).grad += db[col : col + width]
+                col += width
+            dinputs.append(matmul(dout, w, trans_b=True))  # d inp = dout · [W_names]ᵀ
         if context is None:
-            dqkv2 = np.empty((batch * seq_q, d_q + 2 * d_kv), F32)
-            dq2, dkv2 = dqkv2[:, :d_q], dqkv2[:, d_q:]
-        else:
-            dq2, dkv2 = np.empty((batch * seq_q, d_q), F32), np.empty((batch * seq_k, 2 * d_kv), F32)
-        outs = (self._split(dq2, batch, seq_q, self.num_heads), self._split(dkv2[:, :d_kv], batch, seq_k, self.num_kv_heads),
-                self._split(dkv2[:, d_kv:], batch, seq_k, self.num_kv_heads))
-        attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask, out=outs)
-        # forward: q2 = x2 · W_Q + b_Q;  kv2 = c2 · [W_K | W_V] + [b_K | b_V]  (c2 = x2 for self-attention)
-        matmul(x2, dq2, trans_a=True, beta=1.0, out=self.w_q.grad)  # dW_Q += x2ᵀ · dq2
-        matmul(c2, dkv2[:, :d_kv], trans_a=True, beta=1.0, out=self.w_k.grad)
-        matmul(c2, dkv2[:, d_kv:], trans_a=True, beta=1.0, out=self.w_v.grad)
-        if self.has_bias:
-            self.b_q.grad += dq2.sum(axis=0)
-            dbkv = dkv2.sum(axis=0)
-            self.b_k.grad += dbkv[:d_kv]
-            self.b_v.grad += dbkv[d_kv:]
-        if context is None:
-            return matmul(dqkv2, w_qkv, trans_b=True).reshape(batch, seq_q, self.d_model)  # one GEMM
-        dx = matmul(dq2, w_qkv[0], trans_b=True).reshape(batch, seq_q, self.d_model)
-        dcontext = matmul(dkv2, w_qkv[1], trans_b=True).reshape(context.shape)
-        return dx, dcontext
+            return dinputs[0].reshape(batch, seq_q, self.d_model)
+        return dinputs[0].reshape(batch, seq_q, self.d_model), dinputs[1].reshape(context.shape)
 
 
 class FeedForward(Module):
