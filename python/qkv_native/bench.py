@@ -279,7 +279,8 @@ class Runner:
     into the group's canonical tuple of NumPy arrays (for the check only).
     ``check()``, when given, is called once instead of a first ``fn()`` and its
     output is the one checked (for ``fn`` whose output is not comparable, such as
-    a training epoch with dropout)."""
+    a training epoch with dropout); it should take no longer than ``fn()``, whose
+    warm-up it may replace."""
 
     def __init__(self, fn: Callable[[], Any], canon: Optional[Callable[[Any], Tuple[np.ndarray, ...]]] = None,
                  check: Optional[Callable[[], Any]] = None):
@@ -1282,8 +1283,7 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
             runner = builder(inputs, case.params, ctx)
             t0 = time.perf_counter()
             first = runner.check() if runner.check else runner.fn()  # the checked run
-            if not runner.check:
-                first_s[impl] = time.perf_counter() - t0
+            first_s[impl] = time.perf_counter() - t0  # (a check tells how long a call is at least)
             outputs[impl] = runner.canon(first)
             runners[impl] = runner
         except Skip as why:
