@@ -36,7 +36,8 @@ constexpr float kNegInf = -__builtin_inff();
 
 inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other elementwise ops
 
-template <int M, bool ColA, bool FullN>
+// NV: vectors per row of the tile; a narrow edge tile (n <= W) runs with NV = 1.
+template <int M, bool ColA, bool FullN, int NV>
 void gemm_tile_m(const GemmTile& t) {
   V::reg acc[M][NV];
   for (int i = 0; i < M; ++i)
@@ -93,17 +94,17 @@ void gemm_tile_m(const GemmTile& t) {
   }
 }
 
-template <bool ColA, bool FullN, int... Ms>
+template <bool ColA, bool FullN, int NVT, int... Ms>
 struct TileTable {
-  static constexpr void (*fns[])(const GemmTile&) = {gemm_tile_m<Ms + 1, ColA, FullN>...};
+  static constexpr void (*fns[])(const GemmTile&) = {gemm_tile_m<Ms + 1, ColA, FullN, NVT>...};
 };
 
-template <bool ColA, bool FullN, int... Ms>
-constexpr void (*TileTable<ColA, FullN, Ms...>::fns[])(const GemmTile&);
+template <bool ColA, bool FullN, int NVT, int... Ms>
+constexpr void (*TileTable<ColA, FullN, NVT, Ms...>::fns[])(const GemmTile&);
 
-template <bool ColA, bool FullN, int... Ms>
+template <bool ColA, bool FullN, int NVT = NV, int... Ms>
 void run_tile(const GemmTile& t, std::integer_sequence<int, Ms...>) {
-  TileTable<ColA, FullN, Ms...>::fns[t.m - 1](t);
+  TileTable<ColA, FullN, NVT, Ms...>::fns[t.m - 1](t);
 }
 
 void gemm_tile(const GemmTile& t) {
@@ -111,11 +112,14 @@ void gemm_tile(const GemmTile& t) {
   using Seq = std::make_integer_sequence<int, MR>;
   const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
   const bool full_n = t.n == NR;
+  const bool narrow = NV > 1 && t.n <= W;  // one vector per row: no FMAs on all-masked lanes
   if (col_a) {
     if (full_n) run_tile<true, true>(t, Seq{});
+    else if (narrow) run_tile<true, false, 1>(t, Seq{});
     else run_tile<true, false>(t, Seq{});
   } else {
     if (full_n) run_tile<false, true>(t, Seq{});
+    else if (narrow) run_tile<false, false, 1>(t, Seq{});
     else run_tile<false, false>(t, Seq{});
   }
 }
