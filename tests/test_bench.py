@@ -32,6 +32,14 @@ TINY_CASES = [
     Case("mha", bench._mha_params(2, 5, 8, 2), quick=True),
     Case("mha", bench._mha_params(1, 4, 8, 2, causal=True), quick=True),
 ]
+TRAIN = bench._training_params
+TRAINING_CASES = [  # a tiny epoch (dropout, schedule, a ragged last batch) and a tiny step
+    Case("training", TRAIN("epoch", d_in=3, seq=4, d_model=8, num_heads=2, num_layers=1, d_ff=16, batch=8,
+                           samples=20, num_classes=3, dropout=0.1, label_smoothing=0.1, epochs=2), quick=True),
+    Case("training", TRAIN("step", d_in=5, seq=6, d_model=8, num_heads=2, num_layers=2, d_ff=8, batch=4,
+                           samples=4), quick=True),
+]
+TINY_CASES += TRAINING_CASES
 
 
 def tiny_run(cases=TINY_CASES, **kw):
@@ -72,6 +80,11 @@ def test_case_flops_follow_the_group():
     m = bench._mha_params(2, 16, 32, 4)
     gemms = bench.gemm_flops(32, 32, 96) + bench.gemm_flops(32, 32, 32)
     assert Case("mha", m).flops == 3 * gemms + 3.5 * bench.attention_flops(2, 4, 16, 16, 8)
+    t = TRAIN("step", d_in=5, seq=6, d_model=8, num_heads=2, num_layers=2, d_ff=8, batch=4, samples=4)
+    block = bench.gemm_flops(6, 8, 24) + bench.gemm_flops(6, 8, 8) + 2 * bench.gemm_flops(6, 8, 8)
+    per_sample = 3 * (2 * block + bench.gemm_flops(6, 5, 8) + bench.gemm_flops(1, 8, 10))
+    per_sample += 3.5 * 2 * bench.attention_flops(1, 2, 6, 6, 4)
+    assert Case("training", t).flops == 4 * per_sample
 
 
 # ---- cases and options ----------------------------------------------------------------
@@ -175,13 +188,16 @@ def tiny_report():
 def test_every_implementation_matches_the_float64_reference(tiny_report):
     assert tiny_report["impls"][:2] == ["qkv_native", "numpy"]
     for r in tiny_report["results"]:
-        if r["status"] == "n/a":  # ONNX Runtime only runs GEMM and attention forward; CTranslate2 the encoder
+        if r["status"] == "n/a":  # ONNX Runtime: GEMM and attention forward; CTranslate2: encoder; training: torch only
             assert (r["impl"] == "onnxruntime" and r["group"] not in ("gemm", "attention")
-                    or r["impl"] == "ctranslate2" and r["group"] != "encoder")
+                    or r["impl"] == "ctranslate2" and r["group"] != "encoder"
+                    or r["impl"] == "numpy" and r["group"] in ("training", "encoder")), r
             continue
         assert r["status"] == "ok", r
         if r["group"] == "mha":  # no float64 twin for the layer: checked against NumPy
             assert r["check"]["against"] in (None, "numpy")
+        elif r["group"] == "training":  # loss and gradients of one batch against the torch twin
+            assert r["check"]["against"] in (None, "torch")
         else:
             assert r["check"]["against"] == "reference_float64", r
         if r["check"]["rel_err"] is not None:
@@ -223,7 +239,7 @@ def test_table_shows_every_group_and_a_winner(tiny_report):
         assert bench.OPS[group].title in text
     assert "fp32 FMA peak" in text and "vs numpy" in text
     # one '*' marks the fastest implementation of each row
-    rows = [line for line in text.splitlines() if line.startswith("(")]
+    rows = [line for line in text.splitlines() if line.startswith(("(", "encoder ", "digits "))]
     assert len(rows) == len(TINY_CASES)
     assert all(line.count("*") == 1 for line in rows)
 

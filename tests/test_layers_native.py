@@ -1,4 +1,5 @@
-"""Native dense layer (bias + GELU in the GEMM store), LayerNorm and GELU vs float64."""
+"""Native dense layer (bias + GELU in the GEMM store), LayerNorm, GELU and softmax
+cross-entropy vs float64."""
 
 import numpy as np
 import pytest
@@ -92,3 +93,84 @@ def test_layer_norm_leading_axes_and_thread_independence(rng, restore_threads):
         results.append(qn.layer_norm_backward(dy, x, w, mean, rstd))
     for a, c in zip(*results):
         np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("c", [1, 7, 17, 65, 1000])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy(isa, rng, c, label_smoothing):
+    rows = 37
+    logits = randn(rng, rows, c, scale=3.0)
+    logits[0] += 1e4  # huge logits: computed from x - max, nothing is lost
+    logits[1] -= 1e4
+    targets = rng.integers(0, c, rows)
+    targets[[2, 5]] = -7  # ignored rows
+    loss, grad = qn.softmax_cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-7)
+    want_loss, want_grad = ref.softmax_cross_entropy(logits, targets, label_smoothing=label_smoothing, ignore_index=-7)
+    # a row's loss is a handful of float32 operations on log(Σ exp) (Σ of c terms) and the shifted logits
+    n_valid = rows - 2
+    assert abs(loss - want_loss) <= 64 * EPS * (1 + np.log(c)) * (1 + np.abs(logits - logits.max(1, keepdims=True)).max())
+    # softmax probabilities to a few ulp (exp polynomial + sum of c terms), over n_valid
+    assert np.all(np.abs(grad - want_grad) <= (16 + np.sqrt(c)) * EPS * (np.abs(want_grad) + 1.0 / (c * n_valid)) + 1e-30)
+    assert not grad[[2, 5]].any()
+    if c == 1:
+        assert loss == 0.0 and not grad.any()  # one class: probability 1, no loss
+
+
+def test_softmax_cross_entropy_edge_cases(rng, restore_threads):
+    logits = randn(rng, 3000, 17)
+    targets = rng.integers(0, 17, 3000).astype(np.int32)
+    out = np.empty_like(logits)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.softmax_cross_entropy(logits, targets, label_smoothing=0.2, out=out)[0])
+    assert results[0] == results[1]  # row losses summed in row order
+    loss0, grad0 = qn.softmax_cross_entropy(logits[:4], np.full(4, -100))
+    assert loss0 == 0.0 and not grad0.any()  # every row ignored
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 17\).*targets\[1\] = 17"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 17, 2]))
+    with pytest.raises(ValueError, match=r"targets must have shape \(3,\)"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 1]))
+    with pytest.raises(TypeError, match="targets must be a numpy array of int32 or int64"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        qn.softmax_cross_entropy(logits[:3], np.array([0, 1, 2]), label_smoothing=1.0)
+    with pytest.raises(TypeError, match="logits must have dtype float32"):
+        qn.softmax_cross_entropy(logits[:3].astype(np.float64), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="out must not overlap"):
+        qn.softmax_cross_entropy(logits, targets, out=logits)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (17,), (5, 13), (65, 3, 7), (70000,)])
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**64 - 1])
+def test_dropout(isa, rng, shape, seed):
+    x = randn(rng, *shape)
+    y, mask = qn.functional.dropout(x, 0.3, seed)
+    want_y, want_mask = ref.dropout(x, 0.3, seed)
+    np.testing.assert_array_equal(mask != 0, want_mask != 0)  # the same drops on every ISA
+    np.testing.assert_array_equal(mask[mask != 0], np.float32(1 / 0.7))
+    np.testing.assert_array_equal(y, x * mask)  # one float32 product
+    assert np.all(np.abs(y - want_y) <= 2 * EPS * np.abs(want_y))
+
+
+def test_dropout_statistics_threads_and_errors(rng, restore_threads):
+    x = np.ones((300, 1000), np.float32)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.functional.dropout(x, 0.1, 99)[0])
+    np.testing.assert_array_equal(results[0], results[1])
+    dropped = (results[0] == 0).mean()
+    assert abs(dropped - 0.1) < 5 * np.sqrt(0.1 * 0.9 / x.size)
+    # neighbouring seeds and neighbouring elements are not correlated
+    other = qn.functional.dropout(x, 0.5, 100)[0] == 0
+    half = qn.functional.dropout(x, 0.5, 99)[0] == 0
+    assert abs((other == half).mean() - 0.5) < 0.01
+    assert abs((half[:, 1:] == half[:, :-1]).mean() - 0.5) < 0.01
+    assert not qn.functional.dropout(x, 0.0, 1)[1].min() == 0  # p = 0 keeps everything
+    with pytest.raises(ValueError, match="p must"):
+        qn.functional.dropout(x, 1.0, 1)
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        qn.functional.dropout(x[:, ::2], 0.1, 1)
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        qn.functional.dropout(x.astype(np.float64), 0.1, 1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qkv_native import nn, optim
+from qkv_native import reference as ref
 
 F32 = np.float32
 
@@ -32,26 +33,20 @@ def run_steps(opt, ps, grads):
 
 
 def sgd64(w, grads, lr, momentum=0.0, nesterov=False, wd=0.0, dampening=0.0):
-    w, buf = w.astype(np.float64), None
+    """Float64 trajectory: reference.sgd_update step after step."""
+    buf = None
     for g in grads:
-        d = g + wd * w
-        if momentum:
-            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
-            d = d + momentum * buf if nesterov else buf
-        w = w - lr * d
+        w, buf = ref.sgd_update(w, g, buf, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                weight_decay=wd)
     return w
 
 
 def adam64(w, grads, lr, b1, b2, eps, wd, decoupled):
-    w, m, v = w.astype(np.float64), 0.0, 0.0
+    """Float64 trajectory: reference.adam_update step after step."""
+    m = v = np.zeros_like(w, np.float64)
     for t, g in enumerate(grads, 1):
-        if decoupled:
-            w = w * (1 - lr * wd)
-        else:
-            g = g + wd * w
-        m = b1 * m + (1 - b1) * g
-        v = b2 * v + (1 - b2) * g * g
-        w = w - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        w, m, v = ref.adam_update(w, g, m, v, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, decoupled=decoupled,
+                                  step=t)
     return w
 
 
@@ -185,3 +180,132 @@ def test_optimizer_arguments():
         optim.SGD(lr=0.1).step()
     with pytest.raises(TypeError, match="Parameter"):
         optim.SGD([np.zeros(3, F32)], lr=0.1)
+
+
+# ----------------------------------------------------------------------------
+# the native fused updates: bit-identical to the float32 NumPy formulas
+# ----------------------------------------------------------------------------
+
+
+def numpy_sgd_f32(w, g, buf, lr, wd, momentum, dampening, nesterov, first):
+    """The float32 NumPy update optim.SGD did per parameter before the native kernel (in place)."""
+    d = g + F32(wd) * w if wd else g
+    if momentum:
+        if first:
+            np.copyto(buf, d)
+        else:
+            buf *= F32(momentum)
+            buf += F32(1.0 - dampening) * d
+        d = d + F32(momentum) * buf if nesterov else buf
+    w -= F32(lr) * d
+
+
+def numpy_adam_f32(w, g, m, v, lr, wd, b1, b2, eps, t, decoupled):
+    """The float32 NumPy update optim.Adam/AdamW did per parameter before the native kernel (in place)."""
+    if wd and decoupled:
+        w *= F32(1.0 - lr * wd)
+    elif wd:
+        g = g + F32(wd) * w
+    m *= F32(b1)
+    m += F32(1.0 - b1) * g
+    v *= F32(b2)
+    v += F32(1.0 - b2) * (g * g)
+    denom = np.sqrt(v)
+    denom /= F32(math.sqrt(1.0 - b2**t))
+    denom += F32(eps)
+    w -= F32(lr / (1.0 - b1**t)) * (m / denom)
+
+
+SIZES = [(1,), (7,), (17,), (65,), (3, 11), (40000,)]  # tails, and more than one thread chunk
+
+
+def _flat_case(seed):
+    rng = np.random.default_rng(seed)
+    ps = [nn.Parameter(rng.standard_normal(s).astype(F32)) for s in SIZES]
+    grads = [[rng.standard_normal(s).astype(F32) for s in SIZES] for _ in range(4)]
+    return ps, grads
+
+
+@pytest.mark.parametrize("decoupled,wd", [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_adam_native_bit_identical_to_numpy(isa, decoupled, wd):
+    ps, grads = _flat_case(5)
+    ws = [p.data.copy() for p in ps]
+    ms, vs = [np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws]
+    decay = lambda name, p: name != "1"  # noqa: E731  (parameter "1" without weight decay)
+    cls = optim.AdamW if decoupled else optim.Adam
+    opt = cls(ps, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, decay=decay,
+              schedule=optim.LinearWarmup(2))
+    for t, gs in enumerate(grads, 1):
+        lr = opt.current_lr()
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            p.grad[...] = g
+            numpy_adam_f32(ws[i], g, ms[i], vs[i], lr, wd if i != 1 else 0.0, 0.8, 0.99, 1e-6, t, decoupled)
+        opt.step()
+        for i, p in enumerate(ps):
+            np.testing.assert_array_equal(p.data, ws[i], err_msg=f"step {t}, parameter {i}")
+            np.testing.assert_array_equal(opt.state[str(i)]["exp_avg_sq"], vs[i])
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+                                {"momentum": 0.5, "dampening": 0.3, "weight_decay": 0.01}])
+def test_sgd_native_bit_identical_to_numpy(isa, kw):
+    ps, grads = _flat_case(6)
+    ws = [p.data.copy() for p in ps]
+    bufs = [np.zeros_like(w) for w in ws]
+    opt = optim.SGD(ps, lr=0.05, **kw)
+    m, damp, nest, wd = kw.get("momentum", 0.0), kw.get("dampening", 0.0), kw.get("nesterov", False), kw.get("weight_decay", 0.0)
+    for t, gs in enumerate(grads):
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            p.grad[...] = g
+            numpy_sgd_f32(ws[i], g, bufs[i], 0.05, wd, m, damp, nest, t == 0)
+        opt.step()
+        for i, p in enumerate(ps):
+            np.testing.assert_array_equal(p.data, ws[i], err_msg=f"step {t}, parameter {i}")
+
+
+def test_flat_parameters_are_views_and_survive_replacement():
+    model = nn.Sequential(nn.Linear(3, 4, rng=0), nn.LayerNorm(4))
+    w0 = model[0].weight.data.copy()
+    opt = optim.SGD(model, lr=0.5)
+    flat = opt.flat_grad()
+    assert flat.shape == (3 * 4 + 4 + 4 + 4,)
+    assert np.shares_memory(model[0].weight.grad, flat)
+    np.testing.assert_array_equal(model[0].weight.data, w0)  # values kept by the move
+    for p in model.parameters():
+        p.grad[...] = 1.0
+    opt.zero_grad()
+    assert not any(p.grad.any() for p in model.parameters())
+    # a parameter whose arrays were replaced (here: by hand) is picked up before the next step
+    model[0].bias.data = np.full(4, 2.0, F32)
+    model[0].bias.grad = np.ones(4, F32)
+    opt.step()
+    np.testing.assert_allclose(model[0].bias.data, 1.5)
+    assert np.shares_memory(model[0].bias.data, opt._flat.w)
+    # clipping through the optimizer: one pass over the flat gradient buffer
+    for p in model.parameters():
+        p.grad[...] = 3.0
+    norm = optim.clip_grad_norm(opt, 1.0)
+    assert abs(norm - 3.0 * math.sqrt(flat.size)) < 1e-4
+    assert abs(float(np.linalg.norm(opt.flat_grad())) - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="twice"):
+        optim.SGD([model[0].bias, model[0].bias], lr=0.1)
+
+
+def test_native_update_errors_name_the_argument():
+    from qkv_native import functional as F
+
+    w, g, m, v = (np.zeros(5, F32) for _ in range(4))
+    off, decay = np.array([0, 2, 5]), np.array([True, False])
+    kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+    F.adam_update(w, g, m, v, off, decay, **kw)
+    with pytest.raises(ValueError, match="^m must have shape"):
+        F.adam_update(w, g, np.zeros(4, F32), v, off, decay, **kw)
+    with pytest.raises(TypeError, match="^g must have dtype float32"):
+        F.adam_update(w, g.astype(np.float64), m, v, off, decay, **kw)
+    with pytest.raises(ValueError, match="offsets"):
+        F.adam_update(w, g, m, v, np.array([0, 3, 2]), decay, **kw)
+    with pytest.raises(ValueError, match="decay"):
+        F.adam_update(w, g, m, v, off, np.array([True]), **kw)
+    with pytest.raises(ValueError, match="^buf must have shape"):
+        F.sgd_update(w, g, np.zeros(6, F32), off, decay, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
+                     weight_decay=0.0, first=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qkv_native import nn, optim
+from qkv_native.torch_twin import to_torch
 from qkv_native.train import Callback, EarlyStopping, ModelCheckpoint, Trainer, attention_classifier
 
 F32 = np.float32
@@ -171,36 +172,14 @@ def test_load_rejects_mismatch_and_corruption(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def _torch_forward(P, x, model, torch):
-    """attention_classifier(num_layers=1, pool="mean", pre-norm) written with torch ops."""
-    F = torch.nn.functional
-    blk = model[2]
-    a = blk.attn
-    b, s, _ = x.shape
-    d = a.d_model
-    h = x @ P["0.weight"] + P["0.bias"]
-    h = h + P["1.weight"][:s]
-    u = F.layer_norm(h, (d,), P["2.ln1.weight"], P["2.ln1.bias"], 1e-5)
-    hq, hk, dh = a.num_heads, a.num_kv_heads, a.d_head
-    q = (u @ P["2.attn.w_q"] + P["2.attn.b_q"]).reshape(b, s, hq, dh).transpose(1, 2)
-    k = (u @ P["2.attn.w_k"] + P["2.attn.b_k"]).reshape(b, s, hk, dh).transpose(1, 2)
-    v = (u @ P["2.attn.w_v"] + P["2.attn.b_v"]).reshape(b, s, hk, dh).transpose(1, 2)
-    k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-    o = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), dim=-1) @ v
-    h = h + o.transpose(1, 2).reshape(b, s, hq * dh) @ P["2.attn.w_o"] + P["2.attn.b_o"]
-    u = F.layer_norm(h, (d,), P["2.ln2.weight"], P["2.ln2.bias"], 1e-5)
-    u = F.gelu(u @ P["2.ff.fc1.weight"] + P["2.ff.fc1.bias"]) @ P["2.ff.fc2.weight"] + P["2.ff.fc2.bias"]
-    h = h + u
-    h = F.layer_norm(h, (d,), P["3.weight"], P["3.bias"], 1e-5)
-    return h.mean(1) @ P["5.weight"] + P["5.bias"]
-
-
 @pytest.mark.parametrize("which", ["sgd", "adamw"])
 def test_loss_trajectory_matches_torch(which):
     torch = _torch()
     x, y = toy_data(n=80)
     model = small_model(num_kv_heads=1, rng=3)
-    P = {n: torch.tensor(p.data.copy(), requires_grad=True) for n, p in model.named_parameters()}
+    twin = to_torch(model, torch)  # same layers and weights, same parameter names
+    P = dict(twin.named_parameters())
+    assert list(P) == [n for n, _ in model.named_parameters()]
     clip = None
     if which == "sgd":
         opt = optim.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
@@ -222,7 +201,7 @@ def test_loss_trajectory_matches_torch(which):
         order = np.random.default_rng((11, e)).permutation(len(x))
         for s in range(0, len(x), 16):
             idx = order[s : s + 16]
-            logits = _torch_forward(P, torch.tensor(x[idx]), model, torch)
+            logits = twin(torch.tensor(x[idx]))
             loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y[idx]), label_smoothing=0.1)
             topt.zero_grad()
             loss.backward()

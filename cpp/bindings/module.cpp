@@ -331,6 +331,134 @@ py::tuple layer_norm_backward(const py::object& dy_obj, const py::object& x_obj,
   return py::make_tuple(dx, dg, db);
 }
 
+// A 1-D integer array (int32 or int64, any stride) of length n, read into int64s.
+std::vector<std::int64_t> int64_vector(const py::object& obj, const char* name, idx n) {
+  if (!py::isinstance<py::array>(obj)) type_error(std::string(name) + " must be a numpy array of integers");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  const bool i8 = is_dtype(a.dtype(), 'i', 8), i4 = is_dtype(a.dtype(), 'i', 4);
+  if (!i8 && !i4) type_error(std::string(name) + " must be a numpy array of int32 or int64, got " +
+                             std::string(py::str(a.dtype())));
+  if (a.ndim() != 1 || a.shape(0) != n)
+    value_error(std::string(name) + " must have shape (" + std::to_string(n) + ",), got " +
+                shape_str(std::vector<idx>(a.shape(), a.shape() + a.ndim())));
+  std::vector<std::int64_t> out(static_cast<size_t>(n));
+  for (idx i = 0; i < n; ++i) {
+    const char* p = static_cast<const char*>(a.data()) + i * a.strides(0);
+    out[static_cast<size_t>(i)] = i8 ? *reinterpret_cast<const std::int64_t*>(p) : *reinterpret_cast<const std::int32_t*>(p);
+  }
+  return out;
+}
+
+// (loss, dlogits): mean softmax cross-entropy of logits (rows, c) against targets (rows,).
+py::tuple softmax_cross_entropy(const py::object& logits_obj, const py::object& targets_obj, std::int64_t ignore_index,
+                                float label_smoothing, const py::object& out) {
+  const auto& kt = active_kernels();
+  Arr x = as_f32(logits_obj, "logits", 2);
+  const idx rows = x.shape[0], c = x.shape[1];
+  if (c < 1) value_error("logits must have at least one class, got shape " + shape_str(x.shape));
+  if (!(label_smoothing >= 0.0f && label_smoothing < 1.0f))
+    value_error("label_smoothing must lie in [0, 1), got " + std::to_string(label_smoothing));
+  const std::vector<std::int64_t> t = int64_vector(targets_obj, "targets", rows);
+  for (idx r = 0; r < rows; ++r)
+    if (t[r] != ignore_index && (t[r] < 0 || t[r] >= c))
+      value_error("targets must lie in [0, " + std::to_string(c) + ") or equal ignore_index=" +
+                  std::to_string(ignore_index) + ", got targets[" + std::to_string(r) + "] = " + std::to_string(t[r]));
+  auto [dx, dxa] = output(out, "out", {rows, c});
+  if (dxa.ptr == x.ptr && rows * c > 0) value_error("out must not be logits");
+  double loss = 0.0;
+  run_native([&] {
+    loss = qkv::softmax_cross_entropy(kt, rows, c, x.ptr, x.strides[0], t.data(), ignore_index, label_smoothing,
+                                      dxa.ptr, dxa.strides[0]);
+  });
+  return py::make_tuple(loss, dx);
+}
+
+// (y, mask): inverted dropout of a C-contiguous x, drop probability threshold / 2^32.
+py::tuple dropout(const py::object& x_obj, std::uint64_t seed, std::uint32_t threshold, float scale) {
+  const auto& kt = active_kernels();
+  if (!py::isinstance<py::array>(x_obj)) type_error("x must be a numpy.ndarray of float32");
+  py::array xa = py::reinterpret_borrow<py::array>(x_obj);
+  if (!(xa.flags() & py::array::c_style)) value_error("x must be C-contiguous");
+  Arr x = as_f32(x_obj, "x", static_cast<int>(xa.ndim()));
+  auto [y, ya] = output(py::none(), "y", x.shape);
+  auto [mask, ma] = output(py::none(), "mask", x.shape);
+  const idx n = x.size();
+  run_native([&] { qkv::dropout_forward(kt, n, x.ptr, ya.ptr, ma.ptr, seed, threshold, scale); });
+  return py::make_tuple(y, mask);
+}
+
+// The flat buffers and parameter table shared by the optimizer updates: every buffer
+// is 1-D contiguous float32 of offsets[-1] elements.
+struct FlatParams {
+  std::vector<std::int64_t> offsets;
+  std::vector<std::uint8_t> decay;
+  idx n_params = 0;
+};
+
+FlatParams flat_params(const py::object& offsets_obj, const py::object& decay_obj,
+                       std::initializer_list<std::pair<const char*, const py::object*>> buffers) {
+  FlatParams f;
+  if (!py::isinstance<py::array>(offsets_obj)) type_error("offsets must be a numpy array of integers");
+  const idx n_off = py::reinterpret_borrow<py::array>(offsets_obj).ndim() == 1
+                        ? py::reinterpret_borrow<py::array>(offsets_obj).shape(0) : 0;
+  if (n_off < 1) value_error("offsets must have shape (n_params + 1,)");
+  f.offsets = int64_vector(offsets_obj, "offsets", n_off);
+  f.n_params = n_off - 1;
+  for (idx p = 0; p < f.n_params; ++p)
+    if (f.offsets[p + 1] < f.offsets[p]) value_error("offsets must be non-decreasing");
+  if (f.offsets[0] != 0) value_error("offsets must start at 0");
+  if (!py::isinstance<py::array>(decay_obj)) type_error("decay must be a numpy array of bool");
+  py::array d = py::reinterpret_borrow<py::array>(decay_obj);
+  if (!is_dtype(d.dtype(), 'b', 1) || d.ndim() != 1 || d.shape(0) != f.n_params)
+    value_error("decay must be a bool array of shape (" + std::to_string(f.n_params) + ",)");
+  f.decay.resize(static_cast<size_t>(f.n_params));
+  for (idx p = 0; p < f.n_params; ++p) f.decay[p] = *(static_cast<const char*>(d.data()) + p * d.strides(0)) != 0;
+  const idx total = f.offsets.back();
+  for (const auto& [name, obj] : buffers) {
+    if (obj->is_none()) continue;
+    Arr a = as_f32(*obj, name, 1, true);
+    expect_shape(a, name, {total});
+  }
+  return f;
+}
+
+float* flat_ptr(const py::object& obj) {
+  return obj.is_none() ? nullptr : static_cast<float*>(py::reinterpret_borrow<py::array>(obj).mutable_data());
+}
+
+void adam_update(const py::object& w, const py::object& g, const py::object& m, const py::object& v,
+                 const py::object& offsets, const py::object& decay, float beta1, float one_minus_beta1, float beta2,
+                 float one_minus_beta2, float bias2_sqrt, float eps, float step_size, float decay_mul, float l2) {
+  const auto& kt = active_kernels();
+  FlatParams f = flat_params(offsets, decay, {{"w", &w}, {"g", &g}, {"m", &m}, {"v", &v}});
+  qkv::AdamStep plain{1.0f, 0.0f, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps, step_size,
+                      false, false};
+  qkv::AdamStep decayed = plain;
+  decayed.decay_mul = decay_mul;
+  decayed.l2 = l2;
+  decayed.decoupled = decay_mul != 1.0f;
+  decayed.coupled = l2 != 0.0f;
+  float *wp = flat_ptr(w), *gp = flat_ptr(g), *mp = flat_ptr(m), *vp = flat_ptr(v);
+  run_native([&] {
+    qkv::adam_update(kt, f.n_params, f.offsets.data(), f.decay.data(), wp, gp, mp, vp, decayed, plain);
+  });
+}
+
+void sgd_update(const py::object& w, const py::object& g, const py::object& buf, const py::object& offsets,
+                const py::object& decay, float wd, float momentum, float one_minus_dampening, float lr, bool first,
+                bool nesterov) {
+  const auto& kt = active_kernels();
+  FlatParams f = flat_params(offsets, decay, {{"w", &w}, {"g", &g}, {"buf", &buf}});
+  qkv::SgdStep plain{0.0f, momentum, one_minus_dampening, lr, false, !buf.is_none(), first, nesterov};
+  qkv::SgdStep decayed = plain;
+  decayed.wd = wd;
+  decayed.has_wd = wd != 0.0f;
+  float *wp = flat_ptr(w), *gp = flat_ptr(g), *bp = flat_ptr(buf);
+  run_native([&] {
+    qkv::sgd_update(kt, f.n_params, f.offsets.data(), f.decay.data(), wp, gp, bp, decayed, plain);
+  });
+}
+
 py::array_t<float> gelu(const py::object& x_obj) {
   const auto& kt = active_kernels();
   Arr x = as_f32(x_obj, "x", 2);
@@ -734,7 +862,8 @@ py::object attention(const py::object& q_obj, const py::object& k_obj, const py:
 
 py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, const py::object& k_obj,
                              const py::object& v_obj, const py::object& o_obj, const py::object& lse_obj, bool causal,
-                             const py::object& key_lengths, const py::object& bias, float scale) {
+                             const py::object& key_lengths, const py::object& bias, float scale,
+                             const py::object& dq_out, const py::object& dk_out, const py::object& dv_out) {
   const auto& kt = active_kernels();
   Arr q = as_f32(q_obj, "q", 4), k = as_f32(k_obj, "k", 4), v = as_f32(v_obj, "v", 4);
   qkv::AttentionArgs args;
@@ -750,9 +879,10 @@ py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, 
     value_error("lse must be C-contiguous (the array attention() returned)");
   args.o = tensor4(o);
   args.lse = lse.ptr;
-  auto [dq, dqa] = output(py::none(), "dq", q.shape);
-  auto [dk, dka] = output(py::none(), "dk", k.shape);
-  auto [dv, dva] = output(py::none(), "dv", v.shape);
+  // outputs may be strided views (e.g. of one token-major buffer); the Python layer checks overlaps
+  auto [dq, dqa] = output(dq_out, "out[0]", q.shape);
+  auto [dk, dka] = output(dk_out, "out[1]", k.shape);
+  auto [dv, dva] = output(dv_out, "out[2]", v.shape);
   run_native([&] { qkv::attention_backward(kt, args, tensor4(d_o), tensor4(dqa), tensor4(dka), tensor4(dva)); });
   return py::make_tuple(dq, dk, dv);
 }
@@ -813,7 +943,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("return_lse") = false, py::arg("out") = py::none());
   m.def("attention_backward", &attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("lse"), py::arg("causal") = false, py::arg("key_lengths") = py::none(),
-        py::arg("bias") = py::none(), py::arg("scale"));
+        py::arg("bias") = py::none(), py::arg("scale"), py::arg("dq_out") = py::none(),
+        py::arg("dk_out") = py::none(), py::arg("dv_out") = py::none());
   m.def("attention_varlen", &attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("causal") = false, py::arg("scale"), py::arg("return_lse") = false,
         py::arg("out") = py::none());
@@ -828,6 +959,15 @@ PYBIND11_MODULE(_core, m) {
         py::arg("mean"), py::arg("rstd"));
   m.def("gelu", &gelu, py::arg("x"));
   m.def("gelu_backward", &gelu_backward, py::arg("x"), py::arg("dy"));
+  m.def("softmax_cross_entropy", &softmax_cross_entropy, py::arg("logits"), py::arg("targets"),
+        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("out") = py::none());
+  m.def("dropout", &dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("scale"));
+  m.def("adam_update", &adam_update, py::arg("w"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("offsets"),
+        py::arg("decay"), py::arg("beta1"), py::arg("one_minus_beta1"), py::arg("beta2"), py::arg("one_minus_beta2"),
+        py::arg("bias2_sqrt"), py::arg("eps"), py::arg("step_size"), py::arg("decay_mul"), py::arg("l2"));
+  m.def("sgd_update", &sgd_update, py::arg("w"), py::arg("g"), py::arg("buf"), py::arg("offsets"), py::arg("decay"),
+        py::arg("wd"), py::arg("momentum"), py::arg("one_minus_dampening"), py::arg("lr"), py::arg("first"),
+        py::arg("nesterov"));
   m.def("cpu_info", &cpu_info);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));

@@ -91,8 +91,8 @@ inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, in
       const float* row = src + (j0 + p0 + jj) * ss;
       for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = row[d];
     }
-    for (idx jj = m; jj < nr; ++jj)
-      for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = 0.0f;
+    if (m < nr)  // zero the unused columns, row by row (contiguous stores)
+      for (idx d = 0; d < dim; ++d) std::fill(panel + d * nr + m, panel + (d + 1) * nr, 0.0f);
   }
 }
 

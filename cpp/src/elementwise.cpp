@@ -1,9 +1,11 @@
-// LayerNorm and GELU drivers: rows split across threads, the row kernels per ISA.
+// Drivers of the layer ops (LayerNorm, GELU, softmax cross-entropy) and of the
+// optimizer updates: rows or element chunks split across threads, the kernels per ISA.
 #include "qkv/elementwise.h"
 
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace qkv {
@@ -53,6 +55,80 @@ void gelu_backward(const KernelTable& kt, idx rows, idx n, const float* x, idx l
   const int nt = threads_for(static_cast<double>(rows) * n, 3.0e4);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.gelu_bwd(x + r * ldx, dy + r * lddy, dx + r * lddx, n);
+}
+
+double softmax_cross_entropy(const KernelTable& kt, idx rows, idx c, const float* logits, idx ldx,
+                             const std::int64_t* targets, std::int64_t ignore_index, float label_smoothing,
+                             float* dlogits, idx lddx) {
+  idx n_valid = 0;
+  for (idx r = 0; r < rows; ++r) n_valid += targets[r] != ignore_index;
+  const float grad_scale = 1.0f / static_cast<float>(std::max<idx>(n_valid, 1));
+  std::vector<float> row_loss(static_cast<size_t>(rows), 0.0f);
+  const int nt = threads_for(static_cast<double>(rows) * c, 3.0e4);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (idx r = 0; r < rows; ++r) {
+    if (targets[r] == ignore_index) {
+      std::fill(dlogits + r * lddx, dlogits + r * lddx + c, 0.0f);
+      continue;
+    }
+    row_loss[r] = kt.xent_row(logits + r * ldx, c, targets[r], label_smoothing, grad_scale, dlogits + r * lddx);
+  }
+  double total = 0.0;
+  for (float l : row_loss) total += l;
+  return total / static_cast<double>(std::max<idx>(n_valid, 1));
+}
+
+void dropout_forward(const KernelTable& kt, idx n, const float* x, float* y, float* mask, std::uint64_t seed,
+                     std::uint32_t threshold, float scale) {
+  // Chunks of 2^15 elements aligned to 2^15 never cross a 2^32 boundary of the index.
+  constexpr idx kChunk = idx(1) << 15;
+  const idx n_chunks = ceil_div(n, kChunk);
+  const int nt = threads_for(static_cast<double>(n), 6.0e4);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (idx c = 0; c < n_chunks; ++c) {
+    const idx b = c * kChunk;
+    kt.dropout_fwd(x + b, y + b, mask + b, std::min(kChunk, n - b), seed, static_cast<std::uint32_t>(b),
+                   static_cast<std::uint32_t>(static_cast<std::uint64_t>(b) >> 32), threshold, scale);
+  }
+}
+
+namespace {
+
+// Runs update(p, begin, end) over chunks of parameters' element ranges: parameters are
+// cut into pieces of at most kChunk elements, the pieces split across threads. Each
+// element is updated once, independently of the others, so the split does not matter.
+template <class F>
+void for_param_chunks(idx n_params, const idx* offsets, F&& update) {
+  constexpr idx kChunk = 1 << 15;
+  std::vector<idx> piece_param, piece_begin;  // the pieces, in order
+  for (idx p = 0; p < n_params; ++p)
+    for (idx b = offsets[p]; b < offsets[p + 1]; b += kChunk) {
+      piece_param.push_back(p);
+      piece_begin.push_back(b);
+    }
+  const idx n_pieces = static_cast<idx>(piece_param.size());
+  const int nt = threads_for(static_cast<double>(offsets[n_params] - offsets[0]), 1.0e5);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (idx i = 0; i < n_pieces; ++i) {
+    const idx p = piece_param[i], b = piece_begin[i];
+    update(p, b, std::min(b + kChunk, offsets[p + 1]));
+  }
+}
+
+}  // namespace
+
+void adam_update(const KernelTable& kt, idx n_params, const idx* offsets, const std::uint8_t* decay, float* w,
+                 const float* g, float* m, float* v, const AdamStep& with_decay, const AdamStep& without_decay) {
+  for_param_chunks(n_params, offsets, [&](idx p, idx b, idx e) {
+    kt.adam_update(w + b, g + b, m + b, v + b, e - b, decay[p] ? with_decay : without_decay);
+  });
+}
+
+void sgd_update(const KernelTable& kt, idx n_params, const idx* offsets, const std::uint8_t* decay, float* w,
+                const float* g, float* buf, const SgdStep& with_decay, const SgdStep& without_decay) {
+  for_param_chunks(n_params, offsets, [&](idx p, idx b, idx e) {
+    kt.sgd_update(w + b, g + b, buf ? buf + b : nullptr, e - b, decay[p] ? with_decay : without_decay);
+  });
 }
 
 }  // namespace qkv

@@ -27,6 +27,7 @@ from .functional import (
     qkv_project,
     qkv_project_backward,
     qkv_project_packed,
+    softmax_cross_entropy,
 )
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "layer_norm_backward",
     "gelu",
     "gelu_backward",
+    "softmax_cross_entropy",
     "qkv_project",
     "qkv_project_backward",
     "qkv_project_packed",

@@ -285,11 +285,17 @@ class Case:
 
 class Runner:
     """A built implementation: ``fn()`` runs it once; ``canon(out)`` turns its output
-    into the group's canonical tuple of NumPy arrays (for the check only)."""
+    into the group's canonical tuple of NumPy arrays (for the check only).
+    ``check()``, when given, is called once instead of a first ``fn()`` and its
+    output is the one checked (for ``fn`` whose output is not comparable, such as
+    a training epoch with dropout); it should take no longer than ``fn()``, whose
+    warm-up it may replace."""
 
-    def __init__(self, fn: Callable[[], Any], canon: Optional[Callable[[Any], Tuple[np.ndarray, ...]]] = None):
+    def __init__(self, fn: Callable[[], Any], canon: Optional[Callable[[Any], Tuple[np.ndarray, ...]]] = None,
+                 check: Optional[Callable[[], Any]] = None):
         self.fn = fn
         self.canon = canon or (lambda out: tuple(out) if isinstance(out, (tuple, list)) else (out,))
+        self.check = check
 
 
 # A builder makes a Runner for (inputs, params, context) or raises Skip.
@@ -1121,9 +1127,188 @@ ENCODER = Op(
 )
 
 
+# ---- training: time per epoch / per step of a whole model -------------------------
+# One model description (params) builds both sides: qkv_native's
+# train.attention_classifier and its PyTorch twin (qkv_native.torch_twin.to_torch,
+# same weights). Both train with AdamW (weight decay on matrices only), softmax
+# cross-entropy on the mean-pooled classifier's logits, same batches in the same order.
+
+
+def _training_params(unit: str, *, d_in: int, seq: int, d_model: int, num_heads: int, num_layers: int, d_ff: int,
+                     batch: int, samples: int, num_classes: int = 10, dropout: float = 0.0,
+                     label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 0.01,
+                     data: str = "random", epochs: int = 0) -> Dict[str, Any]:
+    """unit "epoch": one pass over ``samples`` samples in batches of ``batch`` (the
+    schedule of ``qkv-native train``: linear warmup then cosine over ``epochs``);
+    unit "step": one step on one batch (``samples`` == batch), constant lr.
+    data "digits": the digits training split (random data of its shape without scikit-learn)."""
+    return {"unit": unit, "d_in": d_in, "seq": seq, "d_model": d_model, "num_heads": num_heads,
+            "num_layers": num_layers, "d_ff": d_ff, "batch": batch, "samples": samples, "num_classes": num_classes,
+            "dropout": dropout, "label_smoothing": label_smoothing, "lr": lr, "weight_decay": weight_decay,
+            "data": data, "epochs": epochs}
+
+
+def _digits_params() -> Dict[str, Any]:
+    """The model, data and settings of ``qkv-native train`` (train_cli defaults), batch 64."""
+    return _training_params("epoch", d_in=8, seq=8, d_model=64, num_heads=4, num_layers=2, d_ff=128, batch=64,
+                            samples=1438, dropout=0.1, label_smoothing=0.1, lr=2e-3, weight_decay=0.05,
+                            data="digits", epochs=30)
+
+
+def _encoder_step_params() -> Dict[str, Any]:
+    return _training_params("step", d_in=256, seq=128, d_model=256, num_heads=8, num_layers=2, d_ff=1024, batch=32,
+                            samples=32)
+
+
+def _training_label(p) -> str:
+    what = f"{p['samples']} samples" if p["unit"] == "epoch" else f"seq {p['seq']}"
+    extra = f", dropout {p['dropout']:g}" if p["dropout"] else ""
+    return (f"{p['data'] if p['data'] == 'digits' else 'encoder'} {p['unit']}: {p['num_layers']} layers, "
+            f"d_model {p['d_model']}, {p['num_heads']} heads, d_ff {p['d_ff']}, batch {p['batch']}, {what}{extra}")
+
+
+def _training_flops(p) -> float:
+    """Per sample: the GEMMs (input projection, Q/K/V, W_O, feed-forward, classifier) 3× their
+    forward (forward + two backward GEMMs), attention 1 + 2.5 times its forward; × samples."""
+    s, d, h = p["seq"], p["d_model"], p["num_heads"]
+    block = gemm_flops(s, d, 3 * d) + gemm_flops(s, d, d) + 2 * gemm_flops(s, d, p["d_ff"])
+    gemms = p["num_layers"] * block + gemm_flops(s, p["d_in"], d) + gemm_flops(1, d, p["num_classes"])
+    attn = p["num_layers"] * attention_flops(1, h, s, s, d // h)
+    return p["samples"] * (3 * gemms + 3.5 * attn)
+
+
+def _training_inputs(p, rng):
+    n = p["samples"]
+    if p["data"] == "digits":
+        try:
+            from .data import load_digits_tokens
+
+            x, y, _, _ = load_digits_tokens("rows", 0.2, 0)
+            if x.shape == (n, p["seq"], p["d_in"]):
+                return {"x": x, "y": y}
+        except ImportError:
+            pass  # random data of the same shape times the same
+    return {"x": _randn(rng, (n, p["seq"], p["d_in"])), "y": rng.integers(0, p["num_classes"], n)}
+
+
+def _training_model(p):
+    from .train import attention_classifier
+
+    return attention_classifier(p["d_in"], p["seq"], p["num_classes"], d_model=p["d_model"],
+                                num_heads=p["num_heads"], num_layers=p["num_layers"], d_ff=p["d_ff"],
+                                dropout=p["dropout"], rng=0)
+
+
+def _training_schedule(p):
+    """``qkv-native train``'s schedule for an epoch case (factor of the step), None for a step case."""
+    from . import optim
+
+    if p["unit"] != "epoch":
+        return None
+    steps = p["epochs"] * -(-p["samples"] // p["batch"])
+    warmup = int(0.05 * steps)
+    return optim.LinearWarmup(warmup, optim.Cosine(max(steps - warmup, 1)))
+
+
+def _training_native(i, p, ctx):
+    from . import nn, optim
+    from .train import Trainer
+
+    model = _training_model(p)
+    opt = optim.AdamW(lr=p["lr"], weight_decay=p["weight_decay"], schedule=_training_schedule(p),
+                      decay=optim.decay_matrices_only)
+    loss = nn.CrossEntropyLoss(label_smoothing=p["label_smoothing"])
+    trainer = Trainer(model, loss, opt, progress=False)
+    x, y = i["x"], i["y"]
+
+    def check():  # loss and gradients of the first batch, dropout off, before any update
+        model.eval()
+        value = loss.forward(model.forward(x[: p["batch"]]), y[: p["batch"]])
+        model.zero_grad()
+        model.backward(loss.backward())
+        model.train()
+        return np.array([value]), np.concatenate([g.ravel() for g in model.grads.values()])
+
+    if p["unit"] == "epoch":
+        def run():
+            return trainer.fit(x, y, epochs=trainer.epoch + 1, batch_size=p["batch"])["loss"][-1]
+    else:
+        def run():
+            return trainer.train_step(x, y)[0]
+    return Runner(run, check=check)
+
+
+def _training_torch(i, p, ctx):
+    from .torch_twin import to_torch
+
+    torch = ctx.baselines.torch
+    F = torch.nn.functional
+    model = _training_model(p)
+    twin = to_torch(model, torch)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(twin.named_parameters())
+    groups = [{"params": [t for t in params.values() if t.ndim >= 2], "weight_decay": p["weight_decay"]},
+              {"params": [t for t in params.values() if t.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=p["lr"])
+    schedule = _training_schedule(p)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule.factor) if schedule else None
+    x, y = torch.from_numpy(i["x"]), torch.from_numpy(i["y"])
+    state = {"epoch": 0}
+
+    def step(xb, yb):  # what Trainer.train_step does, in torch
+        out = twin(xb)
+        loss = F.cross_entropy(out, yb, label_smoothing=p["label_smoothing"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        return loss.item(), out
+
+    def check():
+        twin.eval()
+        out = twin(x[: p["batch"]])
+        loss = F.cross_entropy(out, y[: p["batch"]], label_smoothing=p["label_smoothing"])
+        grads = torch.autograd.grad(loss, [params[n] for n in names])
+        twin.train()
+        return np.array([loss.item()]), np.concatenate([g.numpy().ravel() for g in grads])
+
+    if p["unit"] == "epoch":
+        def run():  # Trainer.fit's epoch: the same batch order, loss and accuracy bookkeeping
+            n = len(x)
+            order = torch.from_numpy(np.random.default_rng((0, state["epoch"])).permutation(n))
+            loss_sum, correct = 0.0, 0
+            for start in range(0, n, p["batch"]):
+                idx = order[start : start + p["batch"]]
+                yb = y[idx]
+                loss, out = step(x[idx], yb)
+                loss_sum += loss * len(idx)
+                correct += int((out.argmax(-1) == yb).sum())
+            state["epoch"] += 1
+            return loss_sum / n
+    else:
+        def run():
+            return step(x, y)[0]
+    return Runner(run, check=check)
+
+
+TRAINING = Op(
+    group="training",
+    title="training: one epoch (digits, the model of qkv-native train) or one step (encoder), AdamW, "
+          "softmax cross-entropy on the mean-pooled classifier; checked: loss and gradients of one batch",
+    label=_training_label,
+    flops=_training_flops,
+    seq=lambda p: p["seq"],
+    make_inputs=_training_inputs,
+    impls={"qkv_native": _training_native, "torch": _training_torch},
+)
+
+
 #: Every group, in table order.
-OPS: Dict[str, Op] = {op.group: op for op in (GEMM, GEMV, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD,
-                                              ATTENTION_TRAIN, MHA, ENCODER)}
+OPS: Dict[str, Op] = {
+    op.group: op for op in (GEMM, GEMV, PROJECTION, PROJECTION_BACKWARD, ATTENTION, ATTENTION_BACKWARD, ATTENTION_TRAIN,
+                            MHA, TRAINING, ENCODER)
+}
 GROUPS: Tuple[str, ...] = tuple(OPS)
 
 
@@ -1159,6 +1344,8 @@ def _default_cases() -> List[Case]:
         Case("mha", _mha_params(32, 128, 384, 12), quick=True),
         Case("mha", _mha_params(8, 512, 768, 12), quick=False),
         Case("mha", _mha_params(1, 2048, 1024, 16, causal=True), quick=False),
+        Case("training", _digits_params(), quick=True),
+        Case("training", _encoder_step_params(), quick=True),
     ]
     cases += [
         Case("encoder", {"n": 1}, quick=True),
@@ -1353,8 +1540,8 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
         try:
             runner = builder(inputs, case.params, ctx)
             t0 = time.perf_counter()
-            first = runner.fn()  # the checked run
-            first_s[impl] = time.perf_counter() - t0
+            first = runner.check() if runner.check else runner.fn()  # the checked run
+            first_s[impl] = time.perf_counter() - t0  # (a check tells how long a call is at least)
             outputs[impl] = runner.canon(first)
             runners[impl] = runner
         except Skip as why:

@@ -35,6 +35,10 @@ __all__ = [
     "layer_norm_backward",
     "gelu",
     "gelu_backward",
+    "softmax_cross_entropy",
+    "dropout",
+    "adam_update",
+    "sgd_update",
 ]
 
 
@@ -138,23 +142,24 @@ def qkv_project(
             _check_array(bvec, name, 1)
     num_heads = _positive_int(num_heads, "num_heads")
     num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
-    q_out, k_out, v_out = _projection_outputs(out, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
-    return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, q_out, k_out, v_out)
+    outs = _check_outs(out, 4, x=x, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v)
+    return _core.qkv_project(x, w_q, w_k, w_v, b_q, b_k, b_v, num_heads, num_kv_heads, *outs)
 
 
-def _projection_outputs(out, **inputs) -> Tuple[Optional[np.ndarray], ...]:
-    """The checked (q, k, v) of a projection's ``out=`` (or three Nones)."""
+def _check_outs(out, ndim: int, **inputs) -> Tuple[Optional[np.ndarray], ...]:
+    """A triple of output arrays (or None -> three Nones), checked: float32, ndim, no overlap
+    with the inputs or with each other."""
     if out is None:
         return None, None, None
     if not (isinstance(out, (tuple, list)) and len(out) == 3):
-        raise TypeError("out must be a tuple (q, k, v) of float32 arrays")
-    q_out, k_out, v_out = out
-    for name, o in (("out[0]", q_out), ("out[1]", k_out), ("out[2]", v_out)):
-        _check_array(o, name, 4)
-        _check_no_overlap(o, name, **inputs)
-    if np.may_share_memory(q_out, k_out) or np.may_share_memory(q_out, v_out) or np.may_share_memory(k_out, v_out):
+        raise TypeError("out must be a tuple of three float32 arrays")
+    for i, o in enumerate(out):
+        _check_array(o, f"out[{i}]", ndim)
+        _check_no_overlap(o, f"out[{i}]", **inputs)
+    a, b, c = out  # exact test: interleaved views of one buffer (its column blocks) are fine
+    if np.shares_memory(a, b) or np.shares_memory(a, c) or np.shares_memory(b, c):
         raise ValueError("out arrays must not overlap each other")
-    return q_out, k_out, v_out
+    return tuple(out)
 
 
 def qkv_project_packed(
@@ -179,8 +184,7 @@ def qkv_project_packed(
         _check_array(x, "x", 3)
         if b_qkv is not None:
             _check_array(b_qkv, "b_qkv", 1)
-        q_out, k_out, v_out = _projection_outputs(out, x=x, b_qkv=b_qkv)
-        return _core.qkv_project_packed(x, w_qkv, b_qkv, num_heads, num_kv_heads, q_out, k_out, v_out)
+        return _core.qkv_project_packed(x, w_qkv, b_qkv, num_heads, num_kv_heads, *_check_outs(out, 4, x=x, b_qkv=b_qkv))
     _check_array(w_qkv, "w_qkv", 2)
     n = w_qkv.shape[1]
     heads = num_heads + 2 * num_kv_heads
@@ -355,6 +359,7 @@ def attention_backward(
     bias: Optional[np.ndarray] = None,
     mask: Optional[np.ndarray] = None,
     scale: Optional[float] = None,
+    out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`attention` with respect to q, k and v.
 
@@ -362,13 +367,16 @@ def attention_backward(
     ``attention(..., return_lse=True)``; the masking arguments must be those of
     the forward. Returns (dq, dk, dv) with the shapes of q, k, v (for grouped-query
     attention dk/dv sum over the query heads of each group). Fully masked rows
-    get zero gradients. Results do not depend on the thread count.
+    get zero gradients. Results do not depend on the thread count. ``out = (dq, dk, dv)``:
+    arrays (any strides with a contiguous last axis, e.g. head-major views of one
+    token-major buffer) that receive the gradients.
     """
     scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
     _check_array(do, "do", 4)
     _check_array(o, "o", 4)
     _check_array(lse, "lse", 3)
-    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale)
+    outs = _check_outs(out, 4, do=do, q=q, k=k, v=v, o=o, lse=lse, bias=add)
+    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs)
 
 
 def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
@@ -551,3 +559,95 @@ def gelu_backward(x: np.ndarray, dy: np.ndarray) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError("x must have at least 1 dimension")
     return _core.gelu_backward(_rows(x, "x"), _rows(dy, "dy")).reshape(x.shape)
+
+
+def softmax_cross_entropy(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    out: Optional[np.ndarray] = None,
+) -> Tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy and its gradient in one pass, computed stably (log-sum-exp).
+
+    logits: (N, C) float32; targets: (N,) int32/int64 in [0, C) or ``ignore_index``.
+    With label smoothing eps the target distribution is (1 - eps)·onehot + eps/C
+    (torch's definition): row loss (1 - eps)·(lse - x_t) + eps·(lse - mean(x)).
+    The mean runs over the rows that are not ignored; with none left the loss is
+    0 and the gradient 0. Rows run in parallel; the loss is summed in row order
+    (in float64), so it does not depend on the thread count.
+    Returns (loss, dlogits (N, C) float32 = d loss / d logits), dlogits written
+    into ``out`` when given.
+    """
+    _check_array(logits, "logits", 2)
+    if out is not None:
+        _check_array(out, "out", 2)
+        _check_no_overlap(out, "out", logits=logits)
+    return _core.softmax_cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), out)
+
+
+def dropout(x: np.ndarray, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Inverted dropout: each element dropped with probability p, the others scaled by 1/(1-p).
+
+    x: C-contiguous float32, any shape. The drops are a pure function of (seed,
+    element index) (counter-based bits, see :func:`qkv_native.reference.dropout_bits`):
+    element i is dropped iff bits < round(p·2^32). seed: int in [0, 2^64).
+    Returns y (shape of x) and mask (float32, shape of x, 1/(1-p) or 0) with y = x·mask,
+    the mask the backward multiplies by.
+    """
+    _check_array(x, "x")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must lie in [0, 1), got {p}")
+    return _core.dropout(x, int(seed), dropout_threshold(p), 1.0 / (1.0 - p))
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of drop probability p: round(p·2^32), at most 2^32 - 1."""
+    return min(int(round(p * 2.0**32)), 2**32 - 1)
+
+
+def _flat_args(w, g, state, offsets, decay):
+    for name, a in (("w", w), ("g", g), *state):
+        if a is not None:
+            _check_array(a, name, 1)
+    if not isinstance(decay, np.ndarray) or decay.dtype != np.bool_:
+        raise TypeError("decay must be a numpy bool array, one entry per parameter")
+
+
+def adam_update(
+    w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, offsets: np.ndarray, decay: np.ndarray, *,
+    lr: float, betas: Tuple[float, float], eps: float, weight_decay: float, decoupled: bool, step: int,
+) -> None:
+    """One Adam (``decoupled=False``, L2 weight decay) or AdamW step, in place, in one pass.
+
+    w, g, m, v: (n,) flat float32 buffers holding the parameters back to back:
+    parameter p is elements [offsets[p], offsets[p+1]) (offsets: (n_params + 1,)
+    ints from 0); decay: (n_params,) bool, weight decay on for parameter p. step:
+    t = 1, 2, ... (bias correction). Per element, rounding as written (torch's formulas):
+    AdamW w *= 1 - lr·wd; Adam g += wd·w; m = β1·m + (1-β1)·g; v = β2·v + (1-β2)·g²;
+    w -= lr/(1-β1^t) · m / (√v / √(1-β2^t) + eps). The constants are computed here in
+    float64 and rounded to float32 once.
+    """
+    _flat_args(w, g, (("m", m), ("v", v)), offsets, decay)
+    b1, b2 = betas
+    wd = float(weight_decay)
+    _core.adam_update(
+        w, g, m, v, offsets, decay, b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**step), eps,
+        lr / (1.0 - b1**step), (1.0 - lr * wd) if (wd and decoupled) else 1.0, wd if not decoupled else 0.0,
+    )
+
+
+def sgd_update(
+    w: np.ndarray, g: np.ndarray, buf: Optional[np.ndarray], offsets: np.ndarray, decay: np.ndarray, *,
+    lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float, first: bool,
+) -> None:
+    """One SGD step (torch.optim.SGD), in place, in one pass; flat buffers as in :func:`adam_update`.
+
+    d = g + wd·w; buf = d on the ``first`` step, else momentum·buf + (1 - dampening)·d;
+    d = d + momentum·buf (Nesterov) or buf; w -= lr·d. buf: (n,) float32, or None
+    without momentum.
+    """
+    _flat_args(w, g, (("buf", buf),), offsets, decay)
+    _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, bool(first),
+                     bool(nesterov))

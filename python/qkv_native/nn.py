@@ -11,12 +11,13 @@ float32. Weights are stored ``(d_in, d_out)`` (y = x·W + b), the layout of
 ``qkv_native.matmul`` and ``qkv_project``; ``torch.nn.Linear.weight`` is the
 transpose.
 
-The hot paths run native: GEMMs go through :func:`qkv_native.matmul`, the
-Q/K/V projections through :func:`qkv_native.qkv_project` (one GEMM) and
-attention through :func:`qkv_native.attention` (flash style). LayerNorm, GELU and
-softmax-cross-entropy have no native kernel yet: each is written once, below,
-as a vectorised NumPy float32 function pair (``*_forward`` / ``*_backward``),
-the single place to swap in a native call later.
+The hot paths run native: GEMMs go through :func:`qkv_native.matmul` and
+:func:`qkv_native.linear` (bias in the GEMM's store); the Q/K/V projections are
+one GEMM against [W_Q | W_K | W_V] whose token-major result attention
+(:func:`qkv_native.attention`, flash style) reads through head-major strided
+views; LayerNorm, GELU, dropout and softmax cross-entropy (loss and gradient in
+one pass) have native kernels. The ``*_forward`` / ``*_backward`` pairs below
+adapt them to the layers (only the tanh form of GELU is vectorised NumPy).
 
 Initialisation is explicit and seeded: every layer with parameters takes
 ``init`` (a name from :data:`INITS`) and ``rng`` (an int seed or a
@@ -38,22 +39,23 @@ import numpy as np
 from .functional import (
     attention,
     attention_backward,
+    dropout,
     gelu,
     layer_norm,
     layer_norm_backward,
+    linear,
     matmul,
-    qkv_project,
-    qkv_project_backward,
+    softmax_cross_entropy,
 )
 from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
-    # kernels awaiting native versions
+    # the layer kernels' forward/backward pairs
     "layernorm_forward",
     "layernorm_backward",
     "gelu_forward",
     "gelu_backward",
-    "softmax_cross_entropy",
+    "softmax_cross_entropy",  # qkv_native.functional's, re-exported
     # infrastructure
     "Parameter",
     "Module",
@@ -87,8 +89,7 @@ RngLike = Union[int, np.random.Generator, None]
 
 
 # ----------------------------------------------------------------------------
-# Kernels without a native version yet. One definition each; vectorised NumPy,
-# float32, no Python loop over elements. Swap these for native calls.
+# The layer kernels: thin adapters of the native ops to the layers' caches.
 # ----------------------------------------------------------------------------
 
 
@@ -144,47 +145,6 @@ def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> n
         return dy * (F32(0.5) * (F32(1.0) + t) + F32(0.5) * x * (F32(1.0) - t * t) * du)
     # forward: y = x * Phi(x)  ->  y' = Phi(x) + x * phi(x)
     return gelu_backward_native(x, dy)
-
-
-def softmax_cross_entropy(
-    logits: np.ndarray,
-    targets: np.ndarray,
-    *,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-) -> Tuple[float, np.ndarray]:
-    """Mean softmax cross-entropy and its gradient, computed stably (log-sum-exp).
-
-    logits: (N, C) float32; targets: (N,) ints in [0, C) or ``ignore_index``.
-    With label smoothing eps the target distribution is (1 - eps)·onehot + eps/C
-    (torch's definition). The mean runs over the rows that are not ignored; with
-    none left the loss is 0 and the gradient 0.
-    Returns (loss, dlogits (N, C) float32 = d loss / d logits).
-    """
-    n, c = logits.shape
-    valid = targets != ignore_index  # (N,)
-    n_valid = int(valid.sum())
-    safe_t = np.where(valid, targets, 0)
-    m = logits.max(axis=1, keepdims=True)  # (N, 1)
-    shifted = logits - m
-    e = np.exp(shifted)
-    sum_e = e.sum(axis=1, keepdims=True)  # (N, 1)
-    logp = shifted - np.log(sum_e)  # (N, C) log-softmax
-    eps = F32(label_smoothing)
-    # loss_i = -(1 - eps) * logp[i, t_i] - eps/C * sum_c logp[i, c]
-    nll = -logp[np.arange(n), safe_t]  # (N,)
-    row = (F32(1.0) - eps) * nll
-    if label_smoothing:
-        row = row - (eps / F32(c)) * logp.sum(axis=1)
-    denom = max(n_valid, 1)
-    loss = float(np.sum(row[valid], dtype=np.float64) / denom)
-    # dlogits_i = (softmax_i - target distribution_i) / n_valid, 0 for ignored rows
-    grad = e / sum_e
-    if label_smoothing:
-        grad -= eps / F32(c)
-    grad[np.arange(n), safe_t] -= F32(1.0) - eps
-    grad *= (valid.astype(F32) / F32(denom))[:, None]
-    return loss, grad
 
 
 # ----------------------------------------------------------------------------
@@ -579,9 +539,7 @@ class Linear(Module):
             raise ValueError(f"x must have shape (..., d_in={self.d_in}), got {x.shape}")
         x2 = x.reshape(-1, self.d_in)  # (N, d_in)
         self._x = x2
-        y = matmul(x2, self.weight.data)  # (N, d_out)
-        if self.bias is not None:
-            y += self.bias.data
+        y = linear(x2, self.weight.data, self.bias.data if self.bias is not None else None)  # (N, d_out)
         return y.reshape(*x.shape[:-1], self.d_out)
 
     def backward(self, dy):
@@ -741,7 +699,8 @@ class ReLU(Module):
 class Dropout(Module):
     """Inverted dropout, seeded: in training each element is zeroed with
     probability p and the rest scaled by 1/(1-p); identity in eval mode (or p=0).
-    The generator's state is part of a trainer checkpoint."""
+    Each call draws one seed from the layer's generator (whose state is part of a
+    trainer checkpoint) for the native :func:`qkv_native.functional.dropout`."""
 
     def __init__(self, p: float = 0.1, *, rng: RngLike = 0):
         super().__init__()
@@ -759,9 +718,9 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
-        keep = self.rng.random(x.shape, dtype=F32) >= F32(self.p)
-        self._mask = keep.astype(F32) * F32(1.0 / (1.0 - self.p))
-        return x * self._mask
+        # one draw from the checkpointed generator seeds the native counter-based bits
+        y, self._mask = dropout(x, self.p, int(self.rng.integers(0, 2**63)))
+        return y
 
     def backward(self, dy):
         return dy if self._mask is None else dy * self._mask  # forward: y = x * mask
@@ -827,18 +786,19 @@ class MultiHeadAttention(Module):
             f"d_head={self.d_head}, causal={self.causal}"
         )
 
-    def _b(self, name):
-        return getattr(self, name).data if self.has_bias else None
-
     def _split(self, y2, batch, seq, heads):
-        """(batch·seq, heads·d_head) -> view (batch, heads, seq, d_head) (last axis contiguous)."""
+        """(batch·seq, heads·d_head) token-major -> view (batch, heads, seq, d_head) (last axis contiguous)."""
         return y2.reshape(batch, seq, heads, self.d_head).transpose(0, 2, 1, 3)
 
-    @staticmethod
-    def _merge(t):
-        """(batch, heads, seq, d_head) -> (batch·seq, heads·d_head) contiguous copy."""
-        b, h, s, d = t.shape
-        return np.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(b * s, h * d)
+    def _width(self, name: str) -> int:
+        return (self.num_heads if name == "q" else self.num_kv_heads) * self.d_head
+
+    def _packed(self, names: str):
+        """The weights and biases (or None) of ``names`` (e.g. "qkv", "q", "kv") side by side:
+        (d_model, Σ widths), (Σ widths,). One GEMM then projects onto all of them."""
+        w = np.concatenate([getattr(self, "w_" + n).data for n in names], axis=1)
+        b = np.concatenate([getattr(self, "b_" + n).data for n in names]) if self.has_bias else None
+        return w, b
 
     def forward(self, x, context=None, *, key_lengths=None, mask=None):
         x = _as_f32(x, "x")
@@ -846,46 +806,42 @@ class MultiHeadAttention(Module):
             raise ValueError(f"x must have shape (batch, seq_q, d_model={self.d_model}), got {x.shape}")
         batch, seq_q, _ = x.shape
         kl = _key_lengths(key_lengths, batch)
+        x2 = x.reshape(-1, self.d_model)
         if context is None:
-            # q: (B, H, Sq, D), k, v: (B, Hkv, Sq, D) in one native GEMM
-            q, k, v = qkv_project(
-                x, self.w_q.data, self.w_k.data, self.w_v.data, self._b("b_q"), self._b("b_k"), self._b("b_v"),
-                num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            )
+            seq_k, groups = seq_q, [("qkv", x2)]
         else:
             context = _as_f32(context, "context")
             if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.d_model:
                 raise ValueError(
                     f"context must have shape (batch={batch}, seq_k, d_model={self.d_model}), got {context.shape}"
                 )
-            seq_k = context.shape[1]
-            x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
-            q2 = matmul(x2, self.w_q.data)  # (B·Sq, H·D)
-            kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)  # (d_model, 2·Hkv·D)
-            kv2 = matmul(c2, kv_w)  # (B·Sk, 2·Hkv·D), K and V in one GEMM
-            if self.has_bias:
-                q2 += self.b_q.data
-                kv2 += np.concatenate([self.b_k.data, self.b_v.data])
-            d_kv = self.num_kv_heads * self.d_head
-            q = self._split(q2, batch, seq_q, self.num_heads)
-            k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
-            v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
+            seq_k, groups = context.shape[1], [("q", x2), ("kv", context.reshape(-1, self.d_model))]
+        # Q, K and V token-major from one GEMM per input, bias in its store: (B·S, d_q | d_kv | d_kv);
+        # q, k, v are head-major strided views of it (no copy)
+        projections = []  # (names, input (N, d_model), packed weight, output (N, Σ widths))
+        for names, inp in groups:
+            w, b = self._packed(names)
+            projections.append((names, inp, w, linear(inp, w, b)))
+        q2, kv2 = projections[0][3][:, : self._width("q")], projections[-1][3][:, -2 * self._width("k") :]
+        d_kv = self._width("k")
+        q = self._split(q2, batch, seq_q, self.num_heads)
+        k = self._split(kv2[:, :d_kv], batch, seq_k, self.num_kv_heads)
+        v = self._split(kv2[:, d_kv:], batch, seq_k, self.num_kv_heads)
         # attention writes o straight into the token-major buffer (B, Sq, H, D) through a
         # head-major strided view, so merging the heads for W_O needs no copy
         o_buf = np.empty((batch, seq_q, self.num_heads, self.d_head), F32)
         o = o_buf.transpose(0, 2, 1, 3)  # (B, H, Sq, D) view
         _, lse = attention(q, k, v, causal=self.causal, key_lengths=kl, mask=mask, return_lse=True, out=o)
         o2 = o_buf.reshape(batch * seq_q, self.num_heads * self.d_head)  # (B·Sq, H·D), no copy
-        y = matmul(o2, self.w_o.data)  # (B·Sq, d_model)
-        if self.has_bias:
-            y += self.b_o.data
-        self._cache = (x, context, q, k, v, o, lse, o2, kl, mask)
+        y = linear(o2, self.w_o.data, self.b_o.data if self.has_bias else None)  # (B·Sq, d_model)
+        self._cache = (projections, q, k, v, o, lse, o2, kl, mask, context)
         return y.reshape(batch, seq_q, self.d_model)
 
     def backward(self, dy):
         """Accumulates into all weights; returns dx, or (dx, dcontext) for cross-attention."""
-        x, context, q, k, v, o, lse, o2, kl, mask = self._cache
-        batch, seq_q, _ = x.shape
+        projections, q, k, v, o, lse, o2, kl, mask, context = self._cache
+        batch, _, seq_q, _ = q.shape
+        seq_k = k.shape[2]
         dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_model)  # (B·Sq, d_model)
         # forward: y = o2 · W_O + b_O
         matmul(o2, dy2, trans_a=True, beta=1.0, out=self.w_o.grad)  # dW_O += o2ᵀ · dy
@@ -893,39 +849,30 @@ class MultiHeadAttention(Module):
             self.b_o.grad += dy2.sum(axis=0)
         do2 = matmul(dy2, self.w_o.data, trans_b=True)  # (B·Sq, H·D) = dy · W_Oᵀ
         do = self._split(do2, batch, seq_q, self.num_heads)  # (B, H, Sq, D) view
-        # forward: o, lse = attention(q, k, v, causal, key_lengths, mask)
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask)
+        # forward: o, lse = attention(q, k, v, ...); the gradients land token-major, in
+        # buffers shaped like the projections' outputs ([dQ | dK | dV], or dQ and [dK | dV])
+        douts = [np.empty_like(out) for _, _, _, out in projections]
+        d_q, d_kv = self._width("q"), self._width("k")
+        dq2, dkv2 = douts[0][:, :d_q], douts[-1][:, -2 * d_kv :]
+        grads = (self._split(dq2, batch, seq_q, self.num_heads), self._split(dkv2[:, :d_kv], batch, seq_k, self.num_kv_heads),
+                 self._split(dkv2[:, d_kv:], batch, seq_k, self.num_kv_heads))
+        attention_backward(do, q, k, v, o, lse, causal=self.causal, key_lengths=kl, mask=mask, out=grads)
+        # forward: out = inp · [W_names] + [b_names] per projection
+        dinputs = []
+        for (names, inp, w, _), dout in zip(projections, douts):
+            dw = matmul(inp, dout, trans_a=True)  # (d_model, Σ widths): one GEMM for all the weights
+            db = dout.sum(axis=0) if self.has_bias else None
+            col = 0
+            for n in names:
+                width = self._width(n)
+                getattr(self, "w_" + n).grad += dw[:, col : col + width]
+                if db is not None:
+                    getattr(self, "b_" + n).grad += db[col : col + width]
+                col += width
+            dinputs.append(matmul(dout, w, trans_b=True))  # d inp = dout · [W_names]ᵀ
         if context is None:
-            # forward: q, k, v = qkv_project(x, W_Q, W_K, W_V, b_Q, b_K, b_V)
-            dx, dwq, dwk, dwv, dbq, dbk, dbv = qkv_project_backward(
-                x, self.w_q.data, self.w_k.data, self.w_v.data, dq, dk, dv
-            )
-            self.w_q.grad += dwq
-            self.w_k.grad += dwk
-            self.w_v.grad += dwv
-            if self.has_bias:
-                self.b_q.grad += dbq
-                self.b_k.grad += dbk
-                self.b_v.grad += dbv
-            return dx
-        # forward: q2 = x2 · W_Q + b_Q;  kv2 = c2 · [W_K | W_V] + [b_K | b_V]
-        x2, c2 = x.reshape(-1, self.d_model), context.reshape(-1, self.d_model)
-        dq2 = self._merge(dq)  # (B·Sq, H·D)
-        dkv2 = np.concatenate([self._merge(dk), self._merge(dv)], axis=1)  # (B·Sk, 2·Hkv·D)
-        d_kv = self.num_kv_heads * self.d_head
-        matmul(x2, dq2, trans_a=True, beta=1.0, out=self.w_q.grad)  # dW_Q += x2ᵀ · dq2
-        dwkv = matmul(c2, dkv2, trans_a=True)  # (d_model, 2·Hkv·D)
-        self.w_k.grad += dwkv[:, :d_kv]
-        self.w_v.grad += dwkv[:, d_kv:]
-        if self.has_bias:
-            self.b_q.grad += dq2.sum(axis=0)
-            dbkv = dkv2.sum(axis=0)
-            self.b_k.grad += dbkv[:d_kv]
-            self.b_v.grad += dbkv[d_kv:]
-        dx = matmul(dq2, self.w_q.data, trans_b=True).reshape(x.shape)
-        kv_w = np.concatenate([self.w_k.data, self.w_v.data], axis=1)
-        dcontext = matmul(dkv2, kv_w, trans_b=True).reshape(context.shape)
-        return dx, dcontext
+            return dinputs[0].reshape(batch, seq_q, self.d_model)
+        return dinputs[0].reshape(batch, seq_q, self.d_model), dinputs[1].reshape(context.shape)
 
 
 class FeedForward(Module):
@@ -1103,10 +1050,7 @@ class CrossEntropyLoss:
         if logits.shape[:-1] != targets.shape:
             raise ValueError(f"targets must have shape {logits.shape[:-1]} (logits {logits.shape}), got {targets.shape}")
         c = logits.shape[-1]
-        t = targets.reshape(-1)
-        bad = (t != self.ignore_index) & ((t < 0) | (t >= c))
-        if bad.any():
-            raise ValueError(f"targets must lie in [0, {c}) or equal ignore_index={self.ignore_index}, got {t[bad][0]}")
+        t = targets.reshape(-1).astype(np.int64, copy=False)  # the range is checked natively
         loss, grad = softmax_cross_entropy(
             logits.reshape(-1, c), t, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index
         )

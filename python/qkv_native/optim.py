@@ -1,10 +1,12 @@
 """Optimizers, learning-rate schedules and gradient clipping.
 
 An optimizer updates the :class:`qkv_native.nn.Parameter` s it is attached to,
-in place, from their ``grad``. Each update is a handful of whole-array NumPy
-operations per parameter (no Python loop over elements). The formulas are
-PyTorch's (``torch.optim.SGD``, ``Adam``, ``AdamW``), so a model trained with
-the same settings follows the same trajectory.
+in place, from their ``grad``. See Note [flat parameters]: on attach the
+parameters move into one flat buffer (``data``) and one flat gradient buffer
+(``grad``), and each step is one native call over all of them (one pass over w,
+g and the state; :func:`qkv_native.functional.adam_update` / ``sgd_update``).
+The formulas are PyTorch's (``torch.optim.SGD``, ``Adam``, ``AdamW``), so a
+model trained with the same settings follows the same trajectory.
 
 The learning rate of step t (t = 0, 1, ... counts the steps taken so far) is
 ``lr * schedule.factor(t)``; schedules are pure functions of t, so the step
@@ -18,6 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
+from . import functional as _F
 from .nn import Module, Parameter
 
 __all__ = [
@@ -105,16 +108,20 @@ class LinearWarmup(Schedule):
 # ----------------------------------------------------------------------------
 
 
-def clip_grad_norm(params: Iterable[Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: Union[Iterable[Parameter], "Optimizer"], max_norm: float) -> float:
     """Scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2
     norm over every parameter (torch.nn.utils.clip_grad_norm_). Returns ‖g‖
-    before clipping."""
-    params = list(params)
-    total = math.sqrt(sum(float(np.dot(p.grad.ravel(), p.grad.ravel())) for p in params))
+    before clipping. ``params`` may be an :class:`Optimizer`: then its flat
+    gradient buffer is used (two whole-buffer operations, no per-parameter loop)."""
+    if isinstance(params, Optimizer):
+        grads = [params.flat_grad()]
+    else:
+        grads = [p.grad.ravel() for p in params]
+    total = math.sqrt(sum(float(np.dot(g, g)) for g in grads))
     coef = min(1.0, float(max_norm) / (total + 1e-6))
     if coef < 1.0:
-        for p in params:
-            p.grad *= F32(coef)
+        for g in grads:
+            g *= F32(coef)
     return total
 
 
@@ -131,6 +138,41 @@ def decay_matrices_only(name: str, param: Parameter) -> bool:
 ParamsLike = Union[Module, Iterable[Tuple[str, Parameter]], Iterable[Parameter]]
 
 
+class _FlatParams:
+    """Note [flat parameters]
+    The parameters of an optimizer live back to back in one float32 buffer ``w`` and
+    their gradients in ``g``; each ``Parameter.data`` / ``.grad`` is a view into them
+    (same shape, C-contiguous), so layers, checkpoints and users see no difference,
+    while an update, zero_grad or the gradient norm is one pass over one buffer. A
+    parameter whose ``data`` or ``grad`` was replaced by another array since (a
+    user's assignment, another optimizer attaching the same parameter) is noticed
+    before every step (:meth:`intact`) and the buffers are rebuilt around the
+    current arrays (their values are copied, nothing is lost).
+    """
+
+    def __init__(self, params: List[Parameter]):
+        self.params = params
+        sizes = [p.data.size for p in params]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # (n_params + 1,)
+        self.w = np.empty(int(self.offsets[-1]), F32)  # (n,) all parameters
+        self.g = np.empty_like(self.w)  # (n,) all gradients
+        self._views = []
+        for i, p in enumerate(params):
+            w, g = self.view(self.w, i), self.view(self.g, i)
+            np.copyto(w, p.data)
+            np.copyto(g, p.grad)
+            p.data, p.grad = w, g
+            self._views.append((w, g))
+
+    def intact(self) -> bool:
+        """Whether every parameter still holds this buffer's views."""
+        return all(p.data is w and p.grad is g for p, (w, g) in zip(self.params, self._views))
+
+    def view(self, flat: np.ndarray, i: int) -> np.ndarray:
+        """Parameter i's part of a flat (n,) buffer, in its shape."""
+        return flat[self.offsets[i] : self.offsets[i + 1]].reshape(self.params[i].data.shape)
+
+
 class Optimizer:
     """Base: holds the named parameters, per-parameter state slots, the step
     count and the schedule.
@@ -138,7 +180,9 @@ class Optimizer:
     params: a Module, (name, Parameter) pairs or Parameters (named "0", "1", ...);
     may be left out and given later with :meth:`attach` (the Trainer does this).
     decay: ``f(name, param) -> bool`` choosing which parameters get weight decay
-    (default: all, as in torch).
+    (default: all, as in torch); asked once per parameter, at attach.
+    Parameters and state live in flat buffers (Note [flat parameters]):
+    ``state[name][slot]`` are views of the flat (n,) arrays ``flat_state[slot]``.
     """
 
     #: names of the per-parameter state arrays, created as zeros
@@ -163,6 +207,9 @@ class Optimizer:
         self.step_count = 0
         self.params: List[Tuple[str, Parameter]] = []
         self.state: Dict[str, Dict[str, np.ndarray]] = {}
+        self.flat_state: Dict[str, np.ndarray] = {}
+        self._flat: Optional[_FlatParams] = None
+        self._decay_mask = np.zeros(0, np.bool_)  # (n_params,) weight decay on
         if params is not None:
             self.attach(params)
 
@@ -171,7 +218,8 @@ class Optimizer:
         return bool(self.params)
 
     def attach(self, params: ParamsLike) -> "Optimizer":
-        """Bind the parameters to update (resets the state and the step count)."""
+        """Bind the parameters to update (resets the state and the step count) and
+        move them into the flat buffers (Note [flat parameters])."""
         if isinstance(params, Module):
             named = list(params.named_parameters())
         else:
@@ -182,30 +230,44 @@ class Optimizer:
                 raise TypeError(f"parameter {name!r} must be a qkv_native.nn.Parameter, got {type(p).__name__}")
         if not named:
             raise ValueError("params is empty: nothing to optimize")
+        if len({id(p) for _, p in named}) != len(named):
+            raise ValueError("params lists the same Parameter twice")
         self.params = named
-        self.state = {name: {s: np.zeros_like(p.data) for s in self.slots} for name, p in named}
+        self._decay_mask = np.array([self.decay is None or bool(self.decay(n, p)) for n, p in named], np.bool_)
+        self._flat = _FlatParams([p for _, p in named])
+        self.flat_state = {s: np.zeros_like(self._flat.w) for s in self.slots}
+        self.state = {
+            name: {s: self._flat.view(self.flat_state[s], i) for s in self.slots} for i, (name, _) in enumerate(named)
+        }
         self.step_count = 0
         return self
+
+    def _ready(self) -> _FlatParams:
+        """The flat buffers, rebuilt first if a parameter's arrays were replaced."""
+        if not self.params:
+            raise RuntimeError("the optimizer has no parameters: pass params or call attach(model)")
+        if not self._flat.intact():
+            self._flat = _FlatParams(self._flat.params)  # same sizes: the state layout still fits
+        return self._flat
+
+    def flat_grad(self) -> np.ndarray:
+        """All gradients as one flat (n,) float32 array (the live buffer, not a copy)."""
+        return self._ready().g
 
     def current_lr(self) -> float:
         """The learning rate the next :meth:`step` uses."""
         return self.lr * self.schedule.factor(self.step_count)
 
     def zero_grad(self) -> None:
-        for _, p in self.params:
-            p.grad.fill(0.0)
+        self._ready().g.fill(0.0)
 
     def step(self) -> None:
-        """One update of every attached parameter from its grad."""
-        if not self.params:
-            raise RuntimeError("the optimizer has no parameters: pass params or call attach(model)")
-        lr = self.current_lr()
-        for name, p in self.params:
-            wd = self.weight_decay if (self.decay is None or self.decay(name, p)) else 0.0
-            self._update(p.data, p.grad, self.state[name], lr, wd)
+        """One update of every attached parameter from its grad (one native call)."""
+        flat = self._ready()
+        self._update(flat, self.current_lr())
         self.step_count += 1
 
-    def _update(self, w: np.ndarray, g: np.ndarray, state: Dict[str, np.ndarray], lr: float, wd: float) -> None:
+    def _update(self, flat: _FlatParams, lr: float) -> None:
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -266,17 +328,12 @@ class SGD(Optimizer):
     def config(self):
         return {**super().config(), "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov}
 
-    def _update(self, w, g, state, lr, wd):
-        d = g + F32(wd) * w if wd else g
-        if self.momentum:
-            buf = state["momentum"]
-            if self.step_count == 0:
-                np.copyto(buf, d)
-            else:
-                buf *= F32(self.momentum)
-                buf += F32(1.0 - self.dampening) * d
-            d = d + F32(self.momentum) * buf if self.nesterov else buf
-        w -= F32(lr) * d
+    def _update(self, flat, lr):
+        _F.sgd_update(
+            flat.w, flat.g, self.flat_state.get("momentum"), flat.offsets, self._decay_mask,
+            lr=lr, momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
+            weight_decay=self.weight_decay, first=self.step_count == 0,
+        )
 
 
 class Adam(Optimizer):
@@ -307,22 +364,12 @@ class Adam(Optimizer):
     def config(self):
         return {**super().config(), "betas": list(self.betas), "eps": self.eps}
 
-    def _update(self, w, g, state, lr, wd):
-        b1, b2 = self.betas
-        t = self.step_count + 1
-        if wd and self.decoupled:
-            w *= F32(1.0 - lr * wd)  # AdamW: w -= lr·wd·w, before the moment update
-        elif wd:
-            g = g + F32(wd) * w
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m *= F32(b1)
-        m += F32(1.0 - b1) * g
-        v *= F32(b2)
-        v += F32(1.0 - b2) * (g * g)
-        denom = np.sqrt(v)
-        denom /= F32(math.sqrt(1.0 - b2**t))
-        denom += F32(self.eps)
-        w -= F32(lr / (1.0 - b1**t)) * (m / denom)
+    def _update(self, flat, lr):
+        _F.adam_update(
+            flat.w, flat.g, self.flat_state["exp_avg"], self.flat_state["exp_avg_sq"], flat.offsets,
+            self._decay_mask, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+            decoupled=self.decoupled, step=self.step_count + 1,
+        )
 
 
 class AdamW(Adam):

@@ -37,6 +37,11 @@ __all__ = [
     "qkv_project_backward",
     "attention",
     "attention_backward",
+    "softmax_cross_entropy",
+    "dropout_bits",
+    "dropout",
+    "adam_update",
+    "sgd_update",
 ]
 
 
@@ -532,3 +537,85 @@ def layer_norm_backward(dy, x, weight, mean, rstd):
     )
     axes = tuple(range(x.ndim - 1))
     return dx, (dy * xh).sum(axis=axes), dy.sum(axis=axes)
+
+
+def softmax_cross_entropy(logits, targets, *, label_smoothing=0.0, ignore_index=-100):
+    """(loss, dlogits) of the mean softmax cross-entropy, in float64.
+
+    logits: (N, C); targets: (N,) ints in [0, C) or ``ignore_index``. Target
+    distribution (1 - eps)·onehot + eps/C; the mean runs over the rows not ignored
+    (no row left: loss 0, gradient 0); ignored rows have gradient 0.
+    """
+    x = _f64(logits, "logits")
+    t = np.asarray(targets)
+    n, c = x.shape
+    valid = t != ignore_index
+    safe_t = np.where(valid, t, 0)
+    m = x.max(axis=1, keepdims=True)
+    logp = x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))  # (N, C) log-softmax
+    eps = float(label_smoothing)
+    target = (1.0 - eps) * np.eye(c)[safe_t] + eps / c  # (N, C)
+    row = -(target * logp).sum(axis=1)
+    denom = max(int(valid.sum()), 1)
+    loss = float(row[valid].sum() / denom)
+    grad = (np.exp(logp) - target) * (valid[:, None] / denom)
+    return loss, grad
+
+
+def adam_update(w, g, m, v, *, lr, betas, eps, weight_decay, decoupled, step):
+    """One Adam/AdamW step on one parameter in float64; returns the new (w, m, v).
+
+    AdamW (decoupled): w·(1 - lr·wd); Adam: g + wd·w; then
+    m = β1·m + (1-β1)·g, v = β2·v + (1-β2)·g², w -= lr·m̂ / (√v̂ + eps) with
+    m̂ = m / (1-β1^t), v̂ = v / (1-β2^t), t = step.
+    """
+    w, g, m, v = (np.asarray(a, np.float64) for a in (w, g, m, v))
+    b1, b2 = betas
+    if decoupled:
+        w = w * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * w
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    w = w - lr * (m / (1 - b1**step)) / (np.sqrt(v / (1 - b2**step)) + eps)
+    return w, m, v
+
+
+def sgd_update(w, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
+    """One SGD step on one parameter in float64; returns (w, buf). buf None = first step
+    (it becomes d) or no momentum."""
+    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+    d = g + weight_decay * w
+    if momentum:
+        buf = d.copy() if buf is None else momentum * np.asarray(buf, np.float64) + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return w - lr * d, buf
+
+
+def _mix32(h):
+    """Wellons' lowbias32 on uint32 arrays (wrapping arithmetic)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x7FEB352D)
+    h = h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x846CA68B)
+    return h ^ (h >> np.uint32(16))
+
+
+def dropout_bits(seed, n):
+    """The 32 random bits of elements 0..n-1 under ``seed`` (Note [dropout bits]):
+    mix(mix(lo32(i) ^ lo32(seed)) + (hi32(i) ^ hi32(seed))). Returns uint32 (n,)."""
+    i = np.arange(n, dtype=np.uint64)
+    lo, hi = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32), (i >> np.uint64(32)).astype(np.uint32)
+    k0, k1 = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    with np.errstate(over="ignore"):
+        return _mix32(_mix32(lo ^ k0) + (hi ^ k1))
+
+
+def dropout(x, p, seed):
+    """(y, mask) of inverted dropout in float64: element i (row-major) is dropped iff
+    dropout_bits(seed)[i] < round(p·2^32); mask = 1/(1-p) or 0; y = x·mask."""
+    x = _f64(x, "x")
+    threshold = min(int(round(p * 2.0**32)), 2**32 - 1)
+    keep = (dropout_bits(seed, x.size) >= threshold).reshape(x.shape)
+    mask = np.where(keep, 1.0 / (1.0 - p), 0.0)
+    return x * mask, mask

@@ -161,6 +161,7 @@ class Trainer:
         if not self.optimizer.attached:
             self.optimizer.attach(model)
         self.clip_grad_norm = clip_grad_norm
+        self._flat_grads = self._optimizer_owns_model()
         self.callbacks = list(callbacks)
         self.progress = bool(progress)
         self.epoch = 0  # epochs completed
@@ -172,16 +173,22 @@ class Trainer:
     def _classifies(self) -> bool:
         return isinstance(self.loss, CrossEntropyLoss)
 
+    def _optimizer_owns_model(self) -> bool:
+        """Whether the optimizer updates exactly the model's parameters: then zeroing and
+        clipping the gradients are one pass over its flat gradient buffer (Note [flat parameters])."""
+        return {id(p) for _, p in self.optimizer.params} == {id(p) for p in self.model.parameters()}
+
     # -- one step --------------------------------------------------------------
     def train_step(self, xb: np.ndarray, yb: np.ndarray) -> Tuple[float, np.ndarray]:
         """forward, loss, zero_grad, backward, clip, optimizer step. Returns (loss, output)."""
         self.model.train()
         out = self.model.forward(xb)
         loss = self.loss.forward(out, yb)
-        self.model.zero_grad()
+        grads_of = self.optimizer if self._flat_grads else self.model
+        grads_of.zero_grad()
         self.model.backward(self.loss.backward())
         if self.clip_grad_norm is not None:
-            clip_grad_norm(self.model.parameters(), self.clip_grad_norm)
+            clip_grad_norm(self.optimizer if self._flat_grads else self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         return loss, out
 
@@ -216,6 +223,7 @@ class Trainer:
         n = len(x)
         if seed is not None:
             self.seed = int(seed)
+        self._flat_grads = self._optimizer_owns_model()  # the model may have changed since
         self.stop_training = False
         for cb in self.callbacks:
             cb.on_train_begin(self)

@@ -31,6 +31,25 @@ struct BiasView {
   idx rs = 0, cs = 0;
 };
 
+// Constants of one Adam/AdamW step t (float32, computed in double by the caller):
+//   w *= decay_mul                      (AdamW: 1 - lr·wd; only if decoupled)
+//   g' = g + l2·w                       (Adam: wd; only if coupled)
+//   m = beta1·m + one_minus_beta1·g'; v = beta2·v + one_minus_beta2·g'²
+//   w -= step_size · m / (sqrt(v) / bias2_sqrt + eps)
+// with bias2_sqrt = sqrt(1 - beta2^t), step_size = lr / (1 - beta1^t).
+struct AdamStep {
+  float decay_mul, l2, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, eps, step_size;
+  bool decoupled, coupled;
+};
+
+// Constants of one SGD step (torch.optim.SGD):
+//   d = g + wd·w (if wd); buf = d on the first step, else momentum·buf + one_minus_dampening·d;
+//   d = d + momentum·buf (nesterov) or buf; w -= lr·d. has_buf false: no momentum (buf unused).
+struct SgdStep {
+  float wd, momentum, one_minus_dampening, lr;
+  bool has_wd, has_buf, first, nesterov;
+};
+
 struct KernelTable {
   const char* isa;
   int mr, nr;          // GEMM micro-tile
@@ -79,6 +98,23 @@ struct KernelTable {
   // GELU(x) = x·Φ(x) (exact, erf form) and dx = dy·GELU'(x), elementwise over n.
   void (*gelu_fwd)(const float* x, float* y, idx n);
   void (*gelu_bwd)(const float* x, const float* dy, float* dx, idx n);
+
+  // Softmax cross-entropy of one row of logits x (c,) against class t in [0, c), with
+  // label smoothing eps (target distribution (1 - eps)·onehot(t) + eps/c). Writes
+  // dx (c,) = (softmax(x) - target distribution)·grad_scale; returns the row loss
+  // (1 - eps)·(lse - x_t) + eps·(lse - mean(x)), lse = log Σ exp(x).
+  float (*xent_row)(const float* x, idx c, idx t, float eps, float grad_scale, float* dx);
+
+  // Dropout of n elements (inverted): element j is dropped iff dropout_bits(seed, index) <
+  // threshold (P = threshold / 2^32), index = (hi << 32) | (lo + j) (the caller keeps
+  // lo + j below 2^32). y = x·scale where kept, 0 where dropped; mask (n) = scale or 0.
+  void (*dropout_fwd)(const float* x, float* y, float* mask, idx n, std::uint64_t seed, std::uint32_t lo,
+                      std::uint32_t hi, std::uint32_t threshold, float scale);
+
+  // Optimizer updates over n elements of w, g and the state (see OptimStep); every
+  // product and sum is rounded as written there (no FMA), as optim.py's NumPy code was.
+  void (*adam_update)(float* w, const float* g, float* m, float* v, idx n, const AdamStep& s);
+  void (*sgd_update)(float* w, const float* g, float* buf, idx n, const SgdStep& s);
 
   // y[i] = exp(x[i]) for the whole range (exposed for tests of the exp polynomial).
   void (*exp)(const float* x, float* y, idx n);

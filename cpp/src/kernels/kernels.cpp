@@ -53,7 +53,8 @@ constexpr float kNegInf = -__builtin_inff();
 
 inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other elementwise ops
 
-template <int M, bool ColA, bool FullN>
+// NV: vectors per row of the tile; a narrow edge tile (n <= W) runs with NV = 1.
+template <int M, bool ColA, bool FullN, int NV>
 void gemm_tile_m(const GemmTile& t) {
   V::reg acc[M][NV];
   for (int i = 0; i < M; ++i)
@@ -111,17 +112,17 @@ void gemm_tile_m(const GemmTile& t) {
   }
 }
 
-template <bool ColA, bool FullN, int... Ms>
+template <bool ColA, bool FullN, int NVT, int... Ms>
 struct TileTable {
-  static constexpr void (*fns[])(const GemmTile&) = {gemm_tile_m<Ms + 1, ColA, FullN>...};
+  static constexpr void (*fns[])(const GemmTile&) = {gemm_tile_m<Ms + 1, ColA, FullN, NVT>...};
 };
 
-template <bool ColA, bool FullN, int... Ms>
-constexpr void (*TileTable<ColA, FullN, Ms...>::fns[])(const GemmTile&);
+template <bool ColA, bool FullN, int NVT, int... Ms>
+constexpr void (*TileTable<ColA, FullN, NVT, Ms...>::fns[])(const GemmTile&);
 
-template <bool ColA, bool FullN, int... Ms>
+template <bool ColA, bool FullN, int NVT = NV, int... Ms>
 void run_tile(const GemmTile& t, std::integer_sequence<int, Ms...>) {
-  TileTable<ColA, FullN, Ms...>::fns[t.m - 1](t);
+  TileTable<ColA, FullN, NVT, Ms...>::fns[t.m - 1](t);
 }
 
 void gemm_tile(const GemmTile& t) {
@@ -129,11 +130,14 @@ void gemm_tile(const GemmTile& t) {
   using Seq = std::make_integer_sequence<int, MR>;
   const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
   const bool full_n = t.n == NR;
+  const bool narrow = NV > 1 && t.n <= W;  // one vector per row: no FMAs on all-masked lanes
   if (col_a) {
     if (full_n) run_tile<true, true>(t, Seq{});
+    else if (narrow) run_tile<true, false, 1>(t, Seq{});
     else run_tile<true, false>(t, Seq{});
   } else {
     if (full_n) run_tile<false, true>(t, Seq{});
+    else if (narrow) run_tile<false, false, 1>(t, Seq{});
     else run_tile<false, false>(t, Seq{});
   }
 }
@@ -439,12 +443,13 @@ inline float exp_sub_row(float* s, int cols, float m) {
     V::store(s + j, e);
     sum = V::add(sum, e);
   }
-  float tail = 0.0f;
-  for (; j < cols; ++j) {
-    s[j] = exp_s(s[j] - m);
-    tail += s[j];
+  if (j < cols) {  // the tail as one masked vector: lanes past cols read as -inf, exp gives 0
+    const V::tail t = V::tail_mask(cols - j);
+    const V::reg e = exp_v<false>(V::sub(V::mask_from(V::load(s + j, t), j, cols), mv));
+    V::store(s + j, e, t);
+    sum = V::add(sum, e);
   }
-  return V::reduce_add(sum) + tail;
+  return V::reduce_add(sum);
 }
 
 inline void scale_row(float* o, int n, float c) {
@@ -565,6 +570,125 @@ bool all_finite(idx rows, idx cols, const float* x, idx ld) {
   return V::reduce_add(acc) == 0.0f;
 }
 
+// ---------------------------------------------------------------------------
+// Softmax cross-entropy of one row (see KernelTable::xent_row), in shifted terms so that
+// huge logits lose nothing: d = x - max; lse - x_j = log Σexp(d) - d_j.
+// Pass 1: max; pass 2: e = exp(d) into dx, Σe and Σd; pass 3: dx = (e/Σe - eps/c)·scale,
+// then dx[t] -= (1 - eps)·scale.
+float xent_row(const float* x, idx c, idx t, float eps, float grad_scale, float* dx) {
+  V::reg mx = V::set1(kNegInf);
+  idx i = 0;
+  for (; i + W <= c; i += W) mx = V::max(mx, V::load(x + i));
+  float m = V::reduce_max(mx);
+  for (; i < c; ++i) m = fmaxf_(m, x[i]);
+  const V::reg mv = V::set1(m);
+  V::reg se = V::zero(), sd = V::zero();
+  for (i = 0; i + W <= c; i += W) {
+    const V::reg d = V::sub(V::load(x + i), mv);
+    const V::reg e = exp_v<false>(d);
+    V::store(dx + i, e);
+    se = V::add(se, e);
+    sd = V::add(sd, d);
+  }
+  float sum_e = V::reduce_add(se), sum_d = V::reduce_add(sd);
+  for (; i < c; ++i) {
+    dx[i] = exp_s(x[i] - m);
+    sum_e += dx[i];
+    sum_d += x[i] - m;
+  }
+  const float log_sum = __builtin_logf(sum_e);
+  const float off = eps / static_cast<float>(c);
+  const V::reg inv = V::set1(1.0f / sum_e), offv = V::set1(off), sc = V::set1(grad_scale);
+  for (i = 0; i + W <= c; i += W) V::store(dx + i, V::mul(V::sub(V::mul(V::load(dx + i), inv), offv), sc));
+  for (; i < c; ++i) dx[i] = (dx[i] * (1.0f / sum_e) - off) * grad_scale;
+  dx[t] -= (1.0f - eps) * grad_scale;
+  return (1.0f - eps) * (log_sum - (x[t] - m)) + eps * (log_sum - sum_d / static_cast<float>(c));
+}
+
+// ---------------------------------------------------------------------------
+// Dropout (see KernelTable::dropout_fwd). Note [dropout bits]: the random 32 bits of
+// element `index` under `seed` are mix(mix(lo32(index) ^ lo32(seed)) + (hi32(index) ^ hi32(seed))),
+// mix = Wellons' lowbias32 (a bijection of uint32 with good avalanche). Counter-based:
+// any element, chunk or thread order gives the same bits; reference.dropout_bits is
+// the NumPy twin. Plain integer code, vectorised by the compiler for each ISA.
+inline std::uint32_t mix32(std::uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7feb352du;
+  h ^= h >> 15;
+  h *= 0x846ca68bu;
+  h ^= h >> 16;
+  return h;
+}
+
+void dropout_fwd(const float* __restrict x, float* __restrict y, float* __restrict mask, idx n, std::uint64_t seed,
+                 std::uint32_t lo, std::uint32_t hi, std::uint32_t threshold, float scale) {
+  const std::uint32_t k0 = static_cast<std::uint32_t>(seed), k1 = hi ^ static_cast<std::uint32_t>(seed >> 32);
+  for (idx j = 0; j < n; ++j) {
+    const std::uint32_t bits = mix32(mix32((lo + static_cast<std::uint32_t>(j)) ^ k0) + k1);
+    const float m = bits >= threshold ? scale : 0.0f;
+    y[j] = x[j] * m;
+    mask[j] = m;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Optimizer updates (see AdamStep / SgdStep in qkv/kernels.h). Every operation is
+// one rounding, in the order of the formulas (the kernels are built with
+// -ffp-contract=off), so the result is bit-identical to the NumPy float32 code.
+template <class Step>
+inline void for_each_lane(idx n, Step&& step) {
+  idx i = 0;
+  for (; i + W <= n; i += W) step(i, V::tail_mask(W), true);
+  if (i < n) step(i, V::tail_mask(static_cast<int>(n - i)), false);
+}
+
+void adam_update(float* w, const float* g, float* m, float* v, idx n, const AdamStep& s) {
+  const V::reg decay = V::set1(s.decay_mul), l2 = V::set1(s.l2), b1 = V::set1(s.beta1),
+               c1 = V::set1(s.one_minus_beta1), b2 = V::set1(s.beta2), c2 = V::set1(s.one_minus_beta2),
+               bc2 = V::set1(s.bias2_sqrt), eps = V::set1(s.eps), step = V::set1(s.step_size);
+  for_each_lane(n, [&](idx i, V::tail t, bool full) {
+    V::reg wv = full ? V::load(w + i) : V::load(w + i, t);
+    V::reg gv = full ? V::load(g + i) : V::load(g + i, t);
+    V::reg mv = full ? V::load(m + i) : V::load(m + i, t);
+    V::reg vv = full ? V::load(v + i) : V::load(v + i, t);
+    if (s.decoupled) wv = V::mul(wv, decay);
+    if (s.coupled) gv = V::add(gv, V::mul(l2, wv));
+    mv = V::add(V::mul(mv, b1), V::mul(c1, gv));
+    vv = V::add(V::mul(vv, b2), V::mul(c2, V::mul(gv, gv)));
+    const V::reg denom = V::add(V::div(V::sqrt(vv), bc2), eps);
+    wv = V::sub(wv, V::mul(step, V::div(mv, denom)));
+    if (full) {
+      V::store(w + i, wv);
+      V::store(m + i, mv);
+      V::store(v + i, vv);
+    } else {
+      V::store(w + i, wv, t);
+      V::store(m + i, mv, t);
+      V::store(v + i, vv, t);
+    }
+  });
+}
+
+void sgd_update(float* w, const float* g, float* buf, idx n, const SgdStep& s) {
+  const V::reg wd = V::set1(s.wd), mom = V::set1(s.momentum), damp = V::set1(s.one_minus_dampening),
+               lr = V::set1(s.lr);
+  for_each_lane(n, [&](idx i, V::tail t, bool full) {
+    V::reg wv = full ? V::load(w + i) : V::load(w + i, t);
+    V::reg d = full ? V::load(g + i) : V::load(g + i, t);
+    if (s.has_wd) d = V::add(d, V::mul(wd, wv));
+    if (s.has_buf) {
+      V::reg b = d;
+      if (!s.first) b = V::add(V::mul(full ? V::load(buf + i) : V::load(buf + i, t), mom), V::mul(damp, d));
+      if (full) V::store(buf + i, b);
+      else V::store(buf + i, b, t);
+      d = s.nesterov ? V::add(d, V::mul(mom, b)) : b;
+    }
+    wv = V::sub(wv, V::mul(lr, d));
+    if (full) V::store(w + i, wv);
+    else V::store(w + i, wv, t);
+  });
+}
+
 // 2*NACC independent FMA chains keep both FMA pipes busy; returns FLOPs done.
 double fma_probe(idx iters) {
   constexpr int NACC = 12;
@@ -605,7 +729,8 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, exp_array, fma_probe, read_probe};
+      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
+      exp_array, fma_probe, read_probe};
   return table;
 }
 

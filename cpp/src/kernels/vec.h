@@ -41,6 +41,7 @@ struct Vec {
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
   static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
   static reg abs(reg a) { return _mm512_abs_ps(a); }
   // x < lo ? a : b, lane by lane
   static reg select_lt(reg x, float lo, reg a, reg b) {
@@ -94,6 +95,7 @@ struct Vec {
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
   static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
   static reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static reg select_lt(reg x, float lo, reg a, reg b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_LT_OQ));
@@ -150,6 +152,7 @@ struct Vec {
   static reg max(reg a, reg b) { return a > b ? a : b; }  // b if either is NaN, as x86 maxps
   static reg min(reg a, reg b) { return a < b ? a : b; }
   static reg div(reg a, reg b) { return a / b; }
+  static reg sqrt(reg a) { return __builtin_sqrtf(a); }
   static reg abs(reg a) { return __builtin_fabsf(a); }
   static reg select_lt(reg x, float lo, reg a, reg b) { return x < lo ? a : b; }
   static float reduce_add(reg a) { return a; }
