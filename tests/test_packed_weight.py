@@ -160,3 +160,26 @@ def test_errors(rng):
         qn.qkv_project_packed(randn(rng, 1, 2, 8), pw, randn(rng, 5), num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="num_kv_heads must divide num_heads"):
         qn.qkv_project_packed(randn(rng, 1, 2, 8), pw, num_heads=2, num_kv_heads=3)
+
+
+def test_pack_weights_share_one_allocation(isa, rng):
+    ws = [randn(rng, 7, 33), randn(rng, 65, 17), randn(rng, 1, 1)]
+    packed = qn.pack_weights(ws)
+    assert [p.shape for p in packed] == [w.shape for w in ws]
+    for p, w in zip(packed, ws):
+        assert np.array_equal(p.to_array(), w)
+        x = randn(rng, 5, w.shape[0])
+        check(qn.matmul(x, p), x, w)
+    torch_layout = qn.pack_weights([np.ascontiguousarray(w.T) for w in ws], trans=True)
+    assert all(np.array_equal(p.to_array(), w) for p, w in zip(torch_layout, ws))
+    keep = pickle.loads(pickle.dumps(packed[1]))  # one of them, on its own
+    del packed
+    assert np.array_equal(keep.to_array(), ws[1])
+    assert qn.pack_weights([]) == []
+
+
+def test_pack_weights_errors_name_the_item(rng):
+    with pytest.raises(TypeError, match=r"ws\[1\] must have dtype float32"):
+        qn.pack_weights([randn(rng, 3, 4), np.zeros((3, 4))])
+    with pytest.raises(ValueError, match=r"ws\[0\] must have 2 dimensions"):
+        qn.pack_weights([randn(rng, 3)])

@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstdint>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -183,22 +184,45 @@ void run_native(F&& f) {
 
 // A right operand packed once (Note [packed weights] in qkv/gemm.h): w (K, N), or
 // with trans a (N, K) array (a PyTorch Linear.weight) packed as its transpose.
+// Several weights packed together (pack_weights) share one buffer, so that a model's
+// weights fill whole huge pages (Note [huge pages]); each holds it alive.
 struct PackedWeight {
   idx K = 0, N = 0;
-  qkv::AlignedBuffer buf;
+  std::shared_ptr<qkv::AlignedBuffer> buf;
+  idx offset = 0;  // floats into *buf
 
+  PackedWeight() = default;
   PackedWeight(const py::object& w_obj, bool trans) {
-    Arr w = as_f32(w_obj, "w", 2);
-    K = trans ? w.shape[1] : w.shape[0];
-    N = trans ? w.shape[0] : w.shape[1];
-    checked_numel({qkv::ceil_div(N, qkv::kPackedPanel), qkv::kPackedPanel, K}, "packed weight");
-    buf.resize(std::max<idx>(1, qkv::packed_b_size(K, N)));
-    run_native([&] {
-      qkv::PlainMat B(w.ptr, w.strides[0], 1, trans);
-      qkv::pack_b(B.map, K, N, buf.data());
-    });
+    *this = std::move(pack_all({w_obj}, trans)[0]);
   }
-  qkv::PackedB view() const { return {buf.data(), K, N}; }
+
+  // Packs every w of `ws` into one new buffer, each at a 64-byte boundary.
+  static std::vector<PackedWeight> pack_all(const std::vector<py::object>& ws, bool trans) {
+    std::vector<Arr> arrs;
+    std::vector<PackedWeight> out(ws.size());
+    idx total = 0;
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const std::string name = ws.size() == 1 ? "w" : "ws[" + std::to_string(i) + "]";
+      arrs.push_back(as_f32(ws[i], name.c_str(), 2));
+      PackedWeight& p = out[i];
+      p.K = trans ? arrs[i].shape[1] : arrs[i].shape[0];
+      p.N = trans ? arrs[i].shape[0] : arrs[i].shape[1];
+      p.offset = total;
+      const idx size = checked_numel({qkv::ceil_div(p.N, qkv::kPackedPanel), qkv::kPackedPanel, p.K}, name.c_str());
+      total = checked_numel({qkv::ceil_div(total + size, 16), 16}, "packed weights");
+    }
+    auto buf = std::make_shared<qkv::AlignedBuffer>(std::max<idx>(1, total));
+    for (PackedWeight& p : out) p.buf = buf;
+    run_native([&] {
+      for (size_t i = 0; i < out.size(); ++i) {
+        qkv::PlainMat B(arrs[i].ptr, arrs[i].strides[0], 1, trans);
+        qkv::pack_b(B.map, out[i].K, out[i].N, buf->data() + out[i].offset);
+      }
+    });
+    return out;
+  }
+
+  qkv::PackedB view() const { return {buf->data() + offset, K, N}; }
   py::array_t<float> to_array() const {
     py::array_t<float> a({K, N});
     float* dst = a.mutable_data();
@@ -912,6 +936,7 @@ py::dict cpu_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "qkv_native native core (private; use the qkv_native package)";
+  m.def("pack_weights", &PackedWeight::pack_all, py::arg("ws"), py::arg("trans") = false);
   py::class_<PackedWeight>(m, "PackedWeight",
                            "A weight packed once for many products (see qkv_native.pack_weight).")
       .def(py::init<const py::object&, bool>(), py::arg("w"), py::arg("trans") = false)

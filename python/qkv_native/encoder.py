@@ -60,7 +60,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .functional import PackedWeight, pack_weight
+from .functional import PackedWeight, pack_weights
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -350,26 +350,39 @@ class _Layer:
     ln2_gamma: np.ndarray
     ln2_beta: np.ndarray
 
-    @classmethod
-    def pack(cls, sd: Dict[str, np.ndarray], n: int) -> "_Layer":
-        p = f"encoder.layer.{n}."
+    #: The packed weights of a layer, with the checkpoint names they come from (torch's (out, in)).
+    _WEIGHTS = (("w_qkv", tuple(f"attention.self.{m}.weight" for m in ("query", "key", "value"))),
+                ("w_o", ("attention.output.dense.weight",)),
+                ("w_1", ("intermediate.dense.weight",)),
+                ("w_2", ("output.dense.weight",)))
 
-        def t(name):  # torch's (out, in), packed as (in, out)
-            return pack_weight(np.ascontiguousarray(sd[p + name], dtype=np.float32), trans=True)
+    @classmethod
+    def pack_all(cls, sd: Dict[str, np.ndarray], num_layers: int) -> List["_Layer"]:
+        """Every layer's weights packed together, into one allocation (Note [huge pages])."""
+        def arrays(n):  # [W_Q; W_K; W_V] stacked as one (3·d_model, d_model), then W_O, W_1, W_2
+            p = f"encoder.layer.{n}."
+            return [np.concatenate([np.asarray(sd[p + name], dtype=np.float32) for name in names], axis=0)
+                    for _, names in cls._WEIGHTS]
+
+        packed = pack_weights([w for n in range(num_layers) for w in arrays(n)], trans=True)
+        per = len(cls._WEIGHTS)
+        return [cls._with(sd, n, dict(zip((f for f, _ in cls._WEIGHTS), packed[n * per:(n + 1) * per])))
+                for n in range(num_layers)]
+
+    @classmethod
+    def _with(cls, sd: Dict[str, np.ndarray], n: int, weights: Dict[str, PackedWeight]) -> "_Layer":
+        p = f"encoder.layer.{n}."
 
         def v(name):
             return np.array(sd[p + name], dtype=np.float32)
 
         att = "attention.self."
         return cls(
-            w_qkv=pack_weight(np.concatenate(
-                [sd[p + att + m + ".weight"] for m in ("query", "key", "value")], axis=0, dtype=np.float32),
-                trans=True),
+            **weights,
             b_qkv=np.concatenate([v(att + m + ".bias") for m in ("query", "key", "value")]),
-            w_o=t("attention.output.dense.weight"), b_o=v("attention.output.dense.bias"),
+            b_o=v("attention.output.dense.bias"),
             ln1_gamma=v("attention.output.LayerNorm.weight"), ln1_beta=v("attention.output.LayerNorm.bias"),
-            w_1=t("intermediate.dense.weight"), b_1=v("intermediate.dense.bias"),
-            w_2=t("output.dense.weight"), b_2=v("output.dense.bias"),
+            b_1=v("intermediate.dense.bias"), b_2=v("output.dense.bias"),
             ln2_gamma=v("output.LayerNorm.weight"), ln2_beta=v("output.LayerNorm.bias"),
         )
 
@@ -493,7 +506,7 @@ class SentenceEncoder:
                           if config.type_vocab_size > 0 else None)  # (type_vocab_size, d_model)
         self._emb_ln = (np.array(state_dict["embeddings.LayerNorm.weight"], dtype=np.float32),
                         np.array(state_dict["embeddings.LayerNorm.bias"], dtype=np.float32))
-        self._layers = [_Layer.pack(state_dict, n) for n in range(config.num_hidden_layers)]
+        self._layers = _Layer.pack_all(state_dict, config.num_hidden_layers)
         self._ws = _Workspace()
 
     # -- loading ------------------------------------------------------------

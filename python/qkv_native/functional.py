@@ -22,6 +22,7 @@ PackedWeight = _core.PackedWeight
 __all__ = [
     "PackedWeight",
     "pack_weight",
+    "pack_weights",
     "matmul",
     "qkv_project",
     "qkv_project_packed",
@@ -77,6 +78,20 @@ def pack_weight(w: np.ndarray, *, trans: bool = False) -> PackedWeight:
     """
     _check_array(w, "w", 2)
     return PackedWeight(w, bool(trans))
+
+
+def pack_weights(ws, *, trans: bool = False) -> list:
+    """:func:`pack_weight` for several weights at once, into one allocation.
+
+    ws: a sequence of 2-D float32 arrays; returns one :class:`PackedWeight` each, in
+    order. A model's weights packed together fill whole huge pages (fewer TLB misses
+    while a few-token batch streams them); each PackedWeight keeps the shared memory
+    alive, so any of them may be dropped or pickled on its own.
+    """
+    ws = list(ws)
+    for i, w in enumerate(ws):
+        _check_array(w, f"ws[{i}]", 2)
+    return _core.pack_weights(ws, bool(trans))
 
 
 def _weight_shape(w, name: str) -> Tuple[int, ...]:
