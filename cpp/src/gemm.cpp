@@ -44,13 +44,25 @@ void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst
       rr = std::min(rr, rows - a);
       cc = std::min(cc, cols - c);
       rn = std::min(rn, rr);
-      for (idx x = 0; x < rr; ++x) {
-        const float* s = src + x * rstep;
-        float* d = dst + (a + x) * d_rs + c * d_cs;
-        if (cstep == 1 && d_cs == 1)
-          for (idx y = 0; y < cc; ++y) d[y] = s[y];
-        else
-          for (idx y = 0; y < cc; ++y) d[y * d_cs] = s[y * cstep];
+      if (cstep != 1 && rstep == 1) {
+        // contiguous down the rows (a transposed operand): walk the source that way
+        for (idx y = 0; y < cc; ++y) {
+          const float* s = src + y * cstep;
+          float* d = dst + a * d_rs + (c + y) * d_cs;
+          if (d_rs == 1)
+            for (idx x = 0; x < rr; ++x) d[x] = s[x];
+          else
+            for (idx x = 0; x < rr; ++x) d[x * d_rs] = s[x];
+        }
+      } else {
+        for (idx x = 0; x < rr; ++x) {
+          const float* s = src + x * rstep;
+          float* d = dst + (a + x) * d_rs + c * d_cs;
+          if (cstep == 1 && d_cs == 1)
+            for (idx y = 0; y < cc; ++y) d[y] = s[y];
+          else
+            for (idx y = 0; y < cc; ++y) d[y * d_cs] = s[y * cstep];
+        }
       }
       c += cc;
     }
@@ -60,10 +72,17 @@ void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst
 
 // Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels: ap[panel][p][i],
 // rows past mc zero-filled.
-void pack_a(const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
+void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx kc, float* ap) {
+  const int mr = kt.mr;
   for (idx i0 = 0; i0 < mc; i0 += mr) {
     const int m = static_cast<int>(std::min<idx>(mr, mc - i0));
     float* dst = ap + i0 * kc;
+    idx rstep, cstep, rows, cols;
+    const float* src = A.block(ic + i0, pc, &rstep, &cstep, &rows, &cols);
+    if (cstep == 1 && rows >= m && cols >= kc) {  // plain row-major rows: the kernel's transpose
+      kt.pack_a(m, kc, src, rstep, dst);
+      continue;
+    }
     copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);
     for (idx p = 0; p < kc; ++p)
       for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
@@ -319,7 +338,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
           const idx ic = icb * mc_max;
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
-            pack_a(A, ic, mc, pc, kc, mr, ap);
+            pack_a(kt, A, ic, mc, pc, kc, ap);
             for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, rb + i, rr + i);
             packed_ic = ic;
           }

@@ -142,6 +142,56 @@ void gemm_tile(const GemmTile& t) {
   }
 }
 
+#if defined(QKV_ISA_AVX512)
+// r[j] (j < 16) := column j of the 16 x 16 matrix whose row i was r[i].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved: 2 x 2 blocks
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks inside each 128-bit lane
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {  // then the 4 x 4 matrix of 128-bit lanes
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+#endif
+
+// dst[p*MR + i] = a[i*lda + p] for i < m, 0 for m <= i < MR, p < k: the micro-panel
+// of m (<= MR) rows of a row-major A, column by column (see KernelTable::pack_a).
+void pack_a(int m, idx k, const float* a, idx lda, float* dst) {
+  idx p0 = 0;
+#if defined(QKV_ISA_AVX512)
+  // 16 columns at a time: the rows in registers, transposed, each column stored as
+  // the MR floats it packs to
+  const __mmask16 keep = static_cast<__mmask16>((1u << MR) - 1);
+  for (; p0 + 16 <= k; p0 += 16) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < m ? _mm512_loadu_ps(a + i * lda + p0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + (p0 + j) * MR, keep, r[j]);
+  }
+#endif
+  for (idx p = p0; p < k; ++p)
+    for (int i = 0; i < MR; ++i) dst[p * MR + i] = i < m ? a[i * lda + p] : 0.0f;
+}
+
 void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
           const float* bias, int act) {
   // Streams B row by row (contiguous: the prefetcher's best case), four rows per
@@ -728,7 +778,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, NR, KC, MC, NC, gemm_tile, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      MR, NR, KC, MC, NC, gemm_tile, pack_a, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
       all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
