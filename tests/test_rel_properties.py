@@ -358,6 +358,20 @@ def draw_heads(data):
     return num_kv_heads * group, num_kv_heads
 
 
+def draw_projection_shape(data, d_heads=(1, 3, 8, 17)):
+    """(batch, seq, d_model, num_heads, num_kv_heads, d_head) of a projection."""
+    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
+    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
+    num_heads, num_kv_heads = draw_heads(data)
+    d_head = data.draw(st.sampled_from(list(d_heads)), label="d_head")
+    return batch, seq, d_model, num_heads, num_kv_heads, d_head
+
+
+def layout_drawer(data):
+    """label -> a drawn input layout (one of IN_LAYOUTS)."""
+    return lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)
+
+
 def check_projection(got, x, ws, bs, num_heads, num_kv_heads):
     want = ref.qkv_project(x, *ws, *bs, num_heads=num_heads, num_kv_heads=num_kv_heads)
     absw = ref.qkv_project(np.abs(x), *(np.abs(w) for w in ws), *(None if b is None else np.abs(b) for b in bs),
@@ -371,17 +385,14 @@ def check_projection(got, x, ws, bs, num_heads, num_kv_heads):
 @given(data=st.data())
 def test_qkv_project(isa, data):
     rng = draw_rng(data)
-    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
-    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
-    num_heads, num_kv_heads = draw_heads(data)
-    d_head = data.draw(st.sampled_from([1, 2, 3, 8, 17]), label="d_head")
+    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data, (1, 2, 3, 8, 17))
     d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
     biases = data.draw(st.sampled_from(["", "q", "kv", "qkv"]), label="biases")
     packed = data.draw(st.booleans(), label="weights from one packed buffer")
     fault = draw_fault(data, PROJECTION_FAULTS)
     expect = Expect()
 
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     bufs = {"x": build(rng, (batch, seq, d_model), lay("x layout"))}
     if packed:
         w = build(rng, (d_model, d_q + 2 * d_kv), lay("w_qkv layout")).arr
@@ -454,14 +465,11 @@ def test_qkv_project(isa, data):
 @given(data=st.data())
 def test_qkv_project_packed(isa, data):
     rng = draw_rng(data)
-    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
-    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
-    num_heads, num_kv_heads = draw_heads(data)
-    d_head = data.draw(st.sampled_from([1, 3, 8, 17]), label="d_head")
+    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data)
     n = (num_heads + 2 * num_kv_heads) * d_head
     fault = draw_fault(data, ["columns", "bias_shape", "x", "w_qkv", "b_qkv"])
     expect = Expect()
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     cols = n + 1 if fault == "columns" else n
     expect.error(ValueError, fault == "columns")
     bufs = {"x": build(rng, (batch, seq, d_model), lay("x layout")), "w_qkv": build(rng, (d_model, cols), lay("w"))}
@@ -490,7 +498,6 @@ def test_qkv_project_packed(isa, data):
     if got is None:
         return
     w = bufs["w_qkv"].arr
-    d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
     ws = (w[:, :d_q], w[:, d_q : d_q + d_kv], w[:, d_q + d_kv :])
     bs = (None,) * 3 if b_qkv is None else (b_qkv[:d_q], b_qkv[d_q : d_q + d_kv], b_qkv[d_q + d_kv :])
     check_projection(got, bufs["x"].arr, ws, bs, num_heads, num_kv_heads)
@@ -512,13 +519,10 @@ def check_projection_backward(got, x, ws, grads):
 @given(data=st.data())
 def test_qkv_project_backward(isa, data):
     rng = draw_rng(data)
-    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
-    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
-    num_heads, num_kv_heads = draw_heads(data)
-    d_head = data.draw(st.sampled_from([1, 3, 8, 17]), label="d_head")
+    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data)
     fault = draw_fault(data, ["x", "w_k", "dq", "dv", "grad_shape", "grad_heads", "ndim"])
     expect = Expect()
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     bufs = {
         "x": build(rng, (batch, seq, d_model), lay("x")),
         "w_q": build(rng, (d_model, num_heads * d_head), lay("w_q")),
@@ -570,7 +574,7 @@ def draw_attention_case(data, rng, expect, faults):
     seq_q, seq_k = d("seq_q"), d("seq_k", DIMS + [65])
     d_head, d_v = d("d_head", [0, 1, 2, 3, 8, 16, 17, 33]), d("d_v", [1, 1, 2, 8, 17, 0])
     fault = draw_fault(data, faults)
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     q_scale = data.draw(st.sampled_from([1.0, 1.0, 4.0, 0.1]), label="q scale")
     shapes = dict(q=(batch, num_heads, seq_q, d_head), k=(batch, num_kv_heads, seq_k, d_head),
                   v=(batch, num_kv_heads, seq_k, d_v))
@@ -770,7 +774,7 @@ def test_attention_backward(isa, data):
             qn.attention(q, k, v, return_lse=True, **kw)
         return
     o, lse = qn.attention(q, k, v, return_lse=True, **kw)
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     bufs["do"] = build(rng, o.shape, lay("do layout"))
     bufs["o"] = build(rng, o.shape, lay("o layout"), values=o)
     bufs["lse"] = build(rng, lse.shape, "c", values=lse)
@@ -839,7 +843,7 @@ def draw_varlen_case(data, rng, expect, faults):
     elif fault == "rank":
         shapes["q"] = (1,) + shapes["q"]
     expect.error(ValueError, fault in ("k_d_head", "kv_heads", "v_rows", "rank"))
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     bufs = {n: build(rng, s, lay(n + " layout")) for n, s in shapes.items()}
     cu_dtype = data.draw(st.sampled_from([np.int32, np.int64, np.int16, np.uint32]), label="cu dtype")
     cu_q = np.concatenate([[0], np.cumsum(lens_q, dtype=np.int64)]).astype(cu_dtype)
@@ -952,7 +956,7 @@ def test_attention_varlen_backward(isa, data):
             qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
         return
     o, lse = qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
-    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
+    lay = layout_drawer(data)
     bufs["do"] = build(rng, o.shape, lay("do layout"))
     bufs["o"] = build(rng, o.shape, lay("o layout"), values=o)
     bufs["lse"] = build(rng, lse.shape, "c", values=lse)

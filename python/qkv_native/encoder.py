@@ -361,7 +361,8 @@ class _Layer:
         """Every layer's weights packed together, into one allocation (Note [huge pages])."""
         def arrays(n):  # [W_Q; W_K; W_V] stacked as one (3·d_model, d_model), then W_O, W_1, W_2
             p = f"encoder.layer.{n}."
-            return [np.concatenate([np.asarray(sd[p + name], dtype=np.float32) for name in names], axis=0)
+            return [np.concatenate([sd[p + name] for name in names], axis=0, dtype=np.float32) if len(names) > 1
+                    else np.ascontiguousarray(sd[p + names[0]], dtype=np.float32)  # read in place when it can
                     for _, names in cls._WEIGHTS]
 
         packed = pack_weights([w for n in range(num_layers) for w in arrays(n)], trans=True)
