@@ -367,6 +367,22 @@ def draw_projection_shape(data, d_heads=(1, 3, 8, 17)):
     return batch, seq, d_model, num_heads, num_kv_heads, d_head
 
 
+def run_into(expect, bufs, out_buf, return_lse, call):
+    """expect.run(call(out)) with out = out_buf's array (or None); checks the inputs are
+    untouched and out is the result, written only inside. Returns (o, lse or None), or
+    None when the call raised as expected."""
+    out = None if out_buf is None else out_buf.arr
+    got = expect.run(lambda: call(out))
+    check_untouched(bufs)
+    if got is None:
+        return None
+    o, lse = got if return_lse else (got, None)
+    if out is not None:
+        assert o is out
+        out_buf.outside_untouched("out")
+    return o, lse
+
+
 def layout_drawer(data):
     """label -> a drawn input layout (one of IN_LAYOUTS)."""
     return lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)
@@ -729,15 +745,11 @@ def test_attention(isa, data):
             out_buf = Buf(big[q.size - 1 : q.size - 1 + out_buf.arr.size].reshape(out_buf.arr.shape))
             expect.error(ValueError)
         expect.maybe(ValueError, isinstance(out_buf.arr, np.ndarray) and not out_buf.arr.flags.aligned)
-    out = None if out_buf is None else out_buf.arr
-    got = expect.run(lambda: qn.attention(q, k, v, return_lse=return_lse, out=out, **kw))
-    check_untouched(bufs)
+    got = run_into(expect, bufs, out_buf, return_lse, lambda out: qn.attention(q, k, v, return_lse=return_lse,
+                                                                               out=out, **kw))
     if got is None:
         return
-    o, lse = got if return_lse else (got, None)
-    if out is not None:
-        assert o is out
-        out_buf.outside_untouched("out")
+    o, lse = got
     rkw = ref_attention_kwargs(q, k, kw)
     o_ref, lse_ref, bound_o, bound_lse = forward_reference(q, k, v, rkw)
     assert o.dtype == F32 and o.shape == o_ref.shape, (o.shape, o_ref.shape)
@@ -913,15 +925,11 @@ def test_attention_varlen(isa, data):
         if fault == "out":
             out_buf = apply_fault_to_array(data, {"out": out_buf}, "out", expect)
         expect.maybe(ValueError, isinstance(out_buf.arr, np.ndarray) and not out_buf.arr.flags.aligned)
-    out = None if out_buf is None else out_buf.arr
-    got = expect.run(lambda: qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=return_lse, out=out, **kw))
-    check_untouched(bufs)
+    got = run_into(expect, bufs, out_buf, return_lse,
+                   lambda out: qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=return_lse, out=out, **kw))
     if got is None:
         return
-    o, lse = got if return_lse else (got, None)
-    if out is not None:
-        assert o is out
-        out_buf.outside_untouched("out")
+    o, lse = got
     scale = varlen_scale(q, kw["scale"])
     assert o.dtype == F32 and o.shape == (q.shape[0], q.shape[1], v.shape[2])
     if lse is not None:
