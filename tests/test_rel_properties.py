@@ -358,36 +358,6 @@ def draw_heads(data):
     return num_kv_heads * group, num_kv_heads
 
 
-def draw_projection_shape(data, d_heads=(1, 3, 8, 17)):
-    """(batch, seq, d_model, num_heads, num_kv_heads, d_head) of a projection."""
-    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
-    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
-    num_heads, num_kv_heads = draw_heads(data)
-    d_head = data.draw(st.sampled_from(list(d_heads)), label="d_head")
-    return batch, seq, d_model, num_heads, num_kv_heads, d_head
-
-
-def run_into(expect, bufs, out_buf, return_lse, call):
-    """expect.run(call(out)) with out = out_buf's array (or None); checks the inputs are
-    untouched and out is the result, written only inside. Returns (o, lse or None), or
-    None when the call raised as expected."""
-    out = None if out_buf is None else out_buf.arr
-    got = expect.run(lambda: call(out))
-    check_untouched(bufs)
-    if got is None:
-        return None
-    o, lse = got if return_lse else (got, None)
-    if out is not None:
-        assert o is out
-        out_buf.outside_untouched("out")
-    return o, lse
-
-
-def layout_drawer(data):
-    """label -> a drawn input layout (one of IN_LAYOUTS)."""
-    return lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)
-
-
 def check_projection(got, x, ws, bs, num_heads, num_kv_heads):
     want = ref.qkv_project(x, *ws, *bs, num_heads=num_heads, num_kv_heads=num_kv_heads)
     absw = ref.qkv_project(np.abs(x), *(np.abs(w) for w in ws), *(None if b is None else np.abs(b) for b in bs),
@@ -401,14 +371,17 @@ def check_projection(got, x, ws, bs, num_heads, num_kv_heads):
 @given(data=st.data())
 def test_qkv_project(isa, data):
     rng = draw_rng(data)
-    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data, (1, 2, 3, 8, 17))
+    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
+    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
+    num_heads, num_kv_heads = draw_heads(data)
+    d_head = data.draw(st.sampled_from([1, 2, 3, 8, 17]), label="d_head")
     d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
     biases = data.draw(st.sampled_from(["", "q", "kv", "qkv"]), label="biases")
     packed = data.draw(st.booleans(), label="weights from one packed buffer")
     fault = draw_fault(data, PROJECTION_FAULTS)
     expect = Expect()
 
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     bufs = {"x": build(rng, (batch, seq, d_model), lay("x layout"))}
     if packed:
         w = build(rng, (d_model, d_q + 2 * d_kv), lay("w_qkv layout")).arr
@@ -481,11 +454,14 @@ def test_qkv_project(isa, data):
 @given(data=st.data())
 def test_qkv_project_packed(isa, data):
     rng = draw_rng(data)
-    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data)
+    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
+    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
+    num_heads, num_kv_heads = draw_heads(data)
+    d_head = data.draw(st.sampled_from([1, 3, 8, 17]), label="d_head")
     n = (num_heads + 2 * num_kv_heads) * d_head
     fault = draw_fault(data, ["columns", "bias_shape", "x", "w_qkv", "b_qkv"])
     expect = Expect()
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     cols = n + 1 if fault == "columns" else n
     expect.error(ValueError, fault == "columns")
     bufs = {"x": build(rng, (batch, seq, d_model), lay("x layout")), "w_qkv": build(rng, (d_model, cols), lay("w"))}
@@ -514,6 +490,7 @@ def test_qkv_project_packed(isa, data):
     if got is None:
         return
     w = bufs["w_qkv"].arr
+    d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
     ws = (w[:, :d_q], w[:, d_q : d_q + d_kv], w[:, d_q + d_kv :])
     bs = (None,) * 3 if b_qkv is None else (b_qkv[:d_q], b_qkv[d_q : d_q + d_kv], b_qkv[d_q + d_kv :])
     check_projection(got, bufs["x"].arr, ws, bs, num_heads, num_kv_heads)
@@ -535,10 +512,13 @@ def check_projection_backward(got, x, ws, grads):
 @given(data=st.data())
 def test_qkv_project_backward(isa, data):
     rng = draw_rng(data)
-    batch, seq, d_model, num_heads, num_kv_heads, d_head = draw_projection_shape(data)
+    batch, seq = data.draw(st.sampled_from(SMALL), label="batch"), data.draw(st.sampled_from(DIMS), label="seq")
+    d_model = data.draw(st.sampled_from(DIMS), label="d_model")
+    num_heads, num_kv_heads = draw_heads(data)
+    d_head = data.draw(st.sampled_from([1, 3, 8, 17]), label="d_head")
     fault = draw_fault(data, ["x", "w_k", "dq", "dv", "grad_shape", "grad_heads", "ndim"])
     expect = Expect()
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     bufs = {
         "x": build(rng, (batch, seq, d_model), lay("x")),
         "w_q": build(rng, (d_model, num_heads * d_head), lay("w_q")),
@@ -590,7 +570,7 @@ def draw_attention_case(data, rng, expect, faults):
     seq_q, seq_k = d("seq_q"), d("seq_k", DIMS + [65])
     d_head, d_v = d("d_head", [0, 1, 2, 3, 8, 16, 17, 33]), d("d_v", [1, 1, 2, 8, 17, 0])
     fault = draw_fault(data, faults)
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     q_scale = data.draw(st.sampled_from([1.0, 1.0, 4.0, 0.1]), label="q scale")
     shapes = dict(q=(batch, num_heads, seq_q, d_head), k=(batch, num_kv_heads, seq_k, d_head),
                   v=(batch, num_kv_heads, seq_k, d_v))
@@ -745,11 +725,15 @@ def test_attention(isa, data):
             out_buf = Buf(big[q.size - 1 : q.size - 1 + out_buf.arr.size].reshape(out_buf.arr.shape))
             expect.error(ValueError)
         expect.maybe(ValueError, isinstance(out_buf.arr, np.ndarray) and not out_buf.arr.flags.aligned)
-    got = run_into(expect, bufs, out_buf, return_lse, lambda out: qn.attention(q, k, v, return_lse=return_lse,
-                                                                               out=out, **kw))
+    out = None if out_buf is None else out_buf.arr
+    got = expect.run(lambda: qn.attention(q, k, v, return_lse=return_lse, out=out, **kw))
+    check_untouched(bufs)
     if got is None:
         return
-    o, lse = got
+    o, lse = got if return_lse else (got, None)
+    if out is not None:
+        assert o is out
+        out_buf.outside_untouched("out")
     rkw = ref_attention_kwargs(q, k, kw)
     o_ref, lse_ref, bound_o, bound_lse = forward_reference(q, k, v, rkw)
     assert o.dtype == F32 and o.shape == o_ref.shape, (o.shape, o_ref.shape)
@@ -786,7 +770,7 @@ def test_attention_backward(isa, data):
             qn.attention(q, k, v, return_lse=True, **kw)
         return
     o, lse = qn.attention(q, k, v, return_lse=True, **kw)
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     bufs["do"] = build(rng, o.shape, lay("do layout"))
     bufs["o"] = build(rng, o.shape, lay("o layout"), values=o)
     bufs["lse"] = build(rng, lse.shape, "c", values=lse)
@@ -855,7 +839,7 @@ def draw_varlen_case(data, rng, expect, faults):
     elif fault == "rank":
         shapes["q"] = (1,) + shapes["q"]
     expect.error(ValueError, fault in ("k_d_head", "kv_heads", "v_rows", "rank"))
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     bufs = {n: build(rng, s, lay(n + " layout")) for n, s in shapes.items()}
     cu_dtype = data.draw(st.sampled_from([np.int32, np.int64, np.int16, np.uint32]), label="cu dtype")
     cu_q = np.concatenate([[0], np.cumsum(lens_q, dtype=np.int64)]).astype(cu_dtype)
@@ -925,11 +909,15 @@ def test_attention_varlen(isa, data):
         if fault == "out":
             out_buf = apply_fault_to_array(data, {"out": out_buf}, "out", expect)
         expect.maybe(ValueError, isinstance(out_buf.arr, np.ndarray) and not out_buf.arr.flags.aligned)
-    got = run_into(expect, bufs, out_buf, return_lse,
-                   lambda out: qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=return_lse, out=out, **kw))
+    out = None if out_buf is None else out_buf.arr
+    got = expect.run(lambda: qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=return_lse, out=out, **kw))
+    check_untouched(bufs)
     if got is None:
         return
-    o, lse = got
+    o, lse = got if return_lse else (got, None)
+    if out is not None:
+        assert o is out
+        out_buf.outside_untouched("out")
     scale = varlen_scale(q, kw["scale"])
     assert o.dtype == F32 and o.shape == (q.shape[0], q.shape[1], v.shape[2])
     if lse is not None:
@@ -964,7 +952,7 @@ def test_attention_varlen_backward(isa, data):
             qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
         return
     o, lse = qn.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
-    lay = layout_drawer(data)
+    lay = lambda label: data.draw(st.sampled_from(IN_LAYOUTS), label=label)  # noqa: E731
     bufs["do"] = build(rng, o.shape, lay("do layout"))
     bufs["o"] = build(rng, o.shape, lay("o layout"), values=o)
     bufs["lse"] = build(rng, lse.shape, "c", values=lse)
