@@ -4,6 +4,7 @@
 #include "kernels/vec.h"
 #include "qkv/kernels.h"
 
+#include <type_traits>
 #include <utility>
 
 namespace qkv {
@@ -69,26 +70,44 @@ void gemm_tile_m(const GemmTile& t) {
     tails[v] = V::tail_mask(lanes[v]);
   }
 
-  const float* __restrict a = t.a;
   const float* __restrict b = t.b;
   const idx rs_a = t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
   // the C rows are written at the end: start their lines on the way now
   for (int i = 0; i < M; ++i) __builtin_prefetch(t.c_rows[i], 1, 3);
-  for (idx p = 0; p < t.k; ++p) {
-    if (ColA) __builtin_prefetch(a + (p + 16) * cs_a, 0, 3);
-    V::reg bv[NV];
-    const float* bp = b + p * rs_b;
-    if (t.stream_b) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
-    for (int v = 0; v < NV; ++v) {
-      if (FullN) bv[v] = V::load(bp + v * W);
-      else bv[v] = lanes[v] == W ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
+  // Row-contiguous A (rows i at a + i·rs_a): reached from one pointer per three rows,
+  // row 3g + r at ag[g] + r·rs_a (base + index·scale addressing), so that the loop
+  // needs M/3 + 2 registers for A instead of M (12 pointers do not fit beside the
+  // loop's others: they would spill).
+  constexpr int G = ColA ? 1 : (M + 2) / 3;
+  const float* ag[G];
+  for (int g = 0; g < G; ++g) ag[g] = t.a + (ColA ? 0 : 3 * g * rs_a);
+  const idx rs_a2 = 2 * rs_a;
+  auto a_at = [&](int i, idx p) -> float {
+    if (ColA) return ag[0][p * cs_a + i];
+    const float* r = ag[i / 3] + p;
+    return i % 3 == 0 ? r[0] : i % 3 == 1 ? r[rs_a] : r[rs_a2];
+  };
+  // the loop without (Stream = false) and with the streaming prefetch of B's rows
+  auto loop = [&](auto stream) {
+    constexpr bool kStream = decltype(stream)::value;
+    for (idx p = 0; p < t.k; ++p) {
+      if (ColA) __builtin_prefetch(ag[0] + (p + 16) * cs_a, 0, 3);
+      V::reg bv[NV];
+      const float* bp = b + p * rs_b;
+      if (kStream) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
+      for (int v = 0; v < NV; ++v) {
+        if (FullN) bv[v] = V::load(bp + v * W);
+        else bv[v] = lanes[v] == W ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < M; ++i) {
+        const V::reg av = V::set1(a_at(i, p));
+        for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
+      }
     }
-    for (int i = 0; i < M; ++i) {
-      const float ai = ColA ? a[p * cs_a + i] : a[i * rs_a + p];
-      const V::reg av = V::set1(ai);
-      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
-    }
-  }
+  };
+  if (t.stream_b) loop(std::true_type{});
+  else loop(std::false_type{});
 
   const V::reg alpha = V::set1(t.alpha);
   const V::reg beta = V::set1(t.beta);
@@ -296,11 +315,13 @@ void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx 
 // FullRange: x is clamped to [-104, 88.8] and 2^n is built as 2^n1 · 2^n2, so that
 // denormal results and overflow to +inf come out right.
 // !FullRange (softmax, where x <= 0 and results below 2^-126 do not matter): x is
-// clamped to [-87, 0] and 2^n is one exponent — 5 instructions fewer.
+// clamped to [-88, 0] and 2^n is one exponent; from x = -87.68 down, n = -127 makes
+// that exponent field 0, so the result is exactly 0 with no compare (-inf gives 0)
+// — 7 instructions fewer.
 template <bool FullRange>
 inline V::reg exp_v(V::reg x) {
   // min(hi, max(lo, x)) keeps NaN: x86 min/max return their second operand on NaN
-  const V::reg xs = V::min(V::set1(FullRange ? 88.8f : 0.0f), V::max(V::set1(FullRange ? -104.0f : -87.0f), x));
+  const V::reg xs = V::min(V::set1(FullRange ? 88.8f : 0.0f), V::max(V::set1(FullRange ? -104.0f : -88.0f), x));
   const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
@@ -312,14 +333,10 @@ inline V::reg exp_v(V::reg x) {
   p = V::fmadd(p, r, V::set1(0.5f));
   p = V::fmadd(p, r, V::set1(1.0f));
   p = V::fmadd(p, r, V::set1(1.0f));
-  V::reg y;
-  if (FullRange) {
-    const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
-    y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
-  } else {
-    y = V::mul(p, V::pow2i(n));
-  }
-  return V::replace_below(x, FullRange ? -104.0f : -87.0f, y, 0.0f);
+  if (!FullRange) return V::mul(p, V::pow2i(n));
+  const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
+  const V::reg y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
+  return V::replace_below(x, -104.0f, y, 0.0f);
 }
 
 template <bool FullRange = false>
