@@ -4,7 +4,6 @@
 #include "kernels/vec.h"
 #include "qkv/kernels.h"
 
-#include <type_traits>
 #include <utility>
 
 namespace qkv {
@@ -55,9 +54,14 @@ constexpr float kNegInf = -__builtin_inff();
 inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other elementwise ops
 
 // NV: vectors per row of the tile; a narrow edge tile (n <= W) runs with NV = 1.
-template <int M, bool ColA, bool FullN, int NV>
+// Stream: prefetch B's rows ahead (GemmTile::stream_b), a separate instantiation so
+// that the common loop carries no prefetch pointer.
+template <int M, bool ColA, bool FullN, int NV, bool Stream = false>
 void gemm_tile_m(const GemmTile& t) {
+  if (!ColA && !Stream && t.stream_b) return gemm_tile_m<M, ColA, FullN, NV, true>(t);
+  // (unrolled: a zeroing loop that GCC turns into a memset keeps acc in memory)
   V::reg acc[M][NV];
+#pragma GCC unroll 16
   for (int i = 0; i < M; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
 
@@ -71,44 +75,38 @@ void gemm_tile_m(const GemmTile& t) {
   }
 
   const float* __restrict b = t.b;
-  const idx rs_a = t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
+  const idx rs_a = t.rs_a, rs_a2 = 2 * t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
   // the C rows are written at the end: start their lines on the way now
   for (int i = 0; i < M; ++i) __builtin_prefetch(t.c_rows[i], 1, 3);
-  // Row-contiguous A (rows i at a + i·rs_a): reached from one pointer per three rows,
-  // row 3g + r at ag[g] + r·rs_a (base + index·scale addressing), so that the loop
-  // needs M/3 + 2 registers for A instead of M (12 pointers do not fit beside the
-  // loop's others: they would spill).
+  // Row-contiguous A (row i at a + i·rs_a) is reached from one pointer per three rows,
+  // row 3g + r at ag[g] + r·rs_a (base + index·scale addressing): the loop needs
+  // M/3 + 2 registers for A instead of M (12 row pointers beside the loop's others
+  // would spill).
   constexpr int G = ColA ? 1 : (M + 2) / 3;
   const float* ag[G];
   for (int g = 0; g < G; ++g) ag[g] = t.a + (ColA ? 0 : 3 * g * rs_a);
-  const idx rs_a2 = 2 * rs_a;
-  auto a_at = [&](int i, idx p) -> float {
-    if (ColA) return ag[0][p * cs_a + i];
-    const float* r = ag[i / 3] + p;
-    return i % 3 == 0 ? r[0] : i % 3 == 1 ? r[rs_a] : r[rs_a2];
-  };
-  // the loop without (Stream = false) and with the streaming prefetch of B's rows
-  auto loop = [&](auto stream) {
-    constexpr bool kStream = decltype(stream)::value;
-    for (idx p = 0; p < t.k; ++p) {
-      if (ColA) __builtin_prefetch(ag[0] + (p + 16) * cs_a, 0, 3);
-      V::reg bv[NV];
-      const float* bp = b + p * rs_b;
-      if (kStream) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
-      for (int v = 0; v < NV; ++v) {
-        if (FullN) bv[v] = V::load(bp + v * W);
-        else bv[v] = lanes[v] == W ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
-      }
+  for (idx p = 0; p < t.k; ++p) {
+    if (ColA) __builtin_prefetch(ag[0] + (p + 16) * cs_a, 0, 3);
+    V::reg bv[NV];
+    const float* bp = b + p * rs_b;
+    if (Stream) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
+    // (a ragged tile loads every vector masked: a branch here would keep acc in memory)
+    for (int v = 0; v < NV; ++v) bv[v] = FullN ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
 #pragma GCC unroll 16
-      for (int i = 0; i < M; ++i) {
-        const V::reg av = V::set1(a_at(i, p));
-        for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
-      }
+    for (int i = 0; i < M; ++i) {
+      const float* r = ag[ColA ? 0 : i / 3] + p;
+      const float ai = ColA ? ag[0][p * cs_a + i] : i % 3 == 0 ? r[0] : i % 3 == 1 ? r[rs_a] : r[rs_a2];
+      const V::reg av = V::set1(ai);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
     }
-  };
-  if (t.stream_b) loop(std::true_type{});
-  else loop(std::false_type{});
+  }
 
+  // The epilogue walks the rows in a loop: it reads a copy, so that acc itself is only
+  // ever indexed by constants and stays in registers through the loop above.
+  V::reg out[M][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
   const V::reg alpha = V::set1(t.alpha);
   const V::reg beta = V::set1(t.beta);
   V::reg biasv[NV];
@@ -118,7 +116,7 @@ void gemm_tile_m(const GemmTile& t) {
     float* c = t.c_rows[i];
     for (int v = 0; v < NV; ++v) {
       if (!FullN && lanes[v] == 0) continue;
-      V::reg x = V::fmadd(acc[i][v], alpha, biasv[v]);
+      V::reg x = V::fmadd(out[i][v], alpha, biasv[v]);
       const bool full = FullN || lanes[v] == W;
       if (t.beta != 0.0f) {
         V::reg cv = full ? V::load(c + v * W) : V::load(c + v * W, tails[v]);
