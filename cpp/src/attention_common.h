@@ -81,8 +81,9 @@ inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, 
 }
 
 // Packs rows [j0, j0+n) of a (seq, dim) matrix transposed into micro-panels of nr
-// keys: dst[panel][d][jj] (dim × nr each), keys past n zero-filled. The panels are
-// the B operand of S = Q·Kᵀ (and dP = dO·Vᵀ).
+// keys: dst[panel][d][jj] (dim × nr each). The panels are the B operand of S = Q·Kᵀ
+// (and dP = dO·Vᵀ); columns past n are left as they are: the micro-tiles of an
+// n-column product load them masked (as zeros).
 inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, int nr, float* dst) {
   for (idx p0 = 0; p0 < n; p0 += nr) {
     float* panel = dst + (p0 / nr) * dim * nr;
@@ -91,8 +92,6 @@ inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, in
       const float* row = src + (j0 + p0 + jj) * ss;
       for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = row[d];
     }
-    if (m < nr)  // zero the unused columns, row by row (contiguous stores)
-      for (idx d = 0; d < dim; ++d) std::fill(panel + d * nr + m, panel + (d + 1) * nr, 0.0f);
   }
 }
 

@@ -482,41 +482,6 @@ inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
 // non-finite q or k row must not reach a query that does not see that key).
 inline V::reg add_bias(V::reg s, V::reg b) { return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::add(s, b)); }
 
-// Adds bias and applies the key limit to one row of S in place; returns the row max.
-inline float bias_mask_row(float* s, int cols, const float* brow, idx bcs, int lim) {
-  const int lim_c = imin(lim, cols);  // lanes past cols are -inf for the max, never stored
-  V::reg mx = V::set1(kNegInf);
-  for (int j = 0; j < cols; j += W) {
-    const int lanes = imin(W, cols - j);
-    V::reg x = lanes == W ? V::load(s + j) : V::load(s + j, V::tail_mask(lanes));
-    if (brow) x = add_bias(x, load_bias(brow, bcs, j, lanes));
-    x = V::mask_from(x, j, lim_c);
-    if (lanes == W) V::store(s + j, x);
-    else V::store(s + j, x, V::tail_mask(lanes));
-    mx = V::max(mx, x);
-  }
-  return V::reduce_max(mx);
-}
-
-// s := exp(s - m) in place; returns the row sum.
-inline float exp_sub_row(float* s, int cols, float m) {
-  const V::reg mv = V::set1(m);
-  V::reg sum = V::zero();
-  int j = 0;
-  for (; j + W <= cols; j += W) {
-    V::reg e = exp_v<false>(V::sub(V::load(s + j), mv));
-    V::store(s + j, e);
-    sum = V::add(sum, e);
-  }
-  if (j < cols) {  // the tail as one masked vector: lanes past cols read as -inf, exp gives 0
-    const V::tail t = V::tail_mask(cols - j);
-    const V::reg e = exp_v<false>(V::sub(V::mask_from(V::load(s + j, t), j, cols), mv));
-    V::store(s + j, e, t);
-    sum = V::add(sum, e);
-  }
-  return V::reduce_add(sum);
-}
-
 inline void scale_row(float* o, int n, float c) {
   const V::reg cv = V::set1(c);
   int j = 0;
@@ -588,17 +553,23 @@ void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const i
                    const float* lse) {
   for (int i = 0; i < rows; ++i) {
     float* srow = s + i * lds;
-    if (lse[i] == kNegInf) {
-      for (int j = 0; j < cols; ++j) srow[j] = 0.0f;
-      continue;
-    }
     const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
-    bias_mask_row(srow, cols, brow, bias.cs, lim[i]);
-    if (lse[i] != lse[i]) {  // NaN (a row made non-finite by its inputs): P is NaN, but 0 on hidden keys
-      for (int j = 0; j < cols; ++j) srow[j] = srow[j] == kNegInf ? 0.0f : lse[i];
-      continue;
+    const int lim_c = imin(lim[i], cols);
+    // lse = -inf: a fully masked row, P = 0. lse NaN (a row made non-finite by its
+    // inputs): P is NaN, but 0 on hidden keys.
+    const bool empty = lse[i] == kNegInf, nan = lse[i] != lse[i];
+    const V::reg lv = V::set1(lse[i]);
+    for (int j = 0; j < cols; j += W) {
+      const int lanes = imin(W, cols - j);
+      const V::tail t = V::tail_mask(lanes);
+      V::reg x = lanes == W ? V::load(srow + j) : V::load(srow + j, t);
+      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes));
+      x = V::mask_from(x, j, lim_c);  // hidden keys: -inf, whose exp is 0
+      const V::reg p = empty ? V::zero() : nan ? V::select_lt(x, -3.4028235e38f, V::zero(), lv)
+                                               : exp_v<false>(V::sub(x, lv));
+      if (lanes == W) V::store(srow + j, p);
+      else V::store(srow + j, p, t);
     }
-    exp_sub_row(srow, cols, lse[i]);
   }
 }
 
