@@ -90,6 +90,55 @@ def test_packed_equals_separate_exactly(isa, rng, case):
     check_forward(separate, x, ws, (None, None, None), num_heads, num_kv_heads)
 
 
+def bias_only(bias, batch, heads, seq, d_head):
+    """The (batch, heads, seq, d_head) projection of a zero-width x: the bias in every token."""
+    if bias is None:
+        return np.zeros((batch, heads, seq, d_head), np.float32)
+    return np.broadcast_to(bias.reshape(1, heads, 1, d_head), (batch, heads, seq, d_head))
+
+
+# Odd d_head: the head-major output splits the micro-tiles at every head, leaving tiles of
+# 1 < n < NR columns. M = batch·seq rows: 1, 7 = 6 + 1 and 13 = 12 + 1 end in a one-row
+# tile (MR is 6 on AVX2, 12 on AVX-512); 14 does not.
+@pytest.mark.parametrize("d_head", [1, 7, 17, 33])
+@pytest.mark.parametrize("heads", [(1, 1), (2, 1), (3, 3), (4, 2), (8, 1)], ids=lambda h: f"h{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("batch,seq", [(1, 1), (1, 7), (1, 13), (2, 7)])
+def test_bias_only_when_d_model_is_zero(isa, rng, d_head, heads, batch, seq):
+    """d_model = 0 (K = 0, a product with nothing to sum): the result is the bias alone.
+
+    Regression: the sanitizer build's AVX2 one-row micro-tile, compiled by GCC 12, gave
+    every vector of a 9..15-column tile the second vector's bias (head 1 of Q with
+    d_head 17 came out as [26..32, 0, 26..34] for b_q = 1..34); Note [GCC 12 epilogue
+    unroll] in cpp/src/kernels/kernels.cpp.
+    """
+    num_heads, num_kv_heads = heads
+    d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
+    x = np.zeros((batch, seq, 0), np.float32)
+    ws = (np.zeros((0, d_q), np.float32), np.zeros((0, d_kv), np.float32), np.zeros((0, d_kv), np.float32))
+    bs = (np.arange(1, d_q + 1, dtype=np.float32), randn(rng, d_kv), randn(rng, d_kv))
+    for biases in (bs, (bs[0], None, bs[2])):
+        got = qn.qkv_project(x, *ws, *biases, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        for name, g, b, h in zip("qkv", got, biases, (num_heads, num_kv_heads, num_kv_heads)):
+            np.testing.assert_array_equal(g, bias_only(b, batch, h, seq, d_head), err_msg=name)
+    # the concatenated-weight form reaches the same kernel through another binding
+    got = qn.qkv_project_packed(x, np.concatenate(ws, axis=1), np.concatenate(bs),
+                                num_heads=num_heads, num_kv_heads=num_kv_heads)
+    for name, g, b, h in zip("qkv", got, bs, (num_heads, num_kv_heads, num_kv_heads)):
+        np.testing.assert_array_equal(g, bias_only(b, batch, h, seq, d_head), err_msg=name)
+
+
+@pytest.mark.parametrize("d_head", [1, 7, 17, 33])
+@pytest.mark.parametrize("heads", [(1, 1), (2, 1), (4, 2)], ids=lambda h: f"h{h[0]}kv{h[1]}")
+def test_one_token_against_packed_weight(isa, rng, d_head, heads):
+    """One token against a PackedWeight (K > 0): the one-row micro-tile that reads A along
+    its row, the other instance of Note [GCC 12 epilogue unroll]."""
+    num_heads, num_kv_heads = heads
+    x, ws, bs = make(rng, 1, 1, 5, num_heads, num_kv_heads, d_head, "qkv")
+    packed = qn.pack_weight(np.concatenate(ws, axis=1))
+    got = qn.qkv_project_packed(x, packed, np.concatenate(bs), num_heads=num_heads, num_kv_heads=num_kv_heads)
+    check_forward(got, x, ws, bs, num_heads, num_kv_heads)
+
+
 def test_out_written_in_place(isa, rng):
     """out=(q, k, v), including views in the (batch, seq, heads, d_head) layout."""
     batch, seq, d_model, num_heads, num_kv_heads, d_head = 2, 17, 65, 4, 2, 24

@@ -53,6 +53,23 @@ constexpr float kNegInf = -__builtin_inff();
 
 inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other elementwise ops
 
+// Note [GCC 12 epilogue unroll]
+// A GCC 12.2 miscompile, not UB of ours: with -fsanitize=address plus -fsanitize=object-size
+// (part of -fsanitize=undefined) at -O2, AVX2 variant, gemm_tile_m<1, *, false, 2> kept
+// the epilogue's v loop rolled (biasv lives on the stack under ASan). ivopts turned the
+// load of biasv[v] into MEM[base: offset_iv, index: &biasv] with offset_iv in {0, 32}, and
+// VRP2 (the ranger) then folded the pointer-typed offset_iv to the constant 32B
+// (-fdump-tree-vrp2-details: "_117 = (void *) ivtmp" folds to 32B with ivtmp in
+// [0,0][32,32]). So every vector of the row got biasv[1]: a 15-column tile came out as
+// [b8..b14, 0, b8..b14]. ASan's own check of the same load used the right address, so it
+// reported nothing. -fno-tree-vrp, -fno-ivopts or -O1 each avoid it;
+// -fno-delete-null-pointer-checks does not. The pragma unrolls the loop in cunrolli,
+// before ivopts, so biasv[v] is a constant offset. Release (-O3) code: the NV = 2 tiles
+// are unchanged by it, the NV = 1 edge tiles get the same instructions in another order;
+// the scalar variant (NV = 8, not affected) goes without it. Regression tests in
+// tests/test_projection.py: test_bias_only_when_d_model_is_zero (K = 0, A read down its
+// columns) and test_one_token_against_packed_weight (K > 0, A read along its row).
+
 // NV: vectors per row of the tile; a narrow edge tile (n <= W) runs with NV = 1.
 // Stream: prefetch B's rows ahead (GemmTile::stream_b), a separate instantiation so
 // that the common loop carries no prefetch pointer.
@@ -114,6 +131,9 @@ void gemm_tile_m(const GemmTile& t) {
     biasv[v] = t.bias ? (lanes[v] == W ? V::load(t.bias + v * W) : V::load(t.bias + v * W, tails[v])) : V::zero();
   for (int i = 0; i < M; ++i) {
     float* c = t.c_rows[i];
+#if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]: keeps biasv[v] right under ASan
+#pragma GCC unroll 16
+#endif
     for (int v = 0; v < NV; ++v) {
       if (!FullN && lanes[v] == 0) continue;
       V::reg x = V::fmadd(out[i][v], alpha, biasv[v]);
