@@ -81,18 +81,12 @@ inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, 
 }
 
 // Packs rows [j0, j0+n) of a (seq, dim) matrix transposed into micro-panels of nr
-// keys: dst[panel][d][jj] (dim × nr each). The panels are the B operand of S = Q·Kᵀ
-// (and dP = dO·Vᵀ); columns past n are left as they are: the micro-tiles of an
-// n-column product load them masked (as zeros).
-inline void pack_transposed(const float* src, idx ss, idx j0, idx n, idx dim, int nr, float* dst) {
-  for (idx p0 = 0; p0 < n; p0 += nr) {
-    float* panel = dst + (p0 / nr) * dim * nr;
-    const idx m = std::min<idx>(nr, n - p0);
-    for (idx jj = 0; jj < m; ++jj) {
-      const float* row = src + (j0 + p0 + jj) * ss;
-      for (idx d = 0; d < dim; ++d) panel[d * nr + jj] = row[d];
-    }
-  }
+// keys: dst[panel][d][jj] (dim × nr each), keys past n zero. The panels are the B
+// operand of S = Q·Kᵀ (and dP = dO·Vᵀ).
+inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx j0, idx n, idx dim, float* dst) {
+  const int nr = kt.nr;
+  for (idx p0 = 0; p0 < n; p0 += nr)
+    kt.pack_a(static_cast<int>(std::min<idx>(nr, n - p0)), dim, src + (j0 + p0) * ss, ss, dst + (p0 / nr) * dim * nr, nr);
 }
 
 // c(m×n) (+)= alpha · a(m×k) · b(k×n) over micro-tiles, for the small products

@@ -81,7 +81,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
       // A few queries (decode): dot products of K rows with them, no tile of mostly
       // padding columns; otherwise micro-tiles against Q packed transposed.
       const bool few = nq <= 4;
-      if (!few) detail::pack_transposed(a.q.row(b, h, q0), a.q.ss, 0, nq, D, kt.nr, q_buf.data());
+      if (!few) detail::pack_transposed(kt, a.q.row(b, h, q0), a.q.ss, 0, nq, D, q_buf.data());
       for (idx k0 = 0; k0 < kmax; k0 += blk.bk) {
         const idx nk = std::min<idx>(blk.bk, kmax - k0);
         // Sᵀ (nk × nq) = scale · K (nk × D) · Qᵀ (D × nq)

@@ -80,7 +80,7 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
     idx rstep, cstep, rows, cols;
     const float* src = A.block(ic + i0, pc, &rstep, &cstep, &rows, &cols);
     if (cstep == 1 && rows >= m && cols >= kc) {  // plain row-major rows: the kernel's transpose
-      kt.pack_a(m, kc, src, rstep, dst);
+      kt.pack_a(m, kc, src, rstep, dst, mr);
       continue;
     }
     copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);

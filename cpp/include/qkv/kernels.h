@@ -55,10 +55,10 @@ struct KernelTable {
   int mr, nr;          // GEMM micro-tile
   int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
   void (*gemm_tile)(const GemmTile& t);
-  // The A micro-panel of m <= mr rows of a row-major matrix (row step lda):
-  // dst[p*mr + i] = a[i*lda + p] for p < k, rows m..mr-1 zero (AVX-512: transposed
-  // 16 x 16 in registers).
-  void (*pack_a)(int m, idx k, const float* a, idx lda, float* dst);
+  // A panel of m <= width rows of a row-major matrix (row step lda), transposed:
+  // dst[p*width + i] = a[i*lda + p] for p < k, rows m..width-1 zero (AVX-512: 16 x 16
+  // in registers). GEMM's A micro-panels (width mr) and attention's K/Q panels (nr).
+  void (*pack_a)(int m, idx k, const float* a, idx lda, float* dst, int width);
   // One row (M = 1, a decode step): y(n) = act(alpha · x(k) · B(k×n) + bias + beta·y),
   // B(p, j) = b[p*rs_b + j]. Memory-bound: keeps 8 independent accumulators so the
   // FMA latency does not limit it; each B element is read once.

@@ -210,23 +210,25 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// dst[p*MR + i] = a[i*lda + p] for i < m, 0 for m <= i < MR, p < k: the micro-panel
-// of m (<= MR) rows of a row-major A, column by column (see KernelTable::pack_a).
-void pack_a(int m, idx k, const float* a, idx lda, float* dst) {
+// dst[p*width + i] = a[i*lda + p] for i < m, 0 for m <= i < width, p < k: a panel of
+// m (<= width) rows of a row-major A, column by column (see KernelTable::pack_a).
+void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
   idx p0 = 0;
 #if defined(QKV_ISA_AVX512)
-  // 16 columns at a time: the rows in registers, transposed, each column stored as
-  // the MR floats it packs to
-  const __mmask16 keep = static_cast<__mmask16>((1u << MR) - 1);
+  // 16 columns at a time: 16 rows in registers, transposed, each column stored as the
+  // (up to) 16 floats of the panel row it packs to
   for (; p0 + 16 <= k; p0 += 16) {
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = i < m ? _mm512_loadu_ps(a + i * lda + p0) : _mm512_setzero_ps();
-    transpose16(r);
-    for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + (p0 + j) * MR, keep, r[j]);
+    for (int r0 = 0; r0 < width; r0 += 16) {
+      const __mmask16 keep = static_cast<__mmask16>((1u << imin(16, width - r0)) - 1);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = r0 + i < m ? _mm512_loadu_ps(a + (r0 + i) * lda + p0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(dst + (p0 + j) * width + r0, keep, r[j]);
+    }
   }
 #endif
   for (idx p = p0; p < k; ++p)
-    for (int i = 0; i < MR; ++i) dst[p * MR + i] = i < m ? a[i * lda + p] : 0.0f;
+    for (int i = 0; i < width; ++i) dst[p * width + i] = i < m ? a[i * lda + p] : 0.0f;
 }
 
 void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
