@@ -153,11 +153,15 @@ def attention_forward_bounds(q, k, v, o_ref, lse_ref, *, causal=False, key_lengt
     return bound_o, bound_lse
 
 
-def attention_backward_bounds(do, q, k, v, o, grads_ref, *, causal=False, key_lengths=None, bias=None, scale=None):
+def attention_backward_bounds(do, q, k, v, o, grads_ref, *, causal=False, key_lengths=None, bias=None, scale=None,
+                              bias_grad_shape=None):
     """Error bounds for (dq, dk, dv) of the native backward against the reference.
 
     Absolute-value twin of  dS = P∘(dO·Vᵀ − rowsum(dO∘O)),  dQ = scale·dS·K,
     dK = scale·dSᵀ·Q,  dV = Pᵀ·dO  (GQA: dK, dV summed over each group).
+    With bias_grad_shape (the shape of the user's bias), grads_ref holds dbias too and
+    a fourth bound follows: dS's, summed over the axes the bias broadcasts over, plus
+    the rounding of that sum of n terms.
     """
     scale = default_scale(q, scale)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
@@ -179,8 +183,17 @@ def attention_backward_bounds(do, q, k, v, o, grads_ref, *, causal=False, key_le
     group = num_heads // num_kv_heads
     k_len = max(d_head, d_v) + max(seq_k, seq_q * group)
     factor = C * math.sqrt(k_len) * U * (1.0 + s_abs)
-    return tuple(factor * a + ETA_OPS * ETA * (1.0 + abs(scale)) * e + rounding(g)
-                 for a, e, g in zip(twins(p), twins(allowed), grads_ref))
+    bounds = tuple(factor * a + ETA_OPS * ETA * (1.0 + abs(scale)) * e + rounding(g)
+                   for a, e, g in zip(twins(p), twins(allowed), grads_ref[:3]))
+    if bias_grad_shape is None:
+        return bounds
+    ds_abs = p * dp_abs
+    b4 = (1,) * (4 - len(bias_grad_shape)) + tuple(bias_grad_shape)
+    axes = tuple(ax for ax in range(4) if b4[ax] == 1 and ds_abs.shape[ax] != 1)
+    n = math.prod(ds_abs.shape[ax] for ax in axes)
+    summed = (factor + C * math.sqrt(n) * U) * ds_abs.sum(axis=axes, keepdims=True)
+    underflow = ETA_OPS * ETA * allowed.sum(axis=axes, keepdims=True)
+    return bounds + ((summed + underflow).reshape(bias_grad_shape) + rounding(grads_ref[3]),)
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +206,8 @@ def make_attention_case(rng, *, batch=1, heads=1, kv_heads=None, seq_q=7, seq_k=
     """Random float32 q, k, v and the native keyword arguments of one attention case.
 
     bias: None | "qk" (seq_q, seq_k) | "qk_T" the same as a transposed view (key stride seq_q) |
-          "q1" (seq_q, 1) (key stride 0) | "h1k" (1, heads, 1, seq_k) | "full" (batch, heads, seq_q,
+          "q1" (seq_q, 1) (key stride 0) | "h1k" (1, heads, 1, seq_k) | "b11k" (batch, 1, 1, seq_k) |
+          "1hqk" (1, heads, seq_q, seq_k) | "full" (batch, heads, seq_q,
           seq_k) with 10% -inf | "rows_inf" full with whole rows -inf | "ramp" (seq_k,) rising
           along the keys, so the running max moves in every key block.
     mask: None | "qk" (seq_q, seq_k) bool with one all-False row | "b1qk" (batch, 1, seq_q, seq_k).
@@ -223,6 +237,10 @@ def make_attention_case(rng, *, batch=1, heads=1, kv_heads=None, seq_q=7, seq_k=
     elif bias == "rows_inf":
         b = randn(rng, *full)
         b[..., ::3, :] = -np.inf
+    elif bias == "b11k":
+        b = randn(rng, batch, 1, 1, seq_k)
+    elif bias == "1hqk":
+        b = randn(rng, 1, heads, seq_q, seq_k)
     elif bias == "ramp":
         b = (0.5 * np.arange(seq_k)).astype(np.float32)
     elif bias is not None:

@@ -183,3 +183,93 @@ def test_one_pass_schedule_bit_identical_across_thread_counts(isa, rng, restore_
         results.append(tuple(qn.attention_backward(do, q, k, v, o, lse, **kw)))
     for label, a, b in zip(("dq", "dk", "dv"), *results):
         np.testing.assert_array_equal(a, b, err_msg=f"{label} differs between 1 and 2 threads")
+
+
+# ----------------------------------------------------------------------------
+# the bias gradient (bias_grad=True)
+# ----------------------------------------------------------------------------
+
+
+def sum_to_shape(g, shape):
+    """g (batch, heads, seq_q, seq_k) summed over the axes along which `shape` broadcasts."""
+    b4 = (1,) * (4 - len(shape)) + tuple(shape)
+    for ax in range(4):
+        if b4[ax] == 1 and g.shape[ax] != 1:
+            g = g.sum(axis=ax, keepdims=True)
+    return g.reshape(shape)
+
+
+BIAS_GRAD_CASES = {
+    name: ATTENTION_CASES[name]
+    for name in ("bias_qk", "bias_h1k", "bias_full_neg_inf", "bias_rows_neg_inf", "everything", "ramp_sharp",
+                 "bias_transposed_view", "bias_per_query")
+}
+BIAS_GRAD_CASES.update({
+    "full_causal_gqa_odd": dict(batch=2, heads=4, kv_heads=2, seq_q=129, seq_k=65, d_head=17, d_v=7, causal=True,
+                                bias="full"),
+    "b11k_key_lengths": dict(batch=3, heads=2, seq_q=65, seq_k=300, d_head=64, key_lengths=[0, 300, 129],
+                             bias="b11k"),
+    "1hqk_causal_one_pass": dict(batch=4, heads=4, seq_q=33, seq_k=200, d_head=32, causal=True, bias="1hqk"),
+    "seq_q_1": dict(batch=2, heads=3, seq_q=1, seq_k=129, d_head=80, bias="qk"),
+})
+
+
+def bias_grad_case(rng, name):
+    q, k, v, kw, rb = make_attention_case(rng, **BIAS_GRAD_CASES[name])
+    o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+    return q, k, v, kw, rb, o, lse, randn(rng, *o.shape)
+
+
+@pytest.mark.parametrize("name", sorted(BIAS_GRAD_CASES))
+def test_bias_grad(isa, rng, name):
+    q, k, v, kw, rb, o, lse, do = bias_grad_case(rng, name)
+    bias = kw["bias"]
+    dq, dk, dv, dbias = qn.attention_backward(do, q, k, v, o, lse, bias_grad=True, **kw)
+    # asking for dbias changes nothing else
+    for label, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), qn.attention_backward(do, q, k, v, o, lse, **kw)):
+        np.testing.assert_array_equal(a, b, err_msg=label)
+    assert dbias.dtype == np.float32 and dbias.shape == bias.shape
+    rkw = ref_kwargs(kw, rb)
+    *want, ds = ref.attention_backward(do, q, k, v, o, lse, bias_grad=True, **rkw)
+    want_db = sum_to_shape(ds, bias.shape)  # the reference's bias is the full (bias + mask)
+    bounds = attention_backward_bounds(do, q, k, v, o, (*want, want_db), bias_grad_shape=bias.shape, **rkw)
+    assert_within(dbias, want_db, bounds[3], "dbias")
+    if bias.shape[-1] != 1:  # (a bias constant along the keys shifts softmax's input: gradient 0)
+        assert np.abs(want_db).max() > 1e-3  # not vacuous
+    assert np.all(dbias[np.isneginf(bias)] == 0.0)  # a -inf bias hides its pair
+
+
+def test_bias_grad_zero_where_hidden(isa, rng):
+    """Pairs hidden by causality, key_lengths, the mask or whole -inf rows get dbias 0."""
+    batch, heads, seq_q, seq_k = 2, 2, 40, 70
+    q, k, v = randn(rng, batch, heads, seq_q, 16), randn(rng, batch, heads, seq_k, 16), randn(rng, batch, heads, seq_k, 8)
+    bias = randn(rng, batch, heads, seq_q, seq_k)
+    bias[1, 0, 7] = -np.inf
+    mask = rng.random((seq_q, seq_k)) < 0.8
+    kw = dict(causal=True, key_lengths=np.array([50, 70]), bias=bias, mask=mask)
+    o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+    dbias = qn.attention_backward(randn(rng, *o.shape), q, k, v, o, lse, bias_grad=True, **kw)[3]
+    i, j = np.arange(seq_q)[:, None], np.arange(seq_k)[None, :]
+    hidden = np.broadcast_to((j > i + seq_k - seq_q) | ~mask, dbias.shape).copy()
+    hidden[0, :, :, 50:] = True
+    hidden[1, 0, 7] = True
+    assert np.all(dbias[hidden] == 0.0)
+    assert np.all(dbias[~hidden] != 0.0)
+
+
+@pytest.mark.parametrize("name", ["b11k_key_lengths", "1hqk_causal_one_pass", "full_causal_gqa_odd"])
+def test_bias_grad_bit_identical_across_thread_counts(isa, rng, restore_threads, name):
+    q, k, v, kw, _, o, lse, do = bias_grad_case(rng, name)
+    results = []
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        results.append(qn.attention_backward(do, q, k, v, o, lse, bias_grad=True, **kw)[3])
+    np.testing.assert_array_equal(results[0], results[1], err_msg="dbias differs between 1 and 2 threads")
+
+
+def test_bias_grad_needs_a_bias(rng):
+    q, k, v = randn(rng, 1, 1, 5, 8), randn(rng, 1, 1, 5, 8), randn(rng, 1, 1, 5, 8)
+    mask = np.ones((5, 5), bool)
+    o, lse = qn.attention(q, k, v, mask=mask, return_lse=True)
+    with pytest.raises(ValueError, match="bias_grad=True needs a bias"):
+        qn.attention_backward(o, q, k, v, o, lse, mask=mask, bias_grad=True)

@@ -252,6 +252,8 @@ GRAD_CASES = {
     "key_lengths": dict(key_lengths=[2, 0], seq_q=3, seq_k=4),
     "bias": dict(bias="full", neg_inf_frac=0.25, seq_q=3, seq_k=4),
     "bias_bcast": dict(bias="bcast", seq_q=4, seq_k=3),
+    "bias_bcast_causal_gqa": dict(bias="bcast", heads=4, kv_heads=2, causal=True, key_lengths=[3, 1],
+                                  neg_inf_frac=0.2, seq_q=3, seq_k=4),
     "gqa_4_2": dict(heads=4, kv_heads=2, seq_q=3, seq_k=3),
     "gqa_4_1": dict(heads=4, kv_heads=1, seq_q=3, seq_k=4, causal=True),
     "d_v_differs": dict(d=3, d_v=4, seq_q=3, seq_k=4, scale=0.6),
@@ -280,6 +282,18 @@ def test_attention_backward_finite_differences(name):
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
     # The check must not be vacuous.
     assert np.abs(dq).max() > 1e-3 and np.abs(dk).max() > 1e-3 and np.abs(dv).max() > 1e-3
+
+    if "bias" in kwargs:  # the bias gradient, summed over the axes the bias broadcasts over
+        bias = kwargs["bias"]
+        with np.errstate(**STRICT):
+            *rest, dbias = ref.attention_backward(g, q, k, v, o, lse, bias_grad=True, **kwargs)
+        for a, b in zip(rest, (dq, dk, dv)):
+            np.testing.assert_array_equal(a, b)
+        assert dbias.shape == bias.shape
+        numeric = numerical_grad(loss, bias)  # -inf entries stay -inf: numeric 0
+        np.testing.assert_allclose(dbias, numeric, rtol=1e-6, atol=1e-8)
+        assert np.abs(dbias).max() > 1e-3
+        assert np.all(dbias[np.isneginf(bias)] == 0.0)
 
 
 # ----------------------------------------------------------------------------

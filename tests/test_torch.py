@@ -61,7 +61,8 @@ def torch_sdpa(q, k, v, *, causal=False, key_lengths=None, bias=None, scale=None
         keep = torch.arange(seq_k)[None, :] < torch.as_tensor(key_lengths)[:, None]
         add = torch.where(keep, 0.0, float("-inf")).to(torch.float64)[:, None, None, :]
     if bias is not None:
-        b = torch.tensor(np.array(bias, dtype=np.float64))  # a copy: bias may be a read-only broadcast view
+        # a copy (bias may be a read-only broadcast view), or a leaf tensor whose grad is wanted
+        b = bias if torch.is_tensor(bias) else torch.tensor(np.array(bias, dtype=np.float64))
         add = b if add is None else add + b
     if causal and seq_q != seq_k:
         # SDPA's is_causal is top-left aligned; the native one is bottom-right
@@ -136,6 +137,28 @@ def test_forward_and_grads_match_torch(rng, name):
     bounds = attention_backward_bounds(do, q, k, v, o, grads_t, **rkw)
     for label, g, want, b in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_t, bounds):
         assert_within(g, want, 3.0 * b, f"{label} vs torch autograd")
+
+
+@pytest.mark.parametrize("name", ["bias_qk", "bias_h1k", "ramp_sharp", "bias_gqa_causal_full"])
+def test_bias_grad_matches_torch(rng, name):
+    """dbias against autograd through SDPA's additive attn_mask (broadcast axes summed by torch)."""
+    spec = ATTENTION_CASES.get(name) or dict(batch=2, heads=4, kv_heads=2, seq_q=33, seq_k=65, d_head=24,
+                                             causal=True, bias="1hqk")
+    q, k, v, kw, rb = make_attention_case(rng, **spec)
+    o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+    do = randn(rng, *o.shape)
+    *_, dbias = qn.attention_backward(do, q, k, v, o, lse, bias_grad=True, **kw)
+    tb = t64(kw["bias"], True)
+    to = torch_sdpa(t64(q), t64(k), t64(v), causal=kw["causal"], bias=tb, scale=kw["scale"])
+    to.backward(t64(do))
+    want = tb.grad.numpy()
+    assert want.shape == dbias.shape
+    # the bound of test_bias_grad, tripled as in the test above (float32 o and lse)
+    rkw = ref_kwargs(kw, rb)
+    grads_ref = ref.attention_backward(do, q, k, v, o, lse, **rkw) + (want,)
+    bound = attention_backward_bounds(do, q, k, v, o, grads_ref, bias_grad_shape=want.shape, **rkw)[3]
+    assert_within(dbias, want, 3.0 * bound, "dbias vs torch autograd")
+    assert np.abs(want).max() > 1e-3
 
 
 @pytest.mark.skipif(not HAS_GQA, reason="this torch has no enable_gqa")

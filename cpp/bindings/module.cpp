@@ -887,7 +887,8 @@ py::object attention(const py::object& q_obj, const py::object& k_obj, const py:
 py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, const py::object& k_obj,
                              const py::object& v_obj, const py::object& o_obj, const py::object& lse_obj, bool causal,
                              const py::object& key_lengths, const py::object& bias, float scale,
-                             const py::object& dq_out, const py::object& dk_out, const py::object& dv_out) {
+                             const py::object& dq_out, const py::object& dk_out, const py::object& dv_out,
+                             idx dbias_batch, idx dbias_heads) {
   const auto& kt = active_kernels();
   Arr q = as_f32(q_obj, "q", 4), k = as_f32(k_obj, "k", 4), v = as_f32(v_obj, "v", 4);
   qkv::AttentionArgs args;
@@ -907,7 +908,19 @@ py::tuple attention_backward(const py::object& do_obj, const py::object& q_obj, 
   auto [dq, dqa] = output(dq_out, "out[0]", q.shape);
   auto [dk, dka] = output(dk_out, "out[1]", k.shape);
   auto [dv, dva] = output(dv_out, "out[2]", v.shape);
-  run_native([&] { qkv::attention_backward(kt, args, tensor4(d_o), tensor4(dqa), tensor4(dka), tensor4(dva)); });
+  // with dbias_batch > 0: also the bias gradient (dbias_batch, dbias_heads, seq_q, seq_k),
+  // summed over the batches / heads where those are 1 (Note [bias gradient])
+  qkv::BiasGrad g;
+  py::array_t<float> dbias;
+  if (dbias_batch > 0) {
+    if (!args.bias) value_error("the bias gradient needs a bias");
+    if (!(dbias_batch == 1 || dbias_batch == B) || !(dbias_heads == 1 || dbias_heads == H))
+      value_error("the bias gradient's batch and heads must be 1 or the inputs'");
+    dbias = empty_f32({dbias_batch, dbias_heads, Sq, k.shape[2]}, "dbias");
+    g = {dbias.mutable_data(), dbias_batch, dbias_heads};
+  }
+  run_native([&] { qkv::attention_backward(kt, args, tensor4(d_o), tensor4(dqa), tensor4(dka), tensor4(dva), g); });
+  if (g.ptr) return py::make_tuple(dq, dk, dv, dbias);
   return py::make_tuple(dq, dk, dv);
 }
 
@@ -969,7 +982,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_backward", &attention_backward, py::arg("do"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("o"), py::arg("lse"), py::arg("causal") = false, py::arg("key_lengths") = py::none(),
         py::arg("bias") = py::none(), py::arg("scale"), py::arg("dq_out") = py::none(),
-        py::arg("dk_out") = py::none(), py::arg("dv_out") = py::none());
+        py::arg("dk_out") = py::none(), py::arg("dv_out") = py::none(), py::arg("dbias_batch") = 0,
+        py::arg("dbias_heads") = 0);
   m.def("attention_varlen", &attention_varlen, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("causal") = false, py::arg("scale"), py::arg("return_lse") = false,
         py::arg("out") = py::none());

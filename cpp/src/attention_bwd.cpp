@@ -69,10 +69,59 @@ std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const det
   return v;
 }
 
+// Note [bias gradient]
+// dbias(b, h, i, j) = dS(b, h, i, j), the unscaled dS of p_and_ds, summed over b when
+// the bias broadcasts over batches (g.batch == 1) and over h when it broadcasts over
+// heads. A task owns one (bq × bk) tile of dbias and sums its (b, h) in order, so the
+// result does not depend on the thread count. P and dS are recomputed (the S and dP
+// products, the exp and dS again): the pass costs 50-60% of the rest of the backward
+// and runs only when asked for.
+void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
+                   const detail::Blocks& blk, int nt_max, const BiasGrad& g) {
+  const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, group = H / std::max<idx>(a.k.heads, 1);
+  const idx nqb = ceil_div(Sq, blk.bq), nkb = ceil_div(Sk, blk.bk);
+  const idx n_tasks = g.batch * g.heads * nqb * nkb;
+  const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks)));
+  std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, a.q.dim, a.v.dim);
+#pragma omp parallel num_threads(nt)
+  {
+    KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
+#pragma omp for schedule(dynamic, 1)
+    for (idx task = 0; task < n_tasks; ++task) {
+      const idx kb = task % nkb, qb = (task / nkb) % nqb, gh = (task / (nkb * nqb)) % g.heads,
+                gb = task / (nkb * nqb * g.heads);
+      const idx q0 = qb * blk.bq, k0 = kb * blk.bk;
+      const idx nq = std::min<idx>(blk.bq, Sq - q0), n_cols = std::min<idx>(blk.bk, Sk - k0);
+      float* out = g.ptr + ((gb * g.heads + gh) * Sq + q0) * Sk + k0;  // (nq × n_cols), row stride Sk
+      for (idx i = 0; i < nq; ++i) std::fill(out + i * Sk, out + i * Sk + n_cols, 0.0f);
+      const idx b_end = g.batch == 1 ? B : gb + 1, h_end = g.heads == 1 ? H : gh + 1;
+      for (idx b = g.batch == 1 ? 0 : gb; b < b_end; ++b) {
+        // keys past key_lengths, and tiles that causality hides entirely, add nothing
+        const idx k_end = a.key_lengths ? std::min<idx>(Sk, a.key_lengths[b]) : Sk;
+        const idx nk = std::min<idx>(n_cols, k_end - k0);
+        if (nk <= 0 || (a.causal && q0 + nq - 1 + (Sk - Sq) < k0)) continue;
+        idx packed_hk = -1;
+        for (idx h = g.heads == 1 ? 0 : gh; h < h_end; ++h) {
+          const idx hk = h / group;
+          if (hk != packed_hk) {
+            detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, a.q.dim, sc.bufs.kp.data());
+            detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, a.v.dim, sc.bufs.vp.data());
+            packed_hk = hk;
+          }
+          p_and_ds(kt, a, d_o, dsum, blk, b, h, q0, nq, k0, nk, sc.bufs, sc.lim_rel);
+          const float* ds = sc.bufs.dp.data();
+          for (idx i = 0; i < nq; ++i)
+            for (idx j = 0; j < nk; ++j) out[i * Sk + j] += ds[i * blk.bk + j];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const Tensor4& dq,
-                        const Tensor4& dk, const Tensor4& dv) {
+                        const Tensor4& dk, const Tensor4& dv, const BiasGrad& dbias) {
   // Sq, Sk: the longest sequences (packed form: the totals)
   const idx B = a.q.batch, H = a.q.heads, Hkv = a.k.heads, Sq = a.q.seq, Sk = a.k.seq, D = a.q.dim,
             Dv = a.v.dim;
@@ -101,6 +150,10 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       for (; d < Dv; ++d) acc[d % 8] += x[d] * y[d];
       out[i] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     }
+  }
+  if (dbias.ptr) {
+    assert(!a.q.cu && !a.k.cu);
+    bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
   }
 
   // One key block of one (batch, kv head): dK, dV rows [k0, k0 + bk), summed over

@@ -375,8 +375,9 @@ def attention_backward(
     mask: Optional[np.ndarray] = None,
     scale: Optional[float] = None,
     out: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of :func:`attention` with respect to q, k and v.
+    bias_grad: bool = False,
+) -> Tuple[np.ndarray, ...]:
+    """Gradients of :func:`attention` with respect to q, k and v (and the bias).
 
     do, o: (batch, num_heads, seq_q, d_v); lse: (batch, num_heads, seq_q) from
     ``attention(..., return_lse=True)``; the masking arguments must be those of
@@ -385,13 +386,32 @@ def attention_backward(
     get zero gradients. Results do not depend on the thread count. ``out = (dq, dk, dv)``:
     arrays (any strides with a contiguous last axis, e.g. head-major views of one
     token-major buffer) that receive the gradients.
+
+    bias_grad: also return dbias, the gradient with respect to ``bias`` (a learned
+    position bias, say), with bias's own shape: summed over every axis along which
+    bias broadcasts. Masked pairs (mask False, causal, past key_lengths, a -inf bias)
+    get 0. Computing it recomputes the scores once more (about 50-60% of the backward's
+    time); the batch and head axes are summed in the kernel, the query and key axes of
+    a bias that broadcasts over them afterwards, from a (batch|1, heads|1, seq_q, seq_k)
+    array.
     """
     scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
     _check_array(do, "do", 4)
     _check_array(o, "o", 4)
     _check_array(lse, "lse", 3)
     outs = _check_outs(out, 4, do=do, q=q, k=k, v=v, o=o, lse=lse, bias=add)
-    return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs)
+    if not bias_grad:
+        return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs)
+    if bias is None:
+        raise ValueError("bias_grad=True needs a bias (the gradient is with respect to it)")
+    b4 = (1,) * (4 - bias.ndim) + bias.shape  # bias as broadcast from the left
+    dq, dk, dv, dbias = _core.attention_backward(
+        do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs, dbias_batch=b4[0], dbias_heads=b4[1]
+    )
+    axes = tuple(ax for ax in (2, 3) if b4[ax] == 1 and dbias.shape[ax] != 1)
+    if axes:
+        dbias = dbias.sum(axis=axes, keepdims=True, dtype=np.float32)
+    return dq, dk, dv, dbias.reshape(bias.shape)
 
 
 def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):

@@ -389,7 +389,7 @@ def attention(q, k, v, *, causal=False, key_lengths=None, bias=None, scale=None)
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, key_lengths=None,
-                       bias=None, scale=None):
+                       bias=None, scale=None, bias_grad=False):
     """Backward of :func:`attention` w.r.t. q, k, v.
 
     Shapes
@@ -411,11 +411,17 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, key_lengths=None,
         dK = dS^T Q * scale
     For GQA, dK and dV are summed over the query heads of each kv group.
 
+    With ``bias_grad``, also dbias = dS summed over the axes along which ``bias``
+    broadcasts to (batch, num_heads, seq_q, seq_k), in bias's shape (S = ... + bias,
+    so dL/dbias = dL/dS).
+
     Returns
     -------
-    (dq, dk, dv) with the shapes of q, k, v. Fully masked rows contribute
-    zero gradient.
+    (dq, dk, dv) with the shapes of q, k, v, and dbias with ``bias_grad``. Fully
+    masked rows contribute zero gradient.
     """
+    if bias_grad and bias is None:
+        raise ValueError("bias_grad=True needs a bias")
     q, k, v = _f64(q, "q"), _f64(k, "k"), _f64(v, "v")
     do, o, lse = _f64(do, "do"), _f64(o, "o"), _f64(lse, "lse")
     batch, num_heads, num_kv_heads, seq_q, _ = _check_attention_shapes(q, k, v)
@@ -440,7 +446,13 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, key_lengths=None,
 
     dk = _reduce_kv(dk_full, num_kv_heads)
     dv = _reduce_kv(dv_full, num_kv_heads)
-    return dq, dk, dv
+    if not bias_grad:
+        return dq, dk, dv
+    shape = np.shape(bias)
+    b4 = (1,) * (4 - len(shape)) + tuple(shape)
+    axes = tuple(ax for ax in range(4) if b4[ax] == 1 and ds.shape[ax] != 1)
+    dbias = ds.sum(axis=axes, keepdims=True) if axes else ds
+    return dq, dk, dv, dbias.reshape(shape)
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):

@@ -46,9 +46,17 @@ struct AttentionArgs {
 // o, lse = attention(q, k, v). Extra memory: O(threads · block²).
 void attention_forward(const KernelTable& kt, const AttentionArgs& a);
 
-// dq, dk, dv from do, with a.o and a.lse from the forward. Outputs are written
-// (not accumulated); results are identical whatever the thread count.
+// The gradient of the additive bias (dense form only): dS = P∘(dP − D) summed over
+// the batches (batch == 1) and heads (heads == 1) that the bias broadcasts over.
+// (batch, heads, seq_q, seq_k) contiguous; batch is 1 or a.q.batch, heads 1 or a.q.heads.
+struct BiasGrad {
+  float* ptr = nullptr;
+  idx batch = 0, heads = 0;
+};
+
+// dq, dk, dv (and dbias when dbias.ptr) from do, with a.o and a.lse from the forward.
+// Outputs are written (not accumulated); results are identical whatever the thread count.
 void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const Tensor4& dq,
-                        const Tensor4& dk, const Tensor4& dv);
+                        const Tensor4& dk, const Tensor4& dv, const BiasGrad& dbias = {});
 
 }  // namespace qkv
