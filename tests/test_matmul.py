@@ -172,6 +172,18 @@ def test_batched_3d(isa, rng, trans_a, trans_b):
     check(got, a, b, trans_a, trans_b)
 
 
+@pytest.mark.parametrize("k", [64, 390, 1024])
+def test_a_in_place_or_packed(isa, rng, restore_threads, k):
+    """Note [A in place] (gemm.cpp): row blocks of A read where they lie (k = 64) or
+    packed (k = 390, over the in-place limit; k = 1024, rows 4 KiB apart). Blocks of
+    both kinds in one call (a projection's token rows crossing a batch boundary) are
+    covered by test_projection.py."""
+    a, b = randn(rng, 700, k), randn(rng, k, 40)
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        check(qn.matmul(a, b), a, b)
+
+
 @pytest.mark.parametrize("which", ["a2d", "b2d"])
 @pytest.mark.parametrize("trans", [False, True], ids=["N", "T"])
 def test_broadcast_2d_against_3d(isa, rng, which, trans):

@@ -89,6 +89,33 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
   }
 }
 
+// Note [A in place]
+// The micro-tiles can read A's rows where they lie (row-contiguous A tiles) instead
+// of a packed copy. That saves the packing pass, which costs ~10% when the product
+// per element of A is short (N = 256, K = 256: the training encoder's layers), and
+// works while the tile's mr rows of kc floats stay in L1 beside the B panel: kc up to
+// 384, and rows that do not alias in L1's sets (a row step of 4 KiB puts all 12 in
+// one set: ~12% slower at K = 1024 on Zen 4). Returns A(ic, pc) and *rs, or null
+// to pack.
+const float* a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, idx* rs) {
+  if (kc > 384) return nullptr;
+  idx rstep, cstep, rows, cols;
+  const float* src = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
+  if (cstep != 1 || rows < mc || cols < kc || rstep <= 0) return nullptr;
+  // distinct 4 KiB page offsets of the rows (L1 set groups): at least 4, so at most
+  // mr / 4 rows of a tile share a set
+  const idx row_bytes = rstep * static_cast<idx>(sizeof(float));
+  idx g = 4096;
+  for (idx x = row_bytes % 4096; x != 0;) {  // g = gcd(row_bytes, 4096)
+    const idx r = g % x;
+    g = x;
+    x = r;
+  }
+  if (4096 / g < 4) return nullptr;
+  *rs = rstep;
+  return src;
+}
+
 // Packs the micro-panel of B[pc:pc+kc, j0:j0+nr]: bp[p][j] (nr wide), columns
 // past nc_left zero-filled.
 void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, float* bp) {
@@ -129,7 +156,7 @@ struct Panels {
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
 // splitting each tile at segment boundaries of the output map. rb/rr: the batch
 // and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
-void macro_kernel(const KernelTable& kt, const float* ap, const Panels& bp, const idx* rb, const idx* rr, idx mc,
+void macro_kernel(const KernelTable& kt, const float* ap, idx a_rs, const Panels& bp, const idx* rb, const idx* rr, idx mc,
                   idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
                   const float* bias, int act) {
   const int mr = kt.mr, nr = kt.nr;
@@ -150,9 +177,9 @@ void macro_kernel(const KernelTable& kt, const float* ap, const Panels& bp, cons
       t.k = kc;
       t.m = m;
       t.n = static_cast<int>(n);
-      t.a = ap + ir * kc;
-      t.rs_a = 1;
-      t.cs_a = mr;
+      t.a = ap + ir * (a_rs ? a_rs : kc);
+      t.rs_a = a_rs ? a_rs : 1;
+      t.cs_a = a_rs ? 1 : mr;
       t.b = bpanel + j;
       t.rs_b = bp.width;
       t.c_rows = rows;
@@ -326,19 +353,33 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
         if (B.packed) {  // jc is a multiple of nc_max, itself of kPackedPanel when N > nc_max
           panels = {B.packed->at(pc, jc), kPackedPanel, K * kPackedPanel};
         } else {
+          // A row-major B is packed 16 rows at a time across all the panels, so that its
+          // rows stream in order (a panel at a time would walk kc rows N floats apart
+          // for each 32 columns: page-crossing strides that defeat the prefetchers);
+          // a transposed B (contiguous down the columns) a panel at a time.
+          const idx rblk = B.map->trans ? std::max<idx>(kc, 1) : 16, n_rblk = ceil_div(kc, rblk);
 #pragma omp for schedule(static)
-          for (idx jp = 0; jp < n_panels; ++jp)
-            pack_b_panel(*B.map, pc, kc, jc + jp * nr, nc - jp * nr, nr, bpack + jp * kc * nr);
+          for (idx item = 0; item < n_rblk * n_panels; ++item) {
+            const idx r0 = item / n_panels * rblk, jp = item % n_panels;
+            pack_b_panel(*B.map, pc + r0, std::min<idx>(rblk, kc - r0), jc + jp * nr, nc - jp * nr, nr,
+                         bpack + jp * kc * nr + r0 * nr);
+          }
           // (implicit barrier: the B panel is complete)
         }
-        idx packed_ic = -1;
+        idx packed_ic = -1, a_rs = 0;  // A block rows at a_ptr + i·a_rs, or packed (a_rs = 0)
+        const float* a_ptr = ap;
 #pragma omp for schedule(static)
         for (idx item = 0; item < n_ic * n_jchunks; ++item) {
           const idx icb = item / n_jchunks, jcb = item % n_jchunks;
           const idx ic = icb * mc_max;
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
-            pack_a(kt, A, ic, mc, pc, kc, ap);
+            a_ptr = a_in_place(A, ic, mc, pc, kc, &a_rs);
+            if (!a_ptr) {
+              pack_a(kt, A, ic, mc, pc, kc, ap);
+              a_ptr = ap;
+              a_rs = 0;
+            }
             for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, rb + i, rr + i);
             packed_ic = ic;
           }
@@ -346,7 +387,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, ap, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, a_ptr, a_rs, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)
