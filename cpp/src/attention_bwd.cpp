@@ -253,7 +253,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks2; ++task) {
       idx b, h, q0;
-      row_tasks.decode(task, &b, &h, &q0);
+      row_tasks.decode(a.causal ? n_tasks2 - 1 - task : task, &b, &h, &q0);  // largest first, as in the forward
       const idx hk = h / group, nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
       float* dqrow = dq.row(b, h, q0);
       idx kmax = 0;

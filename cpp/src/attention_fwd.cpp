@@ -63,7 +63,9 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
       idx b, h, q0;
-      tasks.decode(task, &b, &h, &q0);
+      // causal: the last query blocks see the most keys; taken first (largest task
+      // first), the dynamic schedule ends with small tasks and the threads finish together
+      tasks.decode(a.causal ? n_tasks - 1 - task : task, &b, &h, &q0);
       const idx hk = h / group, nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
       float* m = m_buf.data();
       float* l = l_buf.data();
