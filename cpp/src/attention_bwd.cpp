@@ -72,10 +72,23 @@ std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const det
 // Note [bias gradient]
 // dbias(b, h, i, j) = dS(b, h, i, j), the unscaled dS of p_and_ds, summed over b when
 // the bias broadcasts over batches (g.batch == 1) and over h when it broadcasts over
-// heads. A task owns one (bq × bk) tile of dbias and sums its (b, h) in order, so the
-// result does not depend on the thread count. P and dS are recomputed (the S and dP
-// products, the exp and dS again): the pass costs 50-60% of the rest of the backward
-// and runs only when asked for.
+// heads. Every element is a sum over b (then h) in ascending order of the same dS
+// values, whichever way it is scheduled, so the result does not depend on the thread
+// count or the schedule:
+//  - fused (nearly free): key_block adds dS into dbias as it makes it, where the task
+//    owns those dbias elements: a full-shape bias (a task owns its (b, h) rows), or a
+//    bias shared by the batch (g.batch == 1, g.heads == H) in the one-pass schedule
+//    with tasks that take a kv head through every b in order (enough kv heads to keep
+//    the threads busy);
+//  - otherwise bias_gradient, a separate pass whose task owns one (bq × bk) tile of
+//    dbias and sums its (b, h): P and dS are recomputed (the S and dP products, exp and
+//    dS again), 50-60% of the rest of the backward.
+// dst (rows × cols, row stride ld_dst) += src (row stride ld_src)
+void add_rows(idx rows, idx cols, const float* src, idx ld_src, float* dst, idx ld_dst) {
+  for (idx i = 0; i < rows; ++i)
+    for (idx j = 0; j < cols; ++j) dst[i * ld_dst + j] += src[i * ld_src + j];
+}
+
 void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
                    const detail::Blocks& blk, int nt_max, const BiasGrad& g) {
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, group = H / std::max<idx>(a.k.heads, 1);
@@ -109,9 +122,7 @@ void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4&
             packed_hk = hk;
           }
           p_and_ds(kt, a, d_o, dsum, blk, b, h, q0, nq, k0, nk, sc.bufs, sc.lim_rel);
-          const float* ds = sc.bufs.dp.data();
-          for (idx i = 0; i < nq; ++i)
-            for (idx j = 0; j < nk; ++j) out[i * Sk + j] += ds[i * blk.bk + j];
+          add_rows(nq, nk, sc.bufs.dp.data(), blk.bk, out, Sk);
         }
       }
     }
@@ -151,15 +162,17 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       out[i] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     }
   }
-  if (dbias.ptr) {
-    assert(!a.q.cu && !a.k.cu);
-    bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
-  }
+  assert(!dbias.ptr || (!a.q.cu && !a.k.cu));
 
+  // The dbias element (b, h, q, k) (Note [bias gradient]).
+  auto dbias_at = [&](idx b, idx h, idx q, idx k) {
+    return dbias.ptr + (((dbias.batch == 1 ? 0 : b) * dbias.heads + (dbias.heads == 1 ? 0 : h)) * Sq + q) * Sk + k;
+  };
   // One key block of one (batch, kv head): dK, dV rows [k0, k0 + bk), summed over
   // the query blocks of every query head in the group; with fused_dq also
-  // dQ += scale · dS·K into those query rows (the caller owns them and zeroed them).
-  auto key_block = [&](idx b, idx hk, idx k0, KeyBlockScratch& sc, bool fused_dq) {
+  // dQ += scale · dS·K into those query rows (the caller owns them and zeroed them);
+  // with fused_dbias also dbias += dS (the caller owns those elements and zeroed them).
+  auto key_block = [&](idx b, idx hk, idx k0, KeyBlockScratch& sc, bool fused_dq, bool fused_dbias) {
     BlockBufs& bufs = sc.bufs;
     std::vector<int>& lim_rel = sc.lim_rel;
     const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
@@ -184,6 +197,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
         const idx nq = std::min<idx>(blk.bq, seq_q - q0);
         const detail::TileMask mask = p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        if (fused_dbias) add_rows(nq, nk, bufs.dp.data(), blk.bk, dbias_at(b, h, q0, k0), Sk);
         // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
         detail::block_gemm_masked(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), d_o.ss, dv_acc,
                                   dv.ss, mask, true, sc.finite);
@@ -207,21 +221,30 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // the shape only, and each order of summation is fixed, so results never depend
   // on the thread count.
   const bool one_pass = B * Hkv >= 8;
+  // Note [bias gradient]: fused where a task owns the dbias elements it makes
+  const bool full_dbias = dbias.ptr && dbias.batch == B && dbias.heads == H;
+  const bool head_major = one_pass && dbias.ptr && dbias.batch == 1 && dbias.heads == H && Hkv >= 2 * nt_max;
   if (one_pass) {
-    const idx n_pairs = B * Hkv;
-    const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_pairs)));
+    // tasks: (b, kv head) pairs, or with head_major kv heads, each through every b in order
+    const idx n_tasks = head_major ? Hkv : B * Hkv;
+    const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks)));
     std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv);
 #pragma omp parallel num_threads(nt)
     {
       KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
-      for (idx pair = 0; pair < n_pairs; ++pair) {
-        const idx b = pair / Hkv, hk = pair % Hkv;
-        for (idx h = hk * group; h < (hk + 1) * group; ++h)
-          for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
-        for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true);
+      for (idx task = 0; task < n_tasks; ++task) {
+        const idx hk = task % Hkv, b_begin = head_major ? 0 : task / Hkv, b_end = head_major ? B : b_begin + 1;
+        for (idx b = b_begin; b < b_end; ++b) {
+          for (idx h = hk * group; h < (hk + 1) * group; ++h) {
+            for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
+            if (full_dbias || (head_major && b == 0)) std::fill(dbias_at(b, h, 0, 0), dbias_at(b, h, Sq, 0), 0.0f);
+          }
+          for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true, full_dbias || head_major);
+        }
       }
     }
+    if (dbias.ptr && !full_dbias && !head_major) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
     return;
   }
 
@@ -237,9 +260,15 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
-      key_block(b, hk, k0, sc, false);
+      if (full_dbias) {  // this task's dbias columns [k0, k0 + bk) of its heads' rows
+        const idx n_cols = std::min<idx>(blk.bk, Sk - k0);
+        for (idx h = hk * group; h < (hk + 1) * group; ++h)
+          for (idx i = 0; i < Sq; ++i) std::fill(dbias_at(b, h, i, k0), dbias_at(b, h, i, k0) + n_cols, 0.0f);
+      }
+      key_block(b, hk, k0, sc, false, full_dbias);
     }
   }
+  if (dbias.ptr && !full_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
 
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();

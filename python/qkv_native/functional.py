@@ -390,10 +390,12 @@ def attention_backward(
     bias_grad: also return dbias, the gradient with respect to ``bias`` (a learned
     position bias, say), with bias's own shape: summed over every axis along which
     bias broadcasts. Masked pairs (mask False, causal, past key_lengths, a -inf bias)
-    get 0. Computing it recomputes the scores once more (about 50-60% of the backward's
-    time); the batch and head axes are summed in the kernel, the query and key axes of
-    a bias that broadcasts over them afterwards, from a (batch|1, heads|1, seq_q, seq_k)
-    array.
+    get 0. A full-shape bias, or one shared by the batch ((num_heads, seq_q, seq_k) and
+    the like) when batch·num_kv_heads >= 8 and num_kv_heads >= 2·threads, is summed as
+    the backward runs (a few % more time); other shapes take a pass that recomputes the
+    scores (50-60% more). Either way the result does not depend on the thread count.
+    The batch and head axes are summed in the kernel, the query and key axes of a bias
+    that broadcasts over them afterwards, from a (batch|1, heads|1, seq_q, seq_k) array.
     """
     scale, key_lengths, add = _attention_inputs(q, k, v, key_lengths, bias, mask, scale)
     _check_array(do, "do", 4)
