@@ -69,26 +69,27 @@ std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const det
   return v;
 }
 
-// Note [bias gradient]
-// dbias(b, h, i, j) = dS(b, h, i, j), the unscaled dS of p_and_ds, summed over b when
-// the bias broadcasts over batches (g.batch == 1) and over h when it broadcasts over
-// heads. Every element is a sum over b (then h) in ascending order of the same dS
-// values, whichever way it is scheduled, so the result does not depend on the thread
-// count or the schedule:
-//  - fused (nearly free): key_block adds dS into dbias as it makes it, where the task
-//    owns those dbias elements: a full-shape bias (a task owns its (b, h) rows), or a
-//    bias shared by the batch (g.batch == 1, g.heads == H) in the one-pass schedule
-//    with tasks that take a kv head through every b in order (enough kv heads to keep
-//    the threads busy);
-//  - otherwise bias_gradient, a separate pass whose task owns one (bq × bk) tile of
-//    dbias and sums its (b, h): P and dS are recomputed (the S and dP products, exp and
-//    dS again), 50-60% of the rest of the backward.
 // dst (rows × cols, row stride ld_dst) += src (row stride ld_src)
 void add_rows(idx rows, idx cols, const float* src, idx ld_src, float* dst, idx ld_dst) {
   for (idx i = 0; i < rows; ++i)
     for (idx j = 0; j < cols; ++j) dst[i * ld_dst + j] += src[i * ld_src + j];
 }
 
+// Note [bias gradient]
+// dbias(b, h, i, j) = dS(b, h, i, j), the unscaled dS of p_and_ds, summed over b when
+// the bias broadcasts over batches (g.batch == 1) and over h when it broadcasts over
+// heads. Every element is a sum over b (then h) in ascending order of the same dS
+// values, whichever way it is scheduled, so the result does not depend on the thread
+// count or the schedule:
+//  - fused: key_block adds dS into dbias as it makes it (the cost is dbias's memory
+//    traffic: 5-40% of the backward in benchmarks/attention_bias_grad.py), where the task
+//    owns those dbias elements: a full-shape bias (a task owns its (b, h) rows), or a
+//    bias shared by the batch (g.batch == 1, g.heads == H) in the one-pass schedule
+//    with tasks that take a kv head through every b in order (enough kv heads to keep
+//    the threads busy);
+//  - otherwise bias_gradient, a separate pass whose task owns one (bq × bk) tile of
+//    dbias and sums its (b, h): P and dS are recomputed (the S and dP products, exp and
+//    dS again), 50-75% of the rest of the backward.
 void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
                    const detail::Blocks& blk, int nt_max, const BiasGrad& g) {
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, group = H / std::max<idx>(a.k.heads, 1);
