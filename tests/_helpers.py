@@ -188,12 +188,19 @@ def attention_backward_bounds(do, q, k, v, o, grads_ref, *, causal=False, key_le
     if bias_grad_shape is None:
         return bounds
     ds_abs = p * dp_abs
-    b4 = (1,) * (4 - len(bias_grad_shape)) + tuple(bias_grad_shape)
-    axes = tuple(ax for ax in range(4) if b4[ax] == 1 and ds_abs.shape[ax] != 1)
-    n = math.prod(ds_abs.shape[ax] for ax in axes)
-    summed = (factor + C * math.sqrt(n) * U) * ds_abs.sum(axis=axes, keepdims=True)
-    underflow = ETA_OPS * ETA * allowed.sum(axis=axes, keepdims=True)
-    return bounds + ((summed + underflow).reshape(bias_grad_shape) + rounding(grads_ref[3]),)
+    n = ds_abs.size // max(1, math.prod(bias_grad_shape))  # terms summed into each dbias element
+    summed = (factor + C * math.sqrt(n) * U) * sum_to_shape(ds_abs, bias_grad_shape)
+    underflow = ETA_OPS * ETA * sum_to_shape(allowed.astype(np.float64), bias_grad_shape)
+    return bounds + (summed + underflow + rounding(grads_ref[3]),)
+
+
+def sum_to_shape(g, shape):
+    """g (batch, heads, seq_q, seq_k) summed over the axes along which `shape` broadcasts."""
+    b4 = (1,) * (4 - len(shape)) + tuple(shape)
+    for ax in range(4):
+        if b4[ax] == 1 and g.shape[ax] != 1:
+            g = g.sum(axis=ax, keepdims=True)
+    return g.reshape(shape)
 
 
 # ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from _helpers import (
     make_attention_case,
     randn,
     ref_kwargs,
+    sum_to_shape,
 )
 
 BACKWARD_CASES = [
@@ -188,15 +189,6 @@ def test_one_pass_schedule_bit_identical_across_thread_counts(isa, rng, restore_
 # ----------------------------------------------------------------------------
 # the bias gradient (bias_grad=True)
 # ----------------------------------------------------------------------------
-
-
-def sum_to_shape(g, shape):
-    """g (batch, heads, seq_q, seq_k) summed over the axes along which `shape` broadcasts."""
-    b4 = (1,) * (4 - len(shape)) + tuple(shape)
-    for ax in range(4):
-        if b4[ax] == 1 and g.shape[ax] != 1:
-            g = g.sum(axis=ax, keepdims=True)
-    return g.reshape(shape)
 
 
 BIAS_GRAD_CASES = {

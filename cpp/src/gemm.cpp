@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 namespace qkv {
@@ -89,31 +90,31 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
   }
 }
 
+// One row block of A as the micro-tiles read it: row ir of the block's tile starts at
+// ptr + ir·tile_step; element (i, p) of a tile at a[i·rs + p·cs].
+struct ABlock {
+  const float* ptr;
+  idx tile_step, rs, cs;
+};
+
 // Note [A in place]
 // The micro-tiles can read A's rows where they lie (row-contiguous A tiles) instead
 // of a packed copy. That saves the packing pass, which costs ~10% when the product
 // per element of A is short (N = 256, K = 256: the training encoder's layers), and
 // works while the tile's mr rows of kc floats stay in L1 beside the B panel: kc up to
 // 384, and rows that do not alias in L1's sets (a row step of 4 KiB puts all 12 in
-// one set: ~12% slower at K = 1024 on Zen 4). Returns A(ic, pc) and *rs, or null
-// to pack.
-const float* a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, idx* rs) {
-  if (kc > 384) return nullptr;
+// one set: ~12% slower at K = 1024 on Zen 4). Fills *a and returns true, or returns
+// false: pack.
+bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
+  if (kc > 384) return false;
   idx rstep, cstep, rows, cols;
   const float* src = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
-  if (cstep != 1 || rows < mc || cols < kc || rstep <= 0) return nullptr;
+  if (cstep != 1 || rows < mc || cols < kc || rstep <= 0) return false;
   // distinct 4 KiB page offsets of the rows (L1 set groups): at least 4, so at most
   // mr / 4 rows of a tile share a set
-  const idx row_bytes = rstep * static_cast<idx>(sizeof(float));
-  idx g = 4096;
-  for (idx x = row_bytes % 4096; x != 0;) {  // g = gcd(row_bytes, 4096)
-    const idx r = g % x;
-    g = x;
-    x = r;
-  }
-  if (4096 / g < 4) return nullptr;
-  *rs = rstep;
-  return src;
+  if (4096 / std::gcd(rstep * static_cast<idx>(sizeof(float)), idx{4096}) < 4) return false;
+  *a = {src, rstep, rstep, 1};
+  return true;
 }
 
 // Packs the micro-panel of B[pc:pc+kc, j0:j0+nr]: bp[p][j] (nr wide), columns
@@ -156,7 +157,7 @@ struct Panels {
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
 // splitting each tile at segment boundaries of the output map. rb/rr: the batch
 // and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
-void macro_kernel(const KernelTable& kt, const float* ap, idx a_rs, const Panels& bp, const idx* rb, const idx* rr, idx mc,
+void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, const idx* rb, const idx* rr, idx mc,
                   idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
                   const float* bias, int act) {
   const int mr = kt.mr, nr = kt.nr;
@@ -177,9 +178,9 @@ void macro_kernel(const KernelTable& kt, const float* ap, idx a_rs, const Panels
       t.k = kc;
       t.m = m;
       t.n = static_cast<int>(n);
-      t.a = ap + ir * (a_rs ? a_rs : kc);
-      t.rs_a = a_rs ? a_rs : 1;
-      t.cs_a = a_rs ? 1 : mr;
+      t.a = ab.ptr + ir * ab.tile_step;
+      t.rs_a = ab.rs;
+      t.cs_a = ab.cs;
       t.b = bpanel + j;
       t.rs_b = bp.width;
       t.c_rows = rows;
@@ -366,19 +367,17 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
           }
           // (implicit barrier: the B panel is complete)
         }
-        idx packed_ic = -1, a_rs = 0;  // A block rows at a_ptr + i·a_rs, or packed (a_rs = 0)
-        const float* a_ptr = ap;
+        idx packed_ic = -1;
+        ABlock ab{};
 #pragma omp for schedule(static)
         for (idx item = 0; item < n_ic * n_jchunks; ++item) {
           const idx icb = item / n_jchunks, jcb = item % n_jchunks;
           const idx ic = icb * mc_max;
           const idx mc = std::min<idx>(mc_max, M - ic);
           if (packed_ic != ic) {
-            a_ptr = a_in_place(A, ic, mc, pc, kc, &a_rs);
-            if (!a_ptr) {
+            if (!a_in_place(A, ic, mc, pc, kc, &ab)) {
               pack_a(kt, A, ic, mc, pc, kc, ap);
-              a_ptr = ap;
-              a_rs = 0;
+              ab = {ap, kc, 1, mr};  // panels ap[panel][p][i]
             }
             for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, rb + i, rr + i);
             packed_ic = ic;
@@ -387,7 +386,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
           const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
           const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
           if (j_begin >= j_end) continue;
-          macro_kernel(kt, a_ptr, a_rs, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
+          macro_kernel(kt, ab, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
                        first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)

@@ -394,7 +394,8 @@ def attention_backward(
     the like) when batch·num_kv_heads >= 8 and num_kv_heads >= 2·threads, is summed as
     the backward runs (5-40% more time: a few % for small biases, more for large
     ones, whose sum over the batch is memory traffic); other shapes take a pass that
-    recomputes the scores (50-75% more). ``benchmarks/attention_bias_grad.py`` times it. Either way the result does not depend on the thread count.
+    recomputes the scores (50-75% more); ``benchmarks/attention_bias_grad.py`` times
+    it. Either way the result does not depend on the thread count.
     The batch and head axes are summed in the kernel, the query and key axes of a bias
     that broadcasts over them afterwards, from a (batch|1, heads|1, seq_q, seq_k) array.
     """
