@@ -184,6 +184,23 @@ def test_a_in_place_or_packed(isa, rng, restore_threads, k):
         check(qn.matmul(a, b), a, b)
 
 
+@pytest.mark.parametrize("m", [736, 1729])
+def test_m_blocks(isa, rng, restore_threads, m):
+    """M is cut into blocks of equal micro-tile counts, as many as the threads or
+    more (736 = 61 tiles + 4 rows on AVX-512; 1729 rows, 12 blocks and a row): every
+    row once, the same bits for 1, 2 and 3 threads, plain and packed B."""
+    a, b = randn(rng, m, 64), randn(rng, 64, 130)
+    packed = qn.pack_weight(b)
+    results = []
+    for n in (1, 2, 3):
+        qn.set_num_threads(n)
+        for got in (qn.matmul(a, b), qn.matmul(a, packed)):
+            check(got, a, b)
+            results.append(got)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
 @pytest.mark.parametrize("which", ["a2d", "b2d"])
 @pytest.mark.parametrize("trans", [False, True], ids=["N", "T"])
 def test_broadcast_2d_against_3d(isa, rng, which, trans):
