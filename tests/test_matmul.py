@@ -1,8 +1,8 @@
 """qn.matmul on every ISA variant against reference.matmul.
 
 Bounds: _helpers error model, |err| <= C·sqrt(K)·u·(|alpha|·|A|·|B| + |beta|·|C|) + 2u·|want|.
-Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 14×32), the MC block
-(64/96/112 rows), the KC block (256) and the NC panel (512/1024/2048 columns).
+Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 12×32; A read in place: up to 14
+rows on AVX-512), the MC block (64/96/144 rows), the KC block (256) and the NC panel (512/1024/2048 columns).
 """
 
 import numpy as np
@@ -27,7 +27,9 @@ SHAPES = [
     (113, 33, 257),  # m = MC(avx512) + 1, k = KC + 1
     (3, 2049, 5),  # n > NC on every ISA
     (7, 1100, 520),  # few rows, enough flops for the N split across threads
-    (14, 32, 9),  # one full avx512 micro-tile
+    (14, 32, 9),  # one full avx512 micro-tile, A in place
+    (13, 40, 11),  # one 13-row tile (a short query's tokens), a ragged column panel
+    (28, 32, 390),  # two 14-row tiles (A in place) or 12 + 12 + 4 (packed)
     (15, 33, 5),  # ... plus one row and one column
     (6, 16, 3),  # one full avx2 micro-tile
     (5, 9, 2),  # a scalar micro-tile plus one

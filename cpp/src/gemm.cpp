@@ -234,7 +234,8 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   idx astep, alen;
   const float* a0 = A.run(0, 0, &astep, &alen);
   const idx a_rs = A.row_step(0);
-  const idx n_row_tiles = row_tiles(M, kt.mr);
+  // (tiles as tall as the kernel allows: 13 rows, a short query's tokens, stream B once)
+  const idx n_row_tiles = row_tiles(M, kt.mr_rows);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
 #pragma omp parallel for num_threads(nt) schedule(static)

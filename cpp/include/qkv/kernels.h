@@ -9,7 +9,8 @@ using idx = std::int64_t;
 
 // One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):
 //   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * b[p*rs_b + j] (+ bias[j]) (+ beta * c_rows[i][j])
-// for i < m <= mr, j < n <= nr, p < k. b is contiguous along j (a packed panel has
+// for i < m, j < n <= nr, p < k; m <= mr, or m <= mr_rows when A is read along its
+// rows (cs_a = 1, rs_a != 1). b is contiguous along j (a packed panel has
 // rs_b = nr). beta == 0 never reads C; bias may be null.
 struct GemmTile {
   idx k;
@@ -52,7 +53,9 @@ struct SgdStep {
 
 struct KernelTable {
   const char* isa;
-  int mr, nr;          // GEMM micro-tile
+  int mr;              // GEMM micro-tile rows (at most; A read down its columns: packed panels)
+  int mr_rows;         // rows at most when A is read along its rows (cs_a = 1): >= mr
+  int nr;              // micro-tile columns
   int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
   void (*gemm_tile)(const GemmTile& t);
   // A panel of m <= width rows of a row-major matrix (row step lda), transposed:

@@ -13,14 +13,18 @@ namespace {
 using V = Vec;
 constexpr int W = V::W;
 
+// MR_ROWS: the tallest tile when A is read along its rows (in place, KernelTable::mr_rows)
 #if defined(QKV_ISA_AVX512)
 constexpr int MR = 12, NV = 2;            // 12 x 32 tile: 24 of 32 zmm are accumulators
+constexpr int MR_ROWS = 14;               // 14 x 32: 28 accumulators, 2 for B (A broadcast from memory)
 constexpr int KC = 576, MC = 144, NC = 2048;
 #elif defined(QKV_ISA_AVX2)
 constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
+constexpr int MR_ROWS = MR;
 constexpr int KC = 256, MC = 96, NC = 1024;
 #else
 constexpr int MR = 4, NV = 8;             // 4 x 8 tile of plain floats
+constexpr int MR_ROWS = MR;
 constexpr int KC = 256, MC = 64, NC = 512;
 #endif
 constexpr int NR = NV * W;
@@ -165,6 +169,7 @@ void run_tile(const GemmTile& t, std::integer_sequence<int, Ms...>) {
 void gemm_tile(const GemmTile& t) {
   if (t.m <= 0 || t.n <= 0) return;
   using Seq = std::make_integer_sequence<int, MR>;
+  using RowSeq = std::make_integer_sequence<int, MR_ROWS>;
   const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
   const bool full_n = t.n == NR;
   const bool narrow = NV > 1 && t.n <= W;  // one vector per row: no FMAs on all-masked lanes
@@ -173,9 +178,9 @@ void gemm_tile(const GemmTile& t) {
     else if (narrow) run_tile<true, false, 1>(t, Seq{});
     else run_tile<true, false>(t, Seq{});
   } else {
-    if (full_n) run_tile<false, true>(t, Seq{});
-    else if (narrow) run_tile<false, false, 1>(t, Seq{});
-    else run_tile<false, false>(t, Seq{});
+    if (full_n) run_tile<false, true>(t, RowSeq{});
+    else if (narrow) run_tile<false, false, 1>(t, RowSeq{});
+    else run_tile<false, false>(t, RowSeq{});
   }
 }
 
@@ -791,7 +796,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, NR, KC, MC, NC, gemm_tile, pack_a, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
       all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
