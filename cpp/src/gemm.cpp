@@ -84,6 +84,10 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
       kt.pack_a(m, kc, src, rstep, dst, mr);
       continue;
     }
+    if (rstep == 1 && rows >= m && cols >= kc) {  // a transposed A: panel rows lie in memory
+      kt.copy_rows(kc, m, src, cstep, dst, mr, mr);
+      continue;
+    }
     copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);
     for (idx p = 0; p < kc; ++p)
       for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
@@ -119,8 +123,14 @@ bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
 
 // Packs the micro-panel of B[pc:pc+kc, j0:j0+nr]: bp[p][j] (nr wide), columns
 // past nc_left zero-filled.
-void pack_b_panel(const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, int nr, float* bp) {
-  const int n = static_cast<int>(std::min<idx>(nr, nc_left));
+void pack_b_panel(const KernelTable& kt, const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, float* bp) {
+  const int nr = kt.nr, n = static_cast<int>(std::min<idx>(nr, nc_left));
+  idx rstep, cstep, rows, cols;
+  const float* src = B.block(pc, j0, &rstep, &cstep, &rows, &cols);
+  if (rows >= kc && cols >= n) {
+    if (cstep == 1) return kt.copy_rows(kc, n, src, rstep, bp, nr, nr);  // rows of B
+    if (rstep == 1) return kt.pack_a(n, kc, src, cstep, bp, nr);         // a transposed B
+  }
   copy_window(B, pc, j0, kc, n, bp, nr, 1);
   if (n < nr)
     for (idx p = 0; p < kc; ++p)
@@ -367,7 +377,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
 #pragma omp for schedule(static)
           for (idx item = 0; item < n_rblk * n_panels; ++item) {
             const idx r0 = item / n_panels * rblk, jp = item % n_panels;
-            pack_b_panel(*B.map, pc + r0, std::min<idx>(rblk, kc - r0), jc + jp * nr, nc - jp * nr, nr,
+            pack_b_panel(kt, *B.map, pc + r0, std::min<idx>(rblk, kc - r0), jc + jp * nr, nc - jp * nr,
                          bpack + jp * kc * nr + r0 * nr);
           }
           // (implicit barrier: the B panel is complete)

@@ -62,6 +62,10 @@ struct KernelTable {
   // dst[p*width + i] = a[i*lda + p] for p < k, rows m..width-1 zero (AVX-512: 16 x 16
   // in registers). GEMM's A micro-panels (width mr) and attention's K/Q panels (nr).
   void (*pack_a)(int m, idx k, const float* a, idx lda, float* dst, int width);
+  // Rows of a strided matrix copied into rows of `width` floats, zero past `cols`
+  // (<= width): dst[r*ds + c] = src[r*ss + c]. GEMM packing of operands whose
+  // packed rows are contiguous in memory (untransposed B, transposed A).
+  void (*copy_rows)(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width);
   // One row (M = 1, a decode step): y(n) = act(alpha · x(k) · B(k×n) + bias + beta·y),
   // B(p, j) = b[p*rs_b + j]. Memory-bound: keeps 8 independent accumulators so the
   // FMA latency does not limit it; each B element is read once.

@@ -241,6 +241,26 @@ void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
     for (int i = 0; i < width; ++i) dst[p * width + i] = i < m ? a[i * lda + p] : 0.0f;
 }
 
+// dst[r*ds + c] = src[r*ss + c] for c < cols, 0 for cols <= c < width; r < rows
+// (see KernelTable::copy_rows). Up to 64 vectors per row, their masks made once.
+void copy_rows(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width) {
+  constexpr int kMaxVecs = 64;
+  const int nv = (width + W - 1) / W;
+  if (nv > kMaxVecs) {  // (not reached by the packing routines: width <= 32)
+    for (idx r = 0; r < rows; ++r)
+      for (int c = 0; c < width; ++c) dst[r * ds + c] = c < cols ? src[r * ss + c] : 0.0f;
+    return;
+  }
+  V::tail load_mask[kMaxVecs], store_mask[kMaxVecs];
+  for (int v = 0; v < nv; ++v) {
+    load_mask[v] = V::tail_mask(imin(W, cols - v * W < 0 ? 0 : cols - v * W));
+    store_mask[v] = V::tail_mask(imin(W, width - v * W));
+  }
+  for (idx r = 0; r < rows; ++r)
+    for (int v = 0; v < nv; ++v)
+      V::store(dst + r * ds + v * W, V::load(src + r * ss + v * W, load_mask[v]), store_mask[v]);
+}
+
 void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
           const float* bias, int act) {
   // Streams B row by row (contiguous: the prefetcher's best case), four rows per
@@ -796,7 +816,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
       all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
