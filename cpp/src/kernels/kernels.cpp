@@ -359,9 +359,11 @@ void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx 
 
 // ---------------------------------------------------------------------------
 // exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
-// exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n
-// built in the exponent bits. Below -104 (and at -inf) the result is exactly 0;
-// NaN propagates.
+// exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n.
+// Below -104 (and at -inf) the result is exactly 0; NaN propagates.
+// AVX-512: x is clamped to [-104, 88.8] and vscalefps makes p·2^n over the whole
+// range (denormal results, +inf above 88.72), in one instruction.
+// Otherwise 2^n is built in the exponent bits:
 // FullRange: x is clamped to [-104, 88.8] and 2^n is built as 2^n1 · 2^n2, so that
 // denormal results and overflow to +inf come out right.
 // !FullRange (softmax, where x <= 0 and results below 2^-126 do not matter): x is
@@ -370,8 +372,14 @@ void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx 
 // — 7 instructions fewer.
 template <bool FullRange>
 inline V::reg exp_v(V::reg x) {
+#if defined(QKV_ISA_AVX512)
+  constexpr bool kScalef = true;
+#else
+  constexpr bool kScalef = false;
+#endif
+  constexpr bool kWide = FullRange || kScalef;  // the clamp of the full range
   // min(hi, max(lo, x)) keeps NaN: x86 min/max return their second operand on NaN
-  const V::reg xs = V::min(V::set1(FullRange ? 88.8f : 0.0f), V::max(V::set1(FullRange ? -104.0f : -88.0f), x));
+  const V::reg xs = V::min(V::set1(kWide ? 88.8f : 0.0f), V::max(V::set1(kWide ? -104.0f : -88.0f), x));
   const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
@@ -383,10 +391,14 @@ inline V::reg exp_v(V::reg x) {
   p = V::fmadd(p, r, V::set1(0.5f));
   p = V::fmadd(p, r, V::set1(1.0f));
   p = V::fmadd(p, r, V::set1(1.0f));
+#if defined(QKV_ISA_AVX512)
+  return _mm512_scalef_ps(p, n);  // at x = -104, n = -150: p·2^-150 rounds to 0
+#else
   if (!FullRange) return V::mul(p, V::pow2i(n));
   const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
   const V::reg y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
   return V::replace_below(x, -104.0f, y, 0.0f);
+#endif
 }
 
 template <bool FullRange = false>
