@@ -242,23 +242,13 @@ void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
 }
 
 // dst[r*ds + c] = src[r*ss + c] for c < cols, 0 for cols <= c < width; r < rows
-// (see KernelTable::copy_rows). Up to 64 vectors per row, their masks made once.
+// (see KernelTable::copy_rows).
 void copy_rows(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width) {
-  constexpr int kMaxVecs = 64;
-  const int nv = (width + W - 1) / W;
-  if (nv > kMaxVecs) {  // (not reached by the packing routines: width <= 32)
-    for (idx r = 0; r < rows; ++r)
-      for (int c = 0; c < width; ++c) dst[r * ds + c] = c < cols ? src[r * ss + c] : 0.0f;
-    return;
-  }
-  V::tail load_mask[kMaxVecs], store_mask[kMaxVecs];
-  for (int v = 0; v < nv; ++v) {
-    load_mask[v] = V::tail_mask(imin(W, cols - v * W < 0 ? 0 : cols - v * W));
-    store_mask[v] = V::tail_mask(imin(W, width - v * W));
-  }
   for (idx r = 0; r < rows; ++r)
-    for (int v = 0; v < nv; ++v)
-      V::store(dst + r * ds + v * W, V::load(src + r * ss + v * W, load_mask[v]), store_mask[v]);
+    for (int c = 0; c < width; c += W) {
+      const V::tail in = V::tail_mask(cols - c < 0 ? 0 : imin(W, cols - c)), out = V::tail_mask(imin(W, width - c));
+      V::store(dst + r * ds + c, V::load(src + r * ss + c, in), out);
+    }
 }
 
 void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
@@ -358,28 +348,34 @@ void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx 
 }
 
 // ---------------------------------------------------------------------------
+// p·2^n for integral-valued n over the whole float range (denormal results, 0, +inf):
+// vscalefps, or 2^n as two exponent-field powers 2^n1 · 2^(n-n1) (|n| <= 252).
+inline V::reg scale_pow2(V::reg p, V::reg n) {
+#if defined(QKV_ISA_AVX512)
+  return _mm512_scalef_ps(p, n);
+#else
+  const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
+  return V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
+#endif
+}
+
 // exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
 // exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n.
-// Below -104 (and at -inf) the result is exactly 0; NaN propagates.
-// AVX-512: x is clamped to [-104, 88.8] and vscalefps makes p·2^n over the whole
-// range (denormal results, +inf above 88.72), in one instruction.
-// Otherwise 2^n is built in the exponent bits:
-// FullRange: x is clamped to [-104, 88.8] and 2^n is built as 2^n1 · 2^n2, so that
-// denormal results and overflow to +inf come out right.
-// !FullRange (softmax, where x <= 0 and results below 2^-126 do not matter): x is
-// clamped to [-88, 0] and 2^n is one exponent; from x = -87.68 down, n = -127 makes
-// that exponent field 0, so the result is exactly 0 with no compare (-inf gives 0)
-// — 7 instructions fewer.
+// x is clamped to [-104, 88.8]: denormal results and overflow to +inf come out right,
+// and from -104 down (and at -inf) p·2^-150 rounds to exactly 0. NaN propagates.
+// !FullRange without vscalefps (softmax, where x <= 0 and results below 2^-126 do
+// not matter): x is clamped to [-88, 0] and 2^n is one exponent field; from
+// x = -87.68 down, n = -127 makes that field 0, so the result is exactly 0 with no
+// compare (-inf gives 0) — 7 instructions fewer on AVX2.
 template <bool FullRange>
 inline V::reg exp_v(V::reg x) {
 #if defined(QKV_ISA_AVX512)
-  constexpr bool kScalef = true;
+  constexpr bool kNarrow = false;  // scale_pow2 is one instruction: nothing to save
 #else
-  constexpr bool kScalef = false;
+  constexpr bool kNarrow = !FullRange;
 #endif
-  constexpr bool kWide = FullRange || kScalef;  // the clamp of the full range
   // min(hi, max(lo, x)) keeps NaN: x86 min/max return their second operand on NaN
-  const V::reg xs = V::min(V::set1(kWide ? 88.8f : 0.0f), V::max(V::set1(kWide ? -104.0f : -88.0f), x));
+  const V::reg xs = V::min(V::set1(kNarrow ? 0.0f : 88.8f), V::max(V::set1(kNarrow ? -88.0f : -104.0f), x));
   const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
@@ -391,14 +387,7 @@ inline V::reg exp_v(V::reg x) {
   p = V::fmadd(p, r, V::set1(0.5f));
   p = V::fmadd(p, r, V::set1(1.0f));
   p = V::fmadd(p, r, V::set1(1.0f));
-#if defined(QKV_ISA_AVX512)
-  return _mm512_scalef_ps(p, n);  // at x = -104, n = -150: p·2^-150 rounds to 0
-#else
-  if (!FullRange) return V::mul(p, V::pow2i(n));
-  const V::reg n1 = V::round(V::mul(n, V::set1(0.5f)));
-  const V::reg y = V::mul(V::mul(p, V::pow2i(n1)), V::pow2i(V::sub(n, n1)));
-  return V::replace_below(x, -104.0f, y, 0.0f);
-#endif
+  return kNarrow ? V::mul(p, V::pow2i(n)) : scale_pow2(p, n);
 }
 
 template <bool FullRange = false>
