@@ -5,7 +5,7 @@ float ``attn_mask`` that requires grad (when torch is installed), same thread co
 Bias shapes: a learned position bias shared by the batch (1, heads, seq, seq), which
 the backward sums as it runs (Note [bias gradient] in cpp/src/attention_bwd.cpp), and
 one shared by the heads (batch, 1, 1, seq), which takes the recomputing pass.
-Medians of calls in blocks taking turns (after a pause and a warm-up call, as in
+Medians of calls in blocks taking turns (``qkv_native.bench.measure``, as in
 ``qkv-native bench``); torch's dbias is compared with ours first.
 
     python benchmarks/attention_bias_grad.py [--threads 2] [--reps 5]
@@ -14,11 +14,11 @@ Medians of calls in blocks taking turns (after a pause and a warm-up call, as in
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import qkv_native as qn
+from qkv_native.bench import Budget, measure
 
 CASES = [  # (batch, heads, seq, d_head, bias shape)
     (32, 12, 128, 32, (1, 12, 128, 128)),
@@ -26,22 +26,6 @@ CASES = [  # (batch, heads, seq, d_head, bias shape)
     (4, 16, 1024, 64, (1, 16, 1024, 1024)),
     (8, 12, 512, 64, (8, 1, 1, 512)),
 ]
-
-
-def _median_ms(fns, reps, per_block=3):
-    """fns: name -> callable. In each of ``reps`` rounds every callable gets a block of
-    ``per_block`` timed calls, after a pause (the other thread pools stop spinning, as
-    in ``qkv-native bench``) and an untimed call."""
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            time.sleep(0.12)
-            fn()
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -57,6 +41,9 @@ def main() -> None:
     except ImportError:
         torch = None
     rng = np.random.default_rng(0)
+    # exactly 3 timed calls per block (max_runs caps them), each block after an untimed call
+    budget = Budget(seconds=10.0 * args.reps, rounds=args.reps, min_runs=3 * args.reps, max_runs=3 * args.reps,
+                    probe_seconds=0.0)
     print(f"threads {args.threads}; median ms of {3 * args.reps} calls each, in {args.reps} blocks taking turns")
     print(f"{'case':44} {'backward':>9} {'+ dbias':>9} {'extra':>7} {'torch':>9} {'vs torch':>9}")
     for batch, heads, seq, d_head, bias_shape in CASES:
@@ -77,7 +64,11 @@ def main() -> None:
             err = float(np.abs(mine - theirs).max() / max(np.abs(theirs).max(), 1e-30))
             if err > 1e-3:
                 raise SystemExit(f"dbias differs from torch's: max relative error {err:.2e}")
-        ms = _median_ms(fns, args.reps)
+        times = measure(fns, budget)
+        for t in times.values():
+            if isinstance(t, Exception):
+                raise t
+        ms = {name: 1e3 * float(np.median(t)) for name, t in times.items()}
         label = f"({batch}, {heads}, {seq}, {d_head}) bias {bias_shape}"
         tail = f" {ms['torch']:9.1f} {ms['torch'] / ms['dbias']:8.2f}x" if "torch" in ms else ""
         print(f"{label:44} {ms['plain']:9.1f} {ms['dbias']:9.1f} {100 * (ms['dbias'] / ms['plain'] - 1):+6.0f}%{tail}")

@@ -225,6 +225,8 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // Note [bias gradient]: fused where a task owns the dbias elements it makes
   const bool full_dbias = dbias.ptr && dbias.batch == B && dbias.heads == H;
   const bool head_major = one_pass && dbias.ptr && dbias.batch == 1 && dbias.heads == H && Hkv >= 2 * nt_max;
+  const bool fuse_dbias = full_dbias || head_major;
+  if (dbias.ptr && !fuse_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
   if (one_pass) {
     // tasks: (b, kv head) pairs, or with head_major kv heads, each through every b in order
     const idx n_tasks = head_major ? Hkv : B * Hkv;
@@ -241,11 +243,10 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
             for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
             if (full_dbias || (head_major && b == 0)) std::fill(dbias_at(b, h, 0, 0), dbias_at(b, h, Sq, 0), 0.0f);
           }
-          for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true, full_dbias || head_major);
+          for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true, fuse_dbias);
         }
       }
     }
-    if (dbias.ptr && !full_dbias && !head_major) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
     return;
   }
 
@@ -269,7 +270,6 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       key_block(b, hk, k0, sc, false, full_dbias);
     }
   }
-  if (dbias.ptr && !full_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
 
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();
