@@ -41,11 +41,14 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // a prefetch is only a hint, it never faults, so no bound is checked. The address is
 // computed as an integer (no out-of-bounds pointer is formed).
 constexpr idx kStreamAhead = 48;
+// the line holding p[ahead], into L2
+inline void prefetch_ahead(const float* p, idx ahead) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) +
+                                                   static_cast<std::uintptr_t>(ahead) * sizeof(float)),
+                     0, 1);
+}
 inline void prefetch_row(const float* row, idx rows_ahead, idx stride, idx n) {
-  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(row) +
-                           static_cast<std::uintptr_t>(rows_ahead * stride) * sizeof(float);
-  for (idx i = 0; i < n; i += 64 / static_cast<idx>(sizeof(float)))
-    __builtin_prefetch(reinterpret_cast<const void*>(p + static_cast<std::uintptr_t>(i) * sizeof(float)), 0, 1);
+  for (idx i = 0; i < n; i += 64 / static_cast<idx>(sizeof(float))) prefetch_ahead(row + i, rows_ahead * stride);
 }
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 constexpr float kNegInf = -__builtin_inff();
@@ -253,8 +256,13 @@ void copy_rows(idx rows, int cols, const float* src, idx ss, float* dst, idx ds,
 
 void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
           const float* bias, int act) {
-  // Streams B row by row (contiguous: the prefetcher's best case), four rows per
-  // pass over y, which stays in L1: y += x[p..p+3]·B[p..p+3, :].
+  // Streams B row by row, four rows per pass over y, which stays in L1:
+  // y += x[p..p+3]·B[p..p+3, :]. Each line of B read is prefetched kGemvAhead rows
+  // on as it is read: spread over the loop, these keep more misses in flight than
+  // the hardware prefetcher's four interleaved streams or a burst of prefetches
+  // per row (1 thread, weights from memory: ~14 -> ~21 GB/s, the plain read's rate).
+  constexpr idx kGemvAhead = 16;
+  constexpr idx kLine = 64 / sizeof(float);
   const idx nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
   const V::tail tail = V::tail_mask(rem);
@@ -277,9 +285,10 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   idx p = 0;
   for (; p + 4 <= k; p += 4) {
     const float* r0 = b + p * rs_b;
-    for (idx r = 0; r < 4; ++r) prefetch_row(r0 + r * rs_b, kStreamAhead, rs_b, n);  // Note [streaming prefetch]
     const V::reg x0 = V::set1(x[p]), x1 = V::set1(x[p + 1]), x2 = V::set1(x[p + 2]), x3 = V::set1(x[p + 3]);
     for (idx v = 0; v < nvec; ++v) {
+      if ((v * W) % kLine == 0)  // Note [streaming prefetch]
+        for (idx r = 0; r < 4; ++r) prefetch_ahead(r0 + r * rs_b + v * W, kGemvAhead * rs_b);
       V::reg acc = V::fmadd(x0, load_b(r0, v), load_y(v, fresh));
       acc = V::fmadd(x1, load_b(r0 + rs_b, v), acc);
       acc = V::fmadd(x2, load_b(r0 + 2 * rs_b, v), acc);
