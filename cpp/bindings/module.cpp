@@ -1051,34 +1051,22 @@ PYBIND11_MODULE(_core, m) {
     });
     return gflops;
   }, py::arg("seconds") = 0.2);
-  m.def("read_bandwidth", [](double seconds) {
-    // Streaming-read bandwidth of memory on all threads, GB/s: each thread sums its
-    // part of a 512 MiB buffer (far beyond any cache), first touched by that thread.
+  m.def("stream_read", [](const py::object& x_obj) {
+    // Sum of a contiguous float32 array, each thread summing one contiguous part: the
+    // plain streaming read that memory-bound benchmark cases are measured against.
+    Arr x = as_f32(x_obj, "x", 1);
+    if (x.shape[0] > 1 && x.strides[0] != 1) value_error("x must be contiguous");
     const auto& kt = active_kernels();
-    const idx n = idx(1) << 27;
-    qkv::AlignedBuffer buf(n);
-    double gbps = 0.0;
+    const idx n = x.shape[0];
+    float sum = 0.0f;
     run_native([&] {
       const int nt = omp_get_max_threads();
-      float* p = buf.data();
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (idx i = 0; i < n; ++i) p[i] = 1.0f;
-      double best = 0.0;
-      const double t_end = omp_get_wtime() + seconds;
-      float sink = 0.0f;
-      do {
-        const double t0 = omp_get_wtime();
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : sink)
-        for (int t = 0; t < nt; ++t) {
-          const idx lo = n * t / nt, hi = n * (t + 1) / nt;
-          sink += kt.read_probe(p + lo, hi - lo);
-        }
-        best = std::max(best, static_cast<double>(n) * sizeof(float) / (omp_get_wtime() - t0) / 1e9);
-      } while (omp_get_wtime() < t_end);
-      volatile float keep = sink;
-      (void)keep;
-      gbps = best;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : sum)
+      for (int t = 0; t < nt; ++t) {
+        const idx lo = n * t / nt, hi = n * (t + 1) / nt;
+        sum += kt.read_probe(x.ptr + lo, hi - lo);
+      }
     });
-    return gbps;
-  }, py::arg("seconds") = 0.5);
+    return sum;
+  }, py::arg("x"));
 }
