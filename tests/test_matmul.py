@@ -2,7 +2,8 @@
 
 Bounds: _helpers error model, |err| <= C·sqrt(K)·u·(|alpha|·|A|·|B| + |beta|·|C|) + 2u·|want|.
 Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 12×32; A read in place: up to 14
-rows on AVX-512), the MC block (64/96/144 rows), the KC block (256) and the NC panel (512/1024/2048 columns).
+rows on AVX-512), the MC block (64/96/144 rows), the KC block (576 on AVX-512, 256
+below; up to 4/3 of it is one block) and the NC panel (512/1024/2048 columns).
 """
 
 import numpy as np
@@ -33,6 +34,8 @@ SHAPES = [
     (15, 33, 5),  # ... plus one row and one column
     (6, 16, 3),  # one full avx2 micro-tile
     (5, 9, 2),  # a scalar micro-tile plus one
+    (29, 40, 500),  # one K block longer than 384 on AVX-512 (a transposed A read in place)
+    (1024, 9, 20),  # a transposed A with a 4 KiB row step (packed, not read in place)
 ]
 
 
