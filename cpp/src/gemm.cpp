@@ -250,12 +250,14 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   // B's bytes as work too (a 384 × 1536 weight gets both threads even for one row).
   const double work = std::max(2.0 * M * N * K, 8.0 * static_cast<double>(N) * K);
   const int nt = static_cast<int>(std::min<idx>(threads_for(work, 1.0e6), n_strips));
-  // A rows are contiguous along K, all in A's first batch (small_m_ok).
+  // A in place (small_m_ok): element (i, p) at a0 + i·a_rs + p·astep, with rows
+  // contiguous along K (astep 1) or, transposed, columns contiguous along M (a_rs 1)
   idx astep, alen;
   const float* a0 = A.run(0, 0, &astep, &alen);
   const idx a_rs = A.row_step(0);
-  // (tiles as tall as the kernel allows: 13 rows, a short query's tokens, stream B once)
-  const idx n_row_tiles = row_tiles(M, kt.mr_rows);
+  // (row-contiguous tiles as tall as the kernel allows: 13 rows, a short query's
+  // tokens, stream B once; column-contiguous ones up to mr)
+  const idx n_row_tiles = row_tiles(M, A.trans ? kt.mr : kt.mr_rows);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -279,7 +281,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.n = static_cast<int>(n);
         t.a = a0 + i0 * a_rs;
         t.rs_a = a_rs;
-        t.cs_a = 1;
+        t.cs_a = astep;
         t.b = bp;
         t.rs_b = rs_b;
         t.stream_b = tile == 0;  // the first row tile reads the strip from memory
@@ -296,13 +298,15 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
 }
 
 // True when the no-pack path can read the operands in place: A row-major with
-// whole rows in one batch, B packed beforehand or with unit column steps.
-bool small_m_ok(const KernelTable& kt, idx M, const MatMap& A, const BOperand& B) {
+// whole rows in one batch, or a transposed A (M > 1) whose stored rows, one per k,
+// are all in one batch; B packed beforehand or with unit column steps.
+bool small_m_ok(const KernelTable& kt, idx M, idx K, const MatMap& A, const BOperand& B) {
   // Measured on Zen 4 (K = 384, N = 1536): reading B in place beats packing it up to
   // about 16 micro-tile rows (the B strip of each thread stays in L2 across them).
-  if (M > 16 * kt.mr || A.trans || A.cs != 1) return false;
+  if (M > 16 * kt.mr || A.cs != 1) return false;
   if (B.map && (B.map->trans || B.map->cs != 1)) return false;
   if (A.seg_cols != MatMap().seg_cols) return false;
+  if (A.trans) return M > 1 && K <= A.rows_per_batch;
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
 
@@ -327,7 +331,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
                  float beta, const MatMap& C, const float* bias, int act) {
   if (M <= 0 || N <= 0) return;
   const int mr = kt.mr, nr = kt.nr;
-  if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, A, B)) {
+  if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, K, A, B)) {
     gemm_small_m(kt, M, N, K, alpha, A, B, beta, C, bias, act);
     return;
   }
