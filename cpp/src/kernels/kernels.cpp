@@ -33,12 +33,13 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 
 // Note [streaming prefetch]
 // Kernels that read an operand once, straight from memory (decode: K and V; one-row
-// products: the weight), are bound by how many cache misses are in flight. The
-// hardware prefetcher restarts at each new stream (a K block, then a V block, ...)
-// and leaves much of the DRAM bandwidth unused, so these loops also prefetch, into
-// L2, every line of the row kStreamAhead rows on. Past the operand's end that is the
-// next block the caller will pass (the next K/V block of a decode, the next head):
-// a prefetch is only a hint, it never faults, so no bound is checked. The address is
+// products: the weight), are bound by how many cache misses are in flight. The hardware
+// prefetcher restarts at each new stream (a K block, then a V block, ...) and leaves
+// much of the DRAM bandwidth unused, so these loops also prefetch, into L2, every line
+// of the row kStreamAhead rows on (gemv: each line as it reads it, kGemvAhead rows on,
+// which suits its four long rows at once). Past the operand's end that is the next
+// block the caller will pass (the next K/V block of a decode, the next head): a
+// prefetch is only a hint, it never faults, so no bound is checked. The address is
 // computed as an integer (no out-of-bounds pointer is formed).
 constexpr idx kStreamAhead = 48;
 // the line holding p[ahead], into L2
