@@ -67,8 +67,8 @@ struct KernelTable {
   // packed rows are contiguous in memory (untransposed B, transposed A).
   void (*copy_rows)(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width);
   // One row (M = 1, a decode step): y(n) = act(alpha · x(k) · B(k×n) + bias + beta·y),
-  // B(p, j) = b[p*rs_b + j]. Memory-bound: keeps 8 independent accumulators so the
-  // FMA latency does not limit it; each B element is read once.
+  // B(p, j) = b[p*rs_b + j]. Memory-bound: y stays in L1 while four rows of B at a
+  // time stream past it, each B element read once and prefetched ahead.
   void (*gemv)(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
                const float* bias, int act);
   // Dot products of rows, for scores against a few queries (decode):

@@ -42,6 +42,7 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // prefetch is only a hint, it never faults, so no bound is checked. The address is
 // computed as an integer (no out-of-bounds pointer is formed).
 constexpr idx kStreamAhead = 48;
+constexpr idx kLineFloats = 64 / static_cast<idx>(sizeof(float));  // floats per cache line
 // the line holding p[ahead], into L2
 inline void prefetch_ahead(const float* p, idx ahead) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) +
@@ -49,7 +50,7 @@ inline void prefetch_ahead(const float* p, idx ahead) {
                      0, 1);
 }
 inline void prefetch_row(const float* row, idx rows_ahead, idx stride, idx n) {
-  for (idx i = 0; i < n; i += 64 / static_cast<idx>(sizeof(float))) prefetch_ahead(row + i, rows_ahead * stride);
+  for (idx i = 0; i < n; i += kLineFloats) prefetch_ahead(row + i, rows_ahead * stride);
 }
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 constexpr float kNegInf = -__builtin_inff();
@@ -263,7 +264,6 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   // the hardware prefetcher's four interleaved streams or a burst of prefetches
   // per row (1 thread, weights from memory: ~14 -> ~21 GB/s, the plain read's rate).
   constexpr idx kGemvAhead = 16;
-  constexpr idx kLine = 64 / sizeof(float);
   const idx nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
   const V::tail tail = V::tail_mask(rem);
@@ -288,7 +288,7 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
     const float* r0 = b + p * rs_b;
     const V::reg x0 = V::set1(x[p]), x1 = V::set1(x[p + 1]), x2 = V::set1(x[p + 2]), x3 = V::set1(x[p + 3]);
     for (idx v = 0; v < nvec; ++v) {
-      if ((v * W) % kLine == 0)  // Note [streaming prefetch]
+      if ((v * W) % kLineFloats == 0)  // Note [streaming prefetch]
         for (idx r = 0; r < 4; ++r) prefetch_ahead(r0 + r * rs_b + v * W, kGemvAhead * rs_b);
       V::reg acc = V::fmadd(x0, load_b(r0, v), load_y(v, fresh));
       acc = V::fmadd(x1, load_b(r0 + rs_b, v), acc);
