@@ -28,6 +28,7 @@ Nothing here is tuned to make a test pass: the constants are fixed by the model.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -38,6 +39,12 @@ U = 2.0**-24  # float32 unit roundoff
 C = 8.0  # Higham-Mary lambda: per-element failure probability ~ 2*exp(-32)
 ETA = 2.0**-126  # FLT_MIN: absolute error of a result that underflows
 ETA_OPS = 4.0
+
+# Thread counts the determinism tests compare: 1, 2, 3 (more threads than this
+# machine's 2 cores is fine: bit-identity must hold for any count) and every core
+# this process may run on, where there are more (a 16-core machine checks 16).
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+THREAD_COUNTS = tuple(sorted({1, 2, 3, _CORES}))
 
 
 def randn(rng, *shape):

@@ -13,6 +13,7 @@ from qkv_native import reference as ref
 
 from _helpers import (
     ATTENTION_CASES,
+    THREAD_COUNTS,
     assert_within,
     attention_backward_bounds,
     make_attention_case,
@@ -126,14 +127,15 @@ def test_bit_identical_across_thread_counts(isa, rng, restore_threads, name):
     if "key_lengths" in kw:
         kw["key_lengths"] = kw["key_lengths"][:1]
     do = randn(rng, *q.shape[:3], v.shape[3])
-    results = []
-    for n in (1, 2):
+    results = {}
+    for n in THREAD_COUNTS:
         qn.set_num_threads(n)
         assert qn.get_num_threads() == n
         o, lse = qn.attention(q, k, v, return_lse=True, **kw)
-        results.append((o, lse) + tuple(qn.attention_backward(do, q, k, v, o, lse, **kw)))
-    for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
-        np.testing.assert_array_equal(a, b, err_msg=f"{label} differs between 1 and 2 threads")
+        results[n] = (o, lse) + tuple(qn.attention_backward(do, q, k, v, o, lse, **kw))
+    for n in THREAD_COUNTS[1:]:
+        for label, a, b in zip(("o", "lse", "dq", "dk", "dv"), results[1], results[n]):
+            np.testing.assert_array_equal(b, a, err_msg=f"{label} differs between 1 and {n} threads")
 
 
 def test_key_padding_contents_are_ignored(isa, rng):

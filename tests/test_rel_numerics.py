@@ -22,6 +22,7 @@ import qkv_native as qn
 from qkv_native import reference as ref
 
 from _helpers import (
+    THREAD_COUNTS,
     assert_within,
     attention_backward_bounds,
     attention_forward_bounds,
@@ -403,6 +404,7 @@ def test_every_head_dim(isa, rng, d_head):
 def _all_ops(rng):
     """One call of every op on shapes large enough for the drivers to split work across threads."""
     a, b = randn(rng, 129, 300), randn(rng, 300, 131)
+    x1, w1 = randn(rng, 1, 600), randn(rng, 600, 1200)  # one row, 2.9 MB of weight: gemv strips
     x, w = randn(rng, 2, 65, 96), randn(rng, 96, (4 + 2 * 2) * 32)
     q, k, v = randn(rng, 1, 4, 150, 64), randn(rng, 1, 2, 150, 64), randn(rng, 1, 2, 150, 64)
     qv, kv_ = randn(rng, 200, 4, 32), randn(rng, 230, 2, 32)
@@ -412,6 +414,7 @@ def _all_ops(rng):
 
     def run():
         out = {"matmul": qn.matmul(a, b), "matmul_tt": qn.matmul(b, a, trans_a=True, trans_b=True)}
+        out["gemv"] = qn.matmul(x1, w1)
         pq, pk, pv = qn.qkv_project_packed(x, w, num_heads=4, num_kv_heads=2)
         out.update(proj_q=pq, proj_k=pk, proj_v=pv)
         for i, g in enumerate(qn.qkv_project_backward(x, w[:, :128], w[:, 128:192], w[:, 192:], pq, pk, pv)):
@@ -443,9 +446,9 @@ def test_every_op_bit_identical_across_thread_counts(isa, rng, restore_threads):
     work across threads but never split a sum), so the README promises it for all of them."""
     run = _all_ops(rng)
     results = {}
-    for n in (1, 2, 3):
+    for n in THREAD_COUNTS:
         qn.set_num_threads(n)
         results[n] = run()
-    for n in (2, 3):
+    for n in THREAD_COUNTS[1:]:
         for name, arr in results[n].items():
             np.testing.assert_array_equal(arr, results[1][name], err_msg=f"{name}: {n} threads differ from 1")
