@@ -283,6 +283,10 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
     for (idx v = 0; v < nvec; ++v) store_y(v, V::mul(load_y(v, false), s));
     fresh = false;
   }
+  // The loop prefetches kGemvAhead rows on; the rows before that are asked for here,
+  // all at once (a weight from memory: 1 thread +3%, 2 threads +7%, 64 weights of
+  // 384 x 1152 one after the other)
+  for (idx r = 0; r < k && r < kGemvAhead; ++r) prefetch_row(b + r * rs_b, 0, rs_b, n);
   idx p = 0;
   for (; p + 4 <= k; p += 4) {
     const float* r0 = b + p * rs_b;
