@@ -52,6 +52,8 @@ def main(argv=None) -> int:
 
     import qkv_native as qn
     from qkv_native import encoder_bench as eb
+
+    eb.import_ctranslate2_first()  # before anything imports torch: Note [ctranslate2 before torch]
     from qkv_native.bench import fma_peak
     from qkv_native.encoder import SentenceEncoder
 

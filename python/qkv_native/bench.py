@@ -199,8 +199,14 @@ def _try_import(name: str):
 
 
 def detect_baselines() -> Baselines:
-    """Import torch, onnxruntime (+ onnx to build graphs) and threadpoolctl if installed."""
+    """Import ctranslate2, torch, onnxruntime (+ onnx to build graphs) and threadpoolctl if installed.
+
+    ctranslate2 comes first: Note [ctranslate2 before torch] in encoder_bench.
+    """
+    from qkv_native.encoder_bench import import_ctranslate2_first
+
     found = Baselines()
+    import_ctranslate2_first()
     found.torch, why = _try_import("torch")
     if why:
         found.missing["torch"] = why

@@ -215,6 +215,30 @@ def onnxruntime_encoder(model_dir: str, threads: int, workdir: str, batch_size: 
     return _PaddedBatches(model_dir, batch_size, forward)
 
 
+# Note [ctranslate2 before torch]
+# ctranslate2's wheel bundles its own libgomp; torch uses the system libgomp and puts
+# it in the process's global symbol scope, which the dynamic linker searches before a
+# library's own dependencies. So ctranslate2 imported after torch runs its parallel
+# regions on that shared libgomp, beside qkv_native's and torch's, and all of them get
+# slower at 2 threads: on 2 cores, one 13-token text in turns with every baseline,
+# qkv_native 4.7 -> 2.6 ms and ctranslate2 11.1 -> 5.3 ms per text when ctranslate2 is
+# imported first (ONNX Runtime and sentence-transformers unchanged or faster; on 1
+# thread 4.1 and 4.0 ms either way). In the slow case our main thread sleeps and is
+# woken at nearly every parallel region (4669 voluntary context switches in 200
+# encodes, against 0): libgomp spins idle threads only briefly once its pools hold
+# more threads than there are cores. The benchmarks therefore
+# import ctranslate2 before anything imports torch (import_ctranslate2_first), so that
+# each library runs on its own runtime, as it would alone.
+def import_ctranslate2_first():
+    """Import ctranslate2 before torch (Note [ctranslate2 before torch]): the module,
+    or None when it is not installed. Call it before anything imports torch."""
+    try:
+        import ctranslate2
+    except Exception:  # not installed, or a broken install: the benchmarks report it missing
+        return None
+    return ctranslate2
+
+
 def ctranslate2_encoder(model_dir: str, threads: int, workdir: str, batch_size: int = 32) -> Encode:
     """The model converted by CTranslate2's Transformers converter, run with
     compute type float32 and ``intra_threads = threads``."""
