@@ -203,10 +203,10 @@ def detect_baselines() -> Baselines:
 
     ctranslate2 comes first: Note [ctranslate2 before torch] in encoder_bench.
     """
-    from qkv_native.encoder_bench import import_ctranslate2_first
-
     found = Baselines()
-    import_ctranslate2_first()
+    found.ctranslate2, why = _try_import("ctranslate2")
+    if why:
+        found.missing["ctranslate2"] = f"the encoder group's CTranslate2 baseline; {why}"
     found.torch, why = _try_import("torch")
     if why:
         found.missing["torch"] = why
@@ -217,9 +217,6 @@ def detect_baselines() -> Baselines:
         found.onnx, why = _try_import("onnx")
         if why:
             found.missing["onnxruntime"] = f"installed, but the onnx package that builds its graphs is not ({why})"
-    found.ctranslate2, why = _try_import("ctranslate2")
-    if why:
-        found.missing["ctranslate2"] = f"the encoder group's CTranslate2 baseline; {why}"
     found.threadpoolctl, why = _try_import("threadpoolctl")
     if why:
         found.missing["threadpoolctl"] = f"NumPy's BLAS threads are not controlled; {why}"

@@ -226,9 +226,9 @@ def onnxruntime_encoder(model_dir: str, threads: int, workdir: str, batch_size: 
 # thread 4.1 and 4.0 ms either way). In the slow case our main thread sleeps and is
 # woken at nearly every parallel region (4669 voluntary context switches in 200
 # encodes, against 0): libgomp spins idle threads only briefly once its pools hold
-# more threads than there are cores. The benchmarks therefore
-# import ctranslate2 before anything imports torch (import_ctranslate2_first), so that
-# each library runs on its own runtime, as it would alone.
+# more threads than there are cores. The benchmarks therefore import ctranslate2
+# before anything imports torch (import_ctranslate2_first here, bench.detect_baselines
+# in qkv-native bench), so that each library runs on its own runtime, as alone.
 def import_ctranslate2_first():
     """Import ctranslate2 before torch (Note [ctranslate2 before torch]): the module,
     or None when it is not installed. Call it before anything imports torch."""

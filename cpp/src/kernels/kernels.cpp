@@ -286,7 +286,7 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   // The loop prefetches kGemvAhead rows on; the rows before that are asked for here,
   // all at once (64 weights of 384 x 1152 from memory, one after the other: 1 thread
   // 2-3% faster, 2 threads 4-7%)
-  for (idx r = 0; r < k && r < kGemvAhead; ++r) prefetch_row(b + r * rs_b, 0, rs_b, n);
+  for (idx r = 0; r < k && r < kGemvAhead; ++r) prefetch_row(b, r, rs_b, n);
   idx p = 0;
   for (; p + 4 <= k; p += 4) {
     const float* r0 = b + p * rs_b;
