@@ -309,6 +309,10 @@ ATTENTION_CASES = {
     "bias_transposed_view": dict(heads=2, seq_q=65, seq_k=129, d_head=32, bias="qk_T", causal=True),
     "bias_per_query": dict(batch=2, heads=2, seq_q=17, seq_k=63, d_head=16, bias="q1"),
     "d_head_160": dict(seq_q=33, seq_k=200, d_head=160, d_v=24, causal=True),  # key block of 64
+    # 5 query blocks (the last of 16 rows) over 8 heads: forward tasks of several query
+    # blocks each (Note [query blocks per task]), the padded sequence's blocks ending early
+    "query_groups": dict(batch=2, heads=4, kv_heads=2, seq_q=400, seq_k=400, d_head=64, causal=True,
+                         key_lengths=[400, 250]),
 }
 
 

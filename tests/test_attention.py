@@ -141,6 +141,21 @@ def test_bool_mask_equals_neg_inf_bias(isa, rng):
     np.testing.assert_array_equal(o_mask, o_bias)
 
 
+def test_query_blocks_per_task_do_not_change_results(rng, restore_threads):
+    """A forward task takes up to g query blocks of a head, g chosen from the thread
+    count (at least 4 tasks per thread): 1, 3, 5 and 9 threads give g = 5, 4, 2, 1 here
+    (8 heads of 5 query blocks). Every query's sums run in the same order whatever g is."""
+    q, k, v, kw, rb = make_attention_case(rng, **ATTENTION_CASES["query_groups"])
+    results = []
+    for n in (1, 3, 5, 9):
+        qn.set_num_threads(n)
+        results.append(qn.attention(q, k, v, return_lse=True, **kw))
+    check(*results[0], q, k, v, ref_kwargs(kw, rb))
+    for (o, lse), n in zip(results[1:], (3, 5, 9)):
+        np.testing.assert_array_equal(o, results[0][0], err_msg=f"o: {n} threads differ from 1")
+        np.testing.assert_array_equal(lse, results[0][1], err_msg=f"lse: {n} threads differ from 1")
+
+
 def test_isas_agree(rng):
     q, k, v, kw, rb = make_attention_case(rng, **ATTENTION_CASES["everything"])
     for name in qn.supported_isas():
