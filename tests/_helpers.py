@@ -313,6 +313,10 @@ ATTENTION_CASES = {
     # blocks each (Note [query blocks per task]), the padded sequence's blocks ending early
     "query_groups": dict(batch=2, heads=4, kv_heads=2, seq_q=400, seq_k=400, d_head=64, causal=True,
                          key_lengths=[400, 250]),
+    # 8 (batch, kv head) pairs: the backward's one-pass schedule, tasks of 5 key blocks
+    # (Note [key blocks per task]) with a fused full-shape bias gradient
+    "key_groups_one_pass": dict(batch=2, heads=4, seq_q=300, seq_k=400, d_head=64, causal=True,
+                                key_lengths=[400, 170], bias="full"),
 }
 
 

@@ -47,6 +47,8 @@ BACKWARD_CASES = [
     "bias_transposed_view",
     "bias_per_query",
     "d_head_160",
+    "query_groups",
+    "key_groups_one_pass",
 ]
 
 
@@ -138,6 +140,26 @@ def test_bit_identical_across_thread_counts(isa, rng, restore_threads, name):
             np.testing.assert_array_equal(b, a, err_msg=f"{label} differs between 1 and {n} threads")
 
 
+@pytest.mark.parametrize("name", ["query_groups", "key_groups_one_pass"])
+def test_blocks_per_task_do_not_change_results(rng, restore_threads, name):
+    """Backward tasks take up to g key blocks (forward tasks g query blocks), g chosen
+    from the thread count: from 1, 3, 5, 9 threads "query_groups" (two passes) gets
+    g = 5, 2, 1, 1 key blocks (forward 5, 4, 2, 1 query blocks); "key_groups_one_pass"
+    (a task per (batch, kv head)) keeps g = 5 and splits its 8 tasks differently. Every
+    sum runs in the same order whatever g and the split are."""
+    q, k, v, kw, _ = make_attention_case(rng, **ATTENTION_CASES[name])
+    do = randn(rng, *q.shape[:3], v.shape[3])
+    grad_kw = dict(kw, bias_grad=True) if "bias" in kw else kw
+    results = []
+    for n in (1, 3, 5, 9):
+        qn.set_num_threads(n)
+        o, lse = qn.attention(q, k, v, return_lse=True, **kw)
+        results.append((o, lse) + tuple(qn.attention_backward(do, q, k, v, o, lse, **grad_kw)))
+    for res, n in zip(results[1:], (3, 5, 9)):
+        for label, a, b in zip(("o", "lse", "dq", "dk", "dv", "dbias"), results[0], res):
+            np.testing.assert_array_equal(b, a, err_msg=f"{label}: {n} threads differ from 1")
+
+
 def test_key_padding_contents_are_ignored(isa, rng):
     """Keys past key_lengths are padding: NaN/inf there changes no gradient, and the
     padded rows of dk and dv are exactly 0 (as in the reference)."""
@@ -196,7 +218,7 @@ def test_one_pass_schedule_bit_identical_across_thread_counts(isa, rng, restore_
 BIAS_GRAD_CASES = {
     name: ATTENTION_CASES[name]
     for name in ("bias_qk", "bias_h1k", "bias_full_neg_inf", "bias_rows_neg_inf", "everything", "ramp_sharp",
-                 "bias_transposed_view", "bias_per_query")
+                 "bias_transposed_view", "bias_per_query", "key_groups_one_pass")
 }
 BIAS_GRAD_CASES.update({
     "full_causal_gqa_odd": dict(batch=2, heads=4, kv_heads=2, seq_q=129, seq_k=65, d_head=17, d_v=7, causal=True,

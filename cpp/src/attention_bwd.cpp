@@ -17,24 +17,32 @@ namespace qkv {
 
 namespace {
 
+// A thread's block buffers: P and dP/dS of one tile, and the packed Kᵀ and Vᵀ of up
+// to `slots` key blocks (a task's, Note [key blocks per task]).
 struct BlockBufs {
   AlignedBuffer s, dp, kp, vp;
-  BlockBufs(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv)
+  idx k_size, v_size;  // one key block's packed K, V
+  BlockBufs(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv, idx slots)
       : s(blk.bq * blk.bk),
         dp(blk.bq * blk.bk),
-        kp(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(D, 1)),
-        vp(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(Dv, 1)) {}
+        k_size(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(D, 1)),
+        v_size(ceil_div(blk.bk, kt.nr) * kt.nr * std::max<idx>(Dv, 1)) {
+    kp.resize(slots * k_size);
+    vp.resize(slots * v_size);
+  }
+  float* k_slot(idx i) { return kp.data() + i * k_size; }
+  float* v_slot(idx i) { return vp.data() + i * v_size; }
 };
 
 // For query rows [q0, q0+nq) of head h against keys [k0, k0+nk) (K/V already packed
-// transposed in bufs.kp / bufs.vp): leaves P in bufs.s and dS (unscaled) in bufs.dp;
+// transposed in bufs' slot `slot`): leaves P in bufs.s and dS (unscaled) in bufs.dp;
 // returns the tile's mask (it points into lim_rel).
 detail::TileMask p_and_ds(const KernelTable& kt, const AttentionArgs& a, const Tensor4& d_o, const float* dsum,
                           const detail::Blocks& blk, idx b, idx h, idx q0, idx nq, idx k0, idx nk, BlockBufs& bufs,
-                          std::vector<int>& lim_rel) {
+                          idx slot, std::vector<int>& lim_rel) {
   const idx D = a.q.dim, Dv = a.v.dim;
   // S (nq × nk) = scale · Q·Kᵀ, then P = exp(S + bias − lse) on allowed keys
-  detail::block_gemm(kt, nq, nk, D, a.scale, a.q.row(b, h, q0), a.q.ss, 1, bufs.kp.data(), true, 0, 0.0f,
+  detail::block_gemm(kt, nq, nk, D, a.scale, a.q.row(b, h, q0), a.q.ss, 1, bufs.k_slot(slot), true, 0, 0.0f,
                      bufs.s.data(), blk.bk);
   for (idx i = 0; i < nq; ++i)
     lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(detail::key_limit(a, b, q0 + i) - k0, nk)));
@@ -42,7 +50,7 @@ detail::TileMask p_and_ds(const KernelTable& kt, const AttentionArgs& a, const T
   const float* lse = a.lse + detail::lse_offset(a, b, h) + q0;
   kt.softmax_bwd_p(bufs.s.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk), bias, lim_rel.data(), lse);
   // dP (nq × nk) = dO (nq × Dv) · Vᵀ (Dv × nk); dS = P ∘ (dP − D)
-  detail::block_gemm(kt, nq, nk, Dv, 1.0f, d_o.row(b, h, q0), d_o.ss, 1, bufs.vp.data(), true, 0, 0.0f,
+  detail::block_gemm(kt, nq, nk, Dv, 1.0f, d_o.row(b, h, q0), d_o.ss, 1, bufs.v_slot(slot), true, 0, 0.0f,
                      bufs.dp.data(), blk.bk);
   kt.softmax_bwd_ds(bufs.s.data(), bufs.dp.data(), blk.bk, static_cast<int>(nq), static_cast<int>(nk),
                     dsum + detail::lse_offset(a, b, h) + q0);
@@ -55,17 +63,18 @@ struct KeyBlockScratch {
   BlockBufs bufs;
   std::vector<int> lim_rel;
   detail::FiniteRows finite;
-  KeyBlockScratch(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv)
-      : bufs(kt, blk, D, Dv),
+  KeyBlockScratch(const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv, idx slots)
+      : bufs(kt, blk, D, Dv, slots),
         lim_rel(static_cast<size_t>(blk.bq)),
         finite(std::max(blk.bq, blk.bk), std::max(D, Dv)) {}
 };
 
 // One scratch per thread, allocated in the calling thread: a failed allocation
 // raises there instead of terminating inside the parallel region.
-std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv) {
+std::vector<KeyBlockScratch> per_thread(int nt, const KernelTable& kt, const detail::Blocks& blk, idx D, idx Dv,
+                                        idx slots = 1) {
   std::vector<KeyBlockScratch> v;
-  for (int t = 0; t < nt; ++t) v.emplace_back(kt, blk, D, Dv);
+  for (int t = 0; t < nt; ++t) v.emplace_back(kt, blk, D, Dv, slots);
   return v;
 }
 
@@ -118,11 +127,11 @@ void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4&
         for (idx h = g.heads == 1 ? 0 : gh; h < h_end; ++h) {
           const idx hk = h / group;
           if (hk != packed_hk) {
-            detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, a.q.dim, sc.bufs.kp.data());
-            detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, a.v.dim, sc.bufs.vp.data());
+            detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, a.q.dim, sc.bufs.k_slot(0));
+            detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, a.v.dim, sc.bufs.v_slot(0));
             packed_hk = hk;
           }
-          p_and_ds(kt, a, d_o, dsum, blk, b, h, q0, nq, k0, nk, sc.bufs, sc.lim_rel);
+          p_and_ds(kt, a, d_o, dsum, blk, b, h, q0, nq, k0, nk, sc.bufs, 0, sc.lim_rel);
           add_rows(nq, nk, sc.bufs.dp.data(), blk.bk, out, Sk);
         }
       }
@@ -169,46 +178,60 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   auto dbias_at = [&](idx b, idx h, idx q, idx k) {
     return dbias.ptr + (((dbias.batch == 1 ? 0 : b) * dbias.heads + (dbias.heads == 1 ? 0 : h)) * Sq + q) * Sk + k;
   };
-  // One key block of one (batch, kv head): dK, dV rows [k0, k0 + bk), summed over
-  // the query blocks of every query head in the group; with fused_dq also
-  // dQ += scale · dS·K into those query rows (the caller owns them and zeroed them);
-  // with fused_dbias also dbias += dS (the caller owns those elements and zeroed them).
-  auto key_block = [&](idx b, idx hk, idx k0, KeyBlockScratch& sc, bool fused_dq, bool fused_dbias) {
+  // The first query block with a row that may see key k0 (lim(b, i) > k0).
+  auto query_block_from = [&](idx b, idx k0) {
+    const idx i_first = a.causal ? std::max<idx>(0, k0 - (a.k.seq_of(b) - a.q.seq_of(b))) : 0;
+    return i_first / blk.bq * blk.bq;
+  };
+  // Key blocks [k_first, k_first + n_blocks·bk) of one (batch, kv head): their dK, dV
+  // rows, each summed over the query blocks of every query head in the group; with
+  // fused_dq also dQ += scale · dS·K into those query rows (the caller owns them and
+  // zeroed them); with fused_dbias also dbias += dS (the caller owns those elements and
+  // zeroed them). The query blocks are the outer loop: each Q/dO block is read once for
+  // all the key blocks (Note [key blocks per task]); a dK/dV row still sums over the
+  // heads and then the query blocks in order, a dQ row over the key blocks in order.
+  auto key_blocks = [&](idx b, idx hk, idx k_first, idx n_blocks, KeyBlockScratch& sc, bool fused_dq,
+                        bool fused_dbias) {
     BlockBufs& bufs = sc.bufs;
     std::vector<int>& lim_rel = sc.lim_rel;
     const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
-    const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows written
     // keys past key_lengths are never read (their rows of dK/dV are 0)
     const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
-    const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
-    // dK, dV rows [k0, k0 + n_rows) accumulate in place (this task owns them)
-    float* const dk_acc = dk.row(b, hk, k0);
-    float* const dv_acc = dv.row(b, hk, k0);
-    for (idx j = 0; j < n_rows; ++j) {
-      std::fill(dk_acc + j * dk.ss, dk_acc + j * dk.ss + D, 0.0f);
-      std::fill(dv_acc + j * dv.ss, dv_acc + j * dv.ss + Dv, 0.0f);
+    idx q_begin = seq_q;  // the first query block that some key block here needs
+    for (idx s = 0; s < n_blocks; ++s) {
+      const idx k0 = k_first + s * blk.bk;
+      const idx n_rows = std::min<idx>(blk.bk, seq_k - k0);  // dK/dV rows written
+      const idx nk = std::max<idx>(0, std::min<idx>(n_rows, k_end - k0));
+      // dK, dV rows [k0, k0 + n_rows) accumulate in place (this task owns them)
+      for (idx j = 0; j < n_rows; ++j) {
+        std::fill(dk.row(b, hk, k0 + j), dk.row(b, hk, k0 + j) + D, 0.0f);
+        std::fill(dv.row(b, hk, k0 + j), dv.row(b, hk, k0 + j) + Dv, 0.0f);
+      }
+      detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, D, bufs.k_slot(s));
+      detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, bufs.v_slot(s));
+      if (nk > 0) q_begin = std::min(q_begin, query_block_from(b, k0));
     }
-    detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, D, bufs.kp.data());
-    detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, bufs.vp.data());
-    // The first query row that may see key k0: lim(b, i) > k0.
-    idx i_first = 0;
-    if (a.causal) i_first = std::max<idx>(0, k0 - (seq_k - seq_q));
-    if (nk == 0) i_first = seq_q;
     for (idx h = hk * group; h < (hk + 1) * group; ++h) {
-      for (idx q0 = (i_first / blk.bq) * blk.bq; q0 < seq_q; q0 += blk.bq) {
+      for (idx q0 = q_begin; q0 < seq_q; q0 += blk.bq) {
         const idx nq = std::min<idx>(blk.bq, seq_q - q0);
-        const detail::TileMask mask = p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
-        if (fused_dbias) add_rows(nq, nk, bufs.dp.data(), blk.bk, dbias_at(b, h, q0, k0), Sk);
-        // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
-        detail::block_gemm_masked(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), d_o.ss, dv_acc,
-                                  dv.ss, mask, true, sc.finite);
-        // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
-        detail::block_gemm_masked(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), a.q.ss,
-                                  dk_acc, dk.ss, mask, true, sc.finite);
-        // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
-        if (fused_dq)
-          detail::block_gemm_masked(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), a.k.ss,
-                                    dq.row(b, h, q0), dq.ss, mask, false, sc.finite);
+        for (idx s = 0; s < n_blocks; ++s) {
+          const idx k0 = k_first + s * blk.bk;
+          const idx nk = std::max<idx>(0, std::min<idx>({blk.bk, seq_k - k0, k_end - k0}));
+          if (nk == 0 || q0 < query_block_from(b, k0)) continue;
+          const detail::TileMask mask =
+              p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, s, lim_rel);
+          if (fused_dbias) add_rows(nq, nk, bufs.dp.data(), blk.bk, dbias_at(b, h, q0, k0), Sk);
+          // dV (nk × Dv) += Pᵀ (nk × nq) · dO (nq × Dv)
+          detail::block_gemm_masked(kt, nk, Dv, nq, 1.0f, bufs.s.data(), 1, blk.bk, d_o.row(b, h, q0), d_o.ss,
+                                    dv.row(b, hk, k0), dv.ss, mask, true, sc.finite);
+          // dK (nk × D) += scale · dSᵀ (nk × nq) · Q (nq × D)
+          detail::block_gemm_masked(kt, nk, D, nq, a.scale, bufs.dp.data(), 1, blk.bk, a.q.row(b, h, q0), a.q.ss,
+                                    dk.row(b, hk, k0), dk.ss, mask, true, sc.finite);
+          // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
+          if (fused_dq)
+            detail::block_gemm_masked(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), a.k.ss,
+                                      dq.row(b, h, q0), dq.ss, mask, false, sc.finite);
+        }
       }
     }
   };
@@ -216,7 +239,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // Note [backward schedule]
   // With at least 8 (batch, kv head) pairs, one pass: a task owns a pair (its dK, dV and
   // the dQ of its query heads) and walks the key blocks: 5 block products per tile.
-  // With few pairs, a pass over (batch, kv head, key block) tasks for dK, dV and a
+  // With few pairs, a pass over (batch, kv head, key blocks) tasks for dK, dV and a
   // second over (batch, head, query block) tasks for dQ keep every thread busy at
   // the price of recomputing P and dS (7 products per tile). The choice depends on
   // the shape only, and each order of summation is fixed, so results never depend
@@ -227,11 +250,14 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const bool head_major = one_pass && dbias.ptr && dbias.batch == 1 && dbias.heads == H && Hkv >= 2 * nt_max;
   const bool fuse_dbias = full_dbias || head_major;
   if (dbias.ptr && !fuse_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
+  // Note [key blocks per task]: packed Kᵀ, Vᵀ and dK, dV rows per key block
+  const idx nkb = ceil_div(Sk, blk.bk), key_block_bytes = 2 * blk.bk * (D + Dv) * idx{4};
   if (one_pass) {
     // tasks: (b, kv head) pairs, or with head_major kv heads, each through every b in order
     const idx n_tasks = head_major ? Hkv : B * Hkv;
     const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks)));
-    std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv);
+    const idx g = a.k.cu ? 1 : detail::blocks_per_task(nkb, key_block_bytes, n_tasks, 0);
+    std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv, g);
 #pragma omp parallel num_threads(nt)
     {
       KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
@@ -243,18 +269,21 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
             for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
             if (full_dbias || (head_major && b == 0)) std::fill(dbias_at(b, h, 0, 0), dbias_at(b, h, Sq, 0), 0.0f);
           }
-          for (idx k0 = 0; k0 < a.k.seq_of(b); k0 += blk.bk) key_block(b, hk, k0, sc, true, fuse_dbias);
+          const idx seq_k = a.k.seq_of(b);
+          for (idx k0 = 0; k0 < seq_k; k0 += g * blk.bk)
+            key_blocks(b, hk, k0, std::min<idx>(g, ceil_div(seq_k - k0, blk.bk)), sc, true, fuse_dbias);
         }
       }
     }
     return;
   }
 
-  // Pass 1: dK, dV. Task = (batch, kv head, key block).
-  const detail::BlockTasks tasks1(a.k, Hkv, blk.bk);
+  // Pass 1: dK, dV. Task = (batch, kv head, up to g key blocks).
+  const idx g1 = a.k.cu ? 1 : detail::blocks_per_task(nkb, key_block_bytes, B * Hkv, 4 * static_cast<idx>(nt_max));
+  const detail::BlockTasks tasks1(a.k, Hkv, g1 * blk.bk);
   const idx n_tasks1 = tasks1.count();
   const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
-  std::vector<KeyBlockScratch> scratch1 = per_thread(nt1, kt, blk, D, Dv);
+  std::vector<KeyBlockScratch> scratch1 = per_thread(nt1, kt, blk, D, Dv, g1);
 #pragma omp parallel num_threads(nt1)
   {
     KeyBlockScratch& sc = scratch1[static_cast<size_t>(omp_get_thread_num())];
@@ -262,12 +291,12 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
-      if (full_dbias) {  // this task's dbias columns [k0, k0 + bk) of its heads' rows
-        const idx n_cols = std::min<idx>(blk.bk, Sk - k0);
+      const idx n_cols = std::min<idx>(g1 * blk.bk, a.k.seq_of(b) - k0);
+      if (full_dbias) {  // this task's dbias columns [k0, k0 + n_cols) of its heads' rows
         for (idx h = hk * group; h < (hk + 1) * group; ++h)
           for (idx i = 0; i < Sq; ++i) std::fill(dbias_at(b, h, i, k0), dbias_at(b, h, i, k0) + n_cols, 0.0f);
       }
-      key_block(b, hk, k0, sc, false, full_dbias);
+      key_blocks(b, hk, k0, ceil_div(n_cols, blk.bk), sc, false, full_dbias);
     }
   }
 
@@ -293,9 +322,10 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       }
       for (idx k0 = 0; k0 < kmax; k0 += blk.bk) {
         const idx nk = std::min<idx>(blk.bk, kmax - k0);
-        detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, D, bufs.kp.data());
-        detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, bufs.vp.data());
-        const detail::TileMask mask = p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, lim_rel);
+        detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, D, bufs.k_slot(0));
+        detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, bufs.v_slot(0));
+        const detail::TileMask mask =
+            p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, 0, lim_rel);
         // dQ (nq × D) += scale · dS (nq × nk) · K (nk × D)
         detail::block_gemm_masked(kt, nq, D, nk, a.scale, bufs.dp.data(), blk.bk, 1, a.k.row(b, hk, k0), a.k.ss,
                                   dqrow, dq.ss, mask, false, sc.finite);

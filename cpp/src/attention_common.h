@@ -87,24 +87,32 @@ inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, 
 // busy (the machines are shared). So a task takes up to g consecutive query blocks
 // of one head and runs the key blocks outermost: each K/V block is read once and
 // serves the g query blocks from L2. The working set is the g blocks' packed Qᵀ and O
-// rows (g·bq·(d + dv) floats), kept within kQueryGroupBytes (a budget for the
+// rows (g·bq·(d + dv) floats), kept within kBlockGroupBytes (a budget for the
 // 512 KB-2 MB of L2 per core of current x86 parts); g shrinks while there would be
 // fewer than 4 tasks per thread (the causal schedule balances on many tasks). Each
 // query's sums run in the same order for any g: the result is bit-identical.
 // One process, old and new builds taking turns, Zen 4: (1, 8, 4096, 128)
 // 1 thread 1.15x, causal 1.04x; 2 threads 1.00-1.20x and (1, 32, 2048, 128, causal)
 // 1.10x, depending on how busy the shared L3 was; shapes whose K/V fit L2 unchanged.
-constexpr idx kMaxQueryBlocksPerTask = 8;
-constexpr idx kQueryGroupBytes = 640 * 1024;
-// seq_q: the sequence length (0: packed sequences, which keep one block per task);
-// tasks_per_block: batch·heads, the tasks there are with one block per task.
-inline idx query_blocks_per_task(const Blocks& blk, idx seq_q, idx d, idx dv, idx tasks_per_block, int threads) {
-  if (seq_q == 0) return 1;
-  const idx blocks = ceil_div(seq_q, blk.bq);
-  const idx block_bytes = blk.bq * (d + dv) * static_cast<idx>(sizeof(float));
-  const idx fit = std::max<idx>(1, kQueryGroupBytes / std::max<idx>(block_bytes, 1));
-  idx g = std::min<idx>({kMaxQueryBlocksPerTask, blocks, fit});
-  while (g > 1 && tasks_per_block * ceil_div(blocks, g) < 4 * static_cast<idx>(threads)) --g;
+//
+// Note [key blocks per task]
+// The backward's key-block tasks walk every query block of their heads, reading Q
+// and dO (and dQ, fused) per key block: the same streaming, the same remedy. A task
+// takes up to g key blocks and runs the query blocks outermost; its working set is
+// the g blocks' packed Kᵀ, Vᵀ and dK, dV rows (2·g·bk·(d + dv) floats). Every dK/dV
+// row sums over the query blocks, and every dQ row over the key blocks, in the same
+// order for any g, so the gradients are bit-identical. One process, old and new
+// builds taking turns, Zen 4: (1, 8, 4096, 128) 1 thread 1.07x, causal 1.05x (1 and
+// 2 threads); d = 64 shapes whose Q/dO fit L2 unchanged.
+constexpr idx kMaxBlocksPerTask = 8;
+constexpr idx kBlockGroupBytes = 640 * 1024;
+// g for `blocks` blocks of `block_bytes` each (working set per block, as above),
+// shrunk while tasks_per_block·ceil(blocks / g) < min_tasks (4 per thread; 0 where
+// the task count does not depend on g).
+inline idx blocks_per_task(idx blocks, idx block_bytes, idx tasks_per_block, idx min_tasks) {
+  const idx fit = std::max<idx>(1, kBlockGroupBytes / std::max<idx>(block_bytes, 1));
+  idx g = std::max<idx>(1, std::min<idx>({kMaxBlocksPerTask, blocks, fit}));
+  while (g > 1 && tasks_per_block * ceil_div(blocks, g) < min_tasks) --g;
   return g;
 }
 

@@ -25,7 +25,10 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const idx group = H / a.k.heads;
   const detail::Blocks blk = detail::choose_blocks(kt, a.q.cu ? 0 : Sq, a.k.cu ? 0 : Sk, D, Dv);
   const double flops = 4.0 * static_cast<double>(B) * H * Sq * std::max<idx>(Sk, 1) * std::max<idx>(D + Dv, 1) / 2;
-  const idx g = detail::query_blocks_per_task(blk, a.q.cu ? 0 : Sq, D, Dv, B * H, omp_get_max_threads());
+  // Note [query blocks per task] (packed sequences keep one block per task)
+  const idx g = a.q.cu ? 1
+                       : detail::blocks_per_task(ceil_div(Sq, blk.bq), blk.bq * (D + Dv) * idx{4}, B * H,
+                                                 4 * static_cast<idx>(omp_get_max_threads()));
   const detail::BlockTasks tasks(a.q, H, g * blk.bq);  // a task: up to g query blocks of one head
   const idx n_tasks = tasks.count();
   const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
@@ -79,7 +82,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         float *m, *l, *q;
         idx* lim;
       };
-      Sub subs[detail::kMaxQueryBlocksPerTask];
+      Sub subs[detail::kMaxBlocksPerTask];
       idx kmax = 0;
       for (idx s = 0; s < n_sub; ++s) {
         Sub& u = subs[s];
