@@ -101,8 +101,6 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
           u.l[i] = 0.0f;
         }
         kmax = std::max(kmax, u.kmax);
-        float* orow = a.o.row(b, h, u.q0);
-        for (idx i = 0; i < u.nq; ++i) std::fill(orow + i * a.o.ss, orow + i * a.o.ss + Dv, 0.0f);
         if (!u.few) detail::pack_transposed(kt, a.q.row(b, h, u.q0), a.q.ss, 0, u.nq, D, u.q);
       }
       // Key blocks outermost: each K/V block is read from memory once per task and
@@ -113,6 +111,10 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
           if (k0 >= u.kmax) continue;
           const idx nk = std::min<idx>(blk.bk, u.kmax - k0), nq = u.nq;
           float* orow = a.o.row(b, h, u.q0);
+          // the first key block writes O (beta 0: its old contents are never read),
+          // the later ones rescale and accumulate
+          const bool first = k0 == 0;
+          const float beta = first ? 0.0f : 1.0f;
           // Sᵀ (nk × nq) = scale · K (nk × D) · Qᵀ (D × nq)
           if (u.few)
             kt.dot_rows(nk, static_cast<int>(nq), D, krow + k0 * a.k.ss, a.k.ss, a.q.row(b, h, u.q0), a.q.ss, st,
@@ -124,7 +126,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
             lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
           const BiasView bias = detail::bias_block(a, b, h, u.q0, k0);
           kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, lim_rel.data(), u.m, u.l,
-                         orow, a.o.ss, static_cast<int>(Dv));
+                         first ? nullptr : orow, a.o.ss, static_cast<int>(Dv));
           // O (nq × Dv) += P (nq × nk) · V (nk × Dv), P(i, j) = Pᵀ[j*bq_pad + i]; V with
           // its non-finite rows zeroed where the tile hides keys, Note [non-finite rows]
           const detail::TileMask mask{lim_rel.data(), bias, nq, nk};
@@ -134,23 +136,28 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
           if (u.few) {
             for (idx i = 0; i < nq; ++i) {  // one streaming pass over V per query row
               for (idx j = 0; j < nk; ++j) p_row[j] = st[j * bq_pad + i];
-              kt.gemv(nk, Dv, p_row.data(), v_use, rs_v, orow + i * a.o.ss, 1.0f, 1.0f, nullptr, 0);
+              kt.gemv(nk, Dv, p_row.data(), v_use, rs_v, orow + i * a.o.ss, 1.0f, beta, nullptr, 0);
             }
           } else {
-            detail::block_gemm(kt, nq, Dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, 1.0f, orow, a.o.ss);
+            detail::block_gemm(kt, nq, Dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, orow, a.o.ss);
           }
           sc.finite_v.add_back(nq, Dv, 1.0f, st, 1, bq_pad, v_blk, a.v.ss, orow, a.o.ss, mask, false);
         }
       }
+      // O /= l (a query that sees no key has O = 0 from the products, or no product at
+      // all where its block saw no key: zeros written here)
       for (idx s = 0; s < n_sub; ++s) {
         const Sub& u = subs[s];
+        float* orow = a.o.row(b, h, u.q0);
         for (idx i = 0; i < u.nq; ++i) {
-          float* o = a.o.row(b, h, u.q0 + i);
           const bool empty = u.l[i] == 0.0f;
-          const float inv = empty ? 0.0f : 1.0f / u.l[i];
-          for (idx d = 0; d < Dv; ++d) o[d] *= inv;
           if (a.lse) a.lse[detail::lse_offset(a, b, h) + u.q0 + i] = empty ? neg_inf : u.m[i] + std::log(u.l[i]);
+          u.l[i] = empty ? 0.0f : 1.0f / u.l[i];
         }
+        if (u.kmax > 0)
+          kt.scale_rows(orow, a.o.ss, u.nq, Dv, u.l);
+        else
+          for (idx i = 0; i < u.nq; ++i) std::fill(orow + i * a.o.ss, orow + i * a.o.ss + Dv, 0.0f);
       }
     }
   }

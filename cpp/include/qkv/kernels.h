@@ -83,7 +83,8 @@ struct KernelTable {
   // are keys with bias -inf, even where s is NaN or +inf.
   // m, l: running max and sum per query (in/out); o: (queries, dv) output
   // accumulator with row stride ldo, rescaled by exp(m_old - m_new) where the max
-  // moved. On return st holds Pᵀ = exp(s - m_new) (0 where masked).
+  // moved; o null: nothing is accumulated yet (the first key block), no rescale.
+  // On return st holds Pᵀ = exp(s - m_new) (0 where masked).
   // lim, m and l have room for `queries` rounded up to the vector width.
   void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
                       float* l, float* o, idx ldo, int dv);
@@ -95,6 +96,8 @@ struct KernelTable {
                         const float* lse);
   // dS = P ∘ (dP − D_i), in place in dp (rows, cols), row strides ld.
   void (*softmax_bwd_ds)(const float* p, float* dp, idx ld, int rows, int cols, const float* d);
+  // x(i, j) *= f[i] for i < rows, j < cols (row stride ld): attention's final O /= l.
+  void (*scale_rows)(float* x, idx ld, idx rows, idx cols, const float* f);
   // Whether x (rows, cols), row stride ld, holds no NaN and no ±inf: a scan for
   // Note [non-finite rows] (cpp/src/attention_common.h).
   bool (*all_finite)(idx rows, idx cols, const float* x, idx ld);

@@ -549,11 +549,14 @@ inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
 // non-finite q or k row must not reach a query that does not see that key).
 inline V::reg add_bias(V::reg s, V::reg b) { return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::add(s, b)); }
 
-inline void scale_row(float* o, int n, float c) {
+inline void scale_row(float* o, idx n, float c) {
   const V::reg cv = V::set1(c);
-  int j = 0;
+  idx j = 0;
   for (; j + W <= n; j += W) V::store(o + j, V::mul(V::load(o + j), cv));
-  for (; j < n; ++j) o[j] *= c;
+  if (j < n) {
+    const V::tail t = V::tail_mask(static_cast<int>(n - j));
+    V::store(o + j, V::mul(V::load(o + j, t), cv), t);
+  }
 }
 
 void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
@@ -612,8 +615,13 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   }
   for (int v = 0; v < nv; ++v)
     V::store(l + v * W, V::fmadd(V::load(l + v * W), V::load(corr + v * W), V::load(lsum + v * W)));
-  for (int i = 0; i < queries; ++i)
-    if (corr[i] != 1.0f) scale_row(o + i * ldo, dv, corr[i]);
+  if (o)
+    for (int i = 0; i < queries; ++i)
+      if (corr[i] != 1.0f) scale_row(o + i * ldo, dv, corr[i]);
+}
+
+void scale_rows(float* x, idx ld, idx rows, idx cols, const float* f) {
+  for (idx i = 0; i < rows; ++i) scale_row(x + i * ld, cols, f[i]);
 }
 
 void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const int* lim,
@@ -832,7 +840,7 @@ const KernelTable& kernel_table() {
       "scalar",
 #endif
       MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
-      all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
+      scale_rows, all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
 }
