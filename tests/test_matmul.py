@@ -36,6 +36,7 @@ SHAPES = [
     (5, 9, 2),  # a scalar micro-tile plus one
     (29, 40, 500),  # one K block longer than 384 on AVX-512 (a transposed A read in place)
     (1024, 9, 20),  # a transposed A with a 4 KiB row step (packed, not read in place)
+    (1024, 5, 1300),  # ... over two K blocks, packed 8 rows of X at a time with a ragged last group
 ]
 
 
