@@ -102,6 +102,10 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
       kt.pack_a(m, kc, src, rstep, dst, mr);
       continue;
     }
+    if (rstep == 1 && rows >= m && cols >= kc) {  // a transposed A, the block not one rectangle
+      kt.copy_rows(kc, m, src, cstep, dst, mr, mr);
+      continue;
+    }
     copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);
     for (idx p = 0; p < kc; ++p)
       for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
