@@ -178,11 +178,6 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   auto dbias_at = [&](idx b, idx h, idx q, idx k) {
     return dbias.ptr + (((dbias.batch == 1 ? 0 : b) * dbias.heads + (dbias.heads == 1 ? 0 : h)) * Sq + q) * Sk + k;
   };
-  // The first query block with a row that may see key k0 (lim(b, i) > k0).
-  auto query_block_from = [&](idx b, idx k0) {
-    const idx i_first = a.causal ? std::max<idx>(0, k0 - (a.k.seq_of(b) - a.q.seq_of(b))) : 0;
-    return i_first / blk.bq * blk.bq;
-  };
   // Key blocks [k_first, k_first + n_blocks·bk) of one (batch, kv head): their dK, dV
   // rows, each summed over the query blocks of every query head in the group; with
   // fused_dq also dQ += scale · dS·K into those query rows (the caller owns them and
@@ -197,6 +192,13 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     const idx seq_q = a.q.seq_of(b), seq_k = a.k.seq_of(b);
     // keys past key_lengths are never read (their rows of dK/dV are 0)
     const idx k_end = a.key_lengths ? std::min<idx>(seq_k, a.key_lengths[b]) : seq_k;
+    // Key block s: keys [k0, k0 + nk) are read, by the query blocks from q_from on (the
+    // first with a row i that may see key k0, lim(b, i) > k0; seq_q: none, nk = 0).
+    struct KeySlot {
+      idx k0, nk, q_from;
+    };
+    KeySlot slots[detail::kMaxBlocksPerTask];
+    assert(n_blocks <= detail::kMaxBlocksPerTask);
     idx q_begin = seq_q;  // the first query block that some key block here needs
     for (idx s = 0; s < n_blocks; ++s) {
       const idx k0 = k_first + s * blk.bk;
@@ -209,15 +211,16 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       }
       detail::pack_transposed(kt, a.k.row(b, hk, 0), a.k.ss, k0, nk, D, bufs.k_slot(s));
       detail::pack_transposed(kt, a.v.row(b, hk, 0), a.v.ss, k0, nk, Dv, bufs.v_slot(s));
-      if (nk > 0) q_begin = std::min(q_begin, query_block_from(b, k0));
+      const idx i_first = a.causal ? std::max<idx>(0, k0 - (seq_k - seq_q)) : 0;
+      slots[s] = {k0, nk, nk > 0 ? i_first / blk.bq * blk.bq : seq_q};
+      q_begin = std::min(q_begin, slots[s].q_from);
     }
     for (idx h = hk * group; h < (hk + 1) * group; ++h) {
       for (idx q0 = q_begin; q0 < seq_q; q0 += blk.bq) {
         const idx nq = std::min<idx>(blk.bq, seq_q - q0);
         for (idx s = 0; s < n_blocks; ++s) {
-          const idx k0 = k_first + s * blk.bk;
-          const idx nk = std::max<idx>(0, std::min<idx>({blk.bk, seq_k - k0, k_end - k0}));
-          if (nk == 0 || q0 < query_block_from(b, k0)) continue;
+          const idx k0 = slots[s].k0, nk = slots[s].nk;
+          if (q0 < slots[s].q_from) continue;
           const detail::TileMask mask =
               p_and_ds(kt, a, d_o, dsum.data(), blk, b, h, q0, nq, k0, nk, bufs, s, lim_rel);
           if (fused_dbias) add_rows(nq, nk, bufs.dp.data(), blk.bk, dbias_at(b, h, q0, k0), Sk);

@@ -83,6 +83,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         idx* lim;
       };
       Sub subs[detail::kMaxBlocksPerTask];
+      assert(n_sub <= detail::kMaxBlocksPerTask);
       idx kmax = 0;
       for (idx s = 0; s < n_sub; ++s) {
         Sub& u = subs[s];
