@@ -317,6 +317,16 @@ ATTENTION_CASES = {
     # (Note [key blocks per task]) with a fused full-shape bias gradient
     "key_groups_one_pass": dict(batch=2, heads=4, seq_q=300, seq_k=400, d_head=64, causal=True,
                                 key_lengths=[400, 170], bias="full"),
+    # one query per head (Note [decode tasks]): a task per kv group (its 4 heads as dot
+    # products) and key chunk; sequences of 2 chunks (the last ragged), of one chunk
+    # (700 keys: chunks have at least 512) and of none
+    "decode_chunks_gqa": dict(batch=3, heads=8, kv_heads=2, seq_q=1, seq_k=1300, d_head=64, causal=True,
+                              key_lengths=[1300, 700, 0]),
+    # 6 heads on one kv head (more than 4 rows: a packed Qᵀ block), 10% of the scores -inf
+    "decode_mqa_bias": dict(batch=2, heads=6, kv_heads=1, seq_q=1, seq_k=1100, d_head=24, d_v=40, bias="full",
+                            scale=0.7),
+    # the running max moves in every key block, so every chunk's partial max differs
+    "decode_ramp": dict(heads=2, seq_q=1, seq_k=2000, d_head=32, bias="ramp", scale=2.0),
 }
 
 

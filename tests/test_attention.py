@@ -46,7 +46,8 @@ def test_forward(isa, rng, name):
 # out= starts as NaN: every element must be written, including rows that see no key
 # (key_lengths 0, the first rows of causal_q_gt_k, whole -inf bias rows), whose
 # blocks run no product at all or a product with zero weights.
-@pytest.mark.parametrize("name", ["everything", "key_lengths", "causal_q_gt_k", "bias_rows_neg_inf"])
+@pytest.mark.parametrize("name", ["everything", "key_lengths", "causal_q_gt_k", "bias_rows_neg_inf",
+                                  "decode_chunks_gqa"])
 def test_out_written_in_place(isa, rng, name):
     q, k, v, kw, rb = make_attention_case(rng, **ATTENTION_CASES[name])
     out = np.full(q.shape[:3] + (v.shape[3],), np.nan, np.float32)
