@@ -98,11 +98,12 @@ def test_default_cases_cover_the_spec():
     assert len([c for c in full if c.group == "projection_backward"]) == 3
     attention = [c.params for c in full if c.group == "attention"]
     backward = [c.params for c in full if c.group == "attention_backward"]
-    assert len(attention) == 8 and len(backward) == 7
+    assert len(attention) == 9 and len(backward) == 7
     assert [c.params for c in full if c.group == "attention_train"] == backward
     assert all(p["seq_q"] > 1 for p in backward)  # no decode backward
     gqa = [p for p in attention if p["num_kv_heads"] != p["num_heads"]]
-    assert gqa == [ATT(1, 32, 2048, 128, num_kv_heads=8, causal=True)]
+    assert gqa == [ATT(1, 32, 2048, 128, num_kv_heads=8, causal=True),
+                   ATT(1, 32, 1, 128, seq_k=8192, num_kv_heads=8)]  # and its decode
     (padded,) = [p for p in attention if p["key_lengths"] is not None]
     assert len(padded["key_lengths"]) == 16 and max(padded["key_lengths"]) == 384
     assert padded["key_lengths"] == bench._padded_key_lengths(16, 384)  # seeded

@@ -1332,6 +1332,7 @@ def _default_cases() -> List[Case]:
         (_attention_params(1, 8, 4096, 128, causal=True), False),
         (_attention_params(1, 32, 2048, 128, num_kv_heads=8, causal=True), False),
         (_attention_params(1, 32, 1, 128, seq_k=4096), True),  # decode
+        (_attention_params(1, 32, 1, 128, seq_k=8192, num_kv_heads=8), True),  # decode, grouped-query (K, V: 67 MB)
         (_attention_params(16, 12, 384, 64, key_lengths=_padded_key_lengths(16, 384)), True),
     ]
     cases = []
