@@ -42,8 +42,9 @@ def result_of(proc):
 
 def test_cpu_info_keys_and_types():
     info = qn.cpu_info()
-    assert {"vendor", "brand", "features", "supported_isas", "isa", "num_threads"} <= set(info)
+    assert {"vendor", "brand", "family", "gemv_prefetch", "features", "supported_isas", "isa", "num_threads"} <= set(info)
     assert isinstance(info["vendor"], str) and isinstance(info["brand"], str)
+    assert isinstance(info["family"], int) and isinstance(info["gemv_prefetch"], bool)
     assert isinstance(info["features"], dict) and info["features"]
     assert all(isinstance(k, str) and isinstance(v, bool) for k, v in info["features"].items())
     assert isinstance(info["supported_isas"], list)
@@ -125,6 +126,27 @@ def test_env_selects_isa(name):
     with qn.use_isa(name):
         o = qn.attention(q, k, k, causal=True)
     assert o.tobytes().hex() == res["o"]
+
+
+def test_gemv_prefetch_env_override_changes_no_bits():
+    """QKV_NATIVE_GEMV_PREFETCH forces the one-row product's software prefetch on or
+    off (by default on AMD family 19h only); it is a hint, so the bits are the same."""
+    code = (
+        "import json, numpy as np, qkv_native as qn\n"
+        "rng = np.random.default_rng(5)\n"
+        "x = rng.standard_normal((1, 300), dtype=np.float32)\n"
+        "w = rng.standard_normal((300, 1000), dtype=np.float32)\n"
+        "b = rng.standard_normal(1000, dtype=np.float32)\n"
+        "outs = []\n"
+        "for isa in qn.supported_isas():\n"
+        "    with qn.use_isa(isa):\n"
+        "        outs.append(qn.matmul(x, w).tobytes().hex())\n"
+        "        outs.append(qn.linear(x, qn.pack_weight(w), b, activation='gelu').tobytes().hex())\n"
+        "print('RESULT:' + json.dumps({'on': qn.cpu_info()['gemv_prefetch'], 'outs': outs}))\n"
+    )
+    on, off = (result_of(run_python(code, QKV_NATIVE_GEMV_PREFETCH=v)) for v in ("1", "0"))
+    assert on["on"] is True and off["on"] is False
+    assert on["outs"] == off["outs"]
 
 
 def test_env_empty_means_default():

@@ -939,6 +939,8 @@ py::dict cpu_info() {
   py::dict d;
   d["vendor"] = f.vendor;
   d["brand"] = f.brand;
+  d["family"] = f.family;
+  d["gemv_prefetch"] = qkv::gemv_prefetch();
   py::dict feats;
   feats["avx2"] = f.avx2;
   feats["fma"] = f.fma;

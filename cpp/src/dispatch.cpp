@@ -35,6 +35,8 @@ CpuFeatures detect() {
   std::memcpy(vendor + 8, &c, 4);
   f.vendor = vendor;
   __get_cpuid(1, &a, &b, &c, &d);
+  f.family = (a >> 8) & 0xf;
+  if (f.family == 0xf) f.family += (a >> 20) & 0xff;
   const bool osxsave = c & (1u << 27);
   f.fma = c & (1u << 12);
   if (osxsave) {
@@ -89,6 +91,17 @@ std::mutex g_mutex;
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = detect();
   return f;
+}
+
+bool gemv_prefetch() {
+  // AMD family 19h (Zen 3, Zen 4; measured on Zen 4 only), unless QKV_NATIVE_GEMV_PREFETCH
+  // is 0 or 1
+  static const bool on = [] {
+    const char* env = std::getenv("QKV_NATIVE_GEMV_PREFETCH");
+    if (env && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0)) return *env == '1';
+    return cpu_features().vendor == "AuthenticAMD" && cpu_features().family == 0x19;
+  }();
+  return on;
 }
 
 std::vector<std::string> supported_isas() {

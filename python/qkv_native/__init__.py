@@ -65,8 +65,10 @@ __all__ = [
 def cpu_info() -> dict:
     """The CPU's features, the ISA variants it can run, the chosen one and the thread count.
 
-    Keys: ``vendor``, ``brand``, ``features`` (dict of bools), ``supported_isas``
-    (list, best last), ``isa`` (the active variant), ``num_threads``.
+    Keys: ``vendor``, ``brand``, ``family`` (CPUID display family), ``gemv_prefetch``
+    (whether one-row products prefetch their weight rows in software: AMD family 19h;
+    ``QKV_NATIVE_GEMV_PREFETCH=0|1`` overrides), ``features`` (dict of bools),
+    ``supported_isas`` (list, best last), ``isa`` (the active variant), ``num_threads``.
     """
     return _core.cpu_info()
 

@@ -17,7 +17,7 @@ def _info_text() -> str:
     lack = [name for name, on in features.items() if not on]
     rows = [
         ("qkv_native", qn.__version__),
-        ("CPU", f"{info['brand']} ({info['vendor']})"),
+        ("CPU", f"{info['brand']} ({info['vendor']}, family {info['family']:#x})"),
         ("features", " ".join(have) or "-"),
         ("missing", " ".join(lack) or "-"),
         ("supported ISAs", ", ".join(info["supported_isas"]) + "  (best last)"),

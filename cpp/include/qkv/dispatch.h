@@ -9,10 +9,15 @@ namespace qkv {
 struct CpuFeatures {
   bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false,
        avx512dq = false, os_ymm = false, os_zmm = false;
+  unsigned int family = 0;  // CPUID display family (base + extended)
   std::string vendor, brand;
 };
 
 const CpuFeatures& cpu_features();
+// Whether the one-row product (KernelTable::gemv) prefetches its B rows ahead in
+// software, Note [streaming prefetch] in cpp/src/kernels/kernels.cpp: on AMD family
+// 19h; QKV_NATIVE_GEMV_PREFETCH=0 or 1 overrides (read once).
+bool gemv_prefetch();
 // Names of the variants compiled into this module and runnable on this CPU, best last.
 std::vector<std::string> supported_isas();
 // The table for a named variant; throws std::invalid_argument if unknown or unsupported.

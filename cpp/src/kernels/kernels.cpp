@@ -2,6 +2,7 @@
 // Compiled once per ISA (Note [per-ISA kernels] in CMakeLists.txt); everything
 // below lives in qkv::<isa> with internal linkage except kernel_table().
 #include "kernels/vec.h"
+#include "qkv/dispatch.h"
 #include "qkv/kernels.h"
 
 #include <utility>
@@ -41,6 +42,14 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // block the caller will pass (the next K/V block of a decode, the next head): a
 // prefetch is only a hint, it never faults, so no bound is checked. The address is
 // computed as an integer (no out-of-bounds pointer is formed).
+// How much this helps depends on the core. gemv: on Zen 4, 1 thread, weights from
+// memory, ~14 -> ~21 GB/s; on Zen 5 it costs 12 points of the plain read's rate on
+// 1 thread (69% -> 81% without), 3 on 2; on a 16-core Xeon (Sapphire Rapids class)
+// it is even on 1-4 threads and costs 9 points on 16. So gemv prefetches only on
+// AMD family 19h (gemv_prefetch() in dispatch.cpp). The decode's dot products
+// (dot_rows) keep theirs everywhere: without, the Xeon loses 4-11 points on 1
+// thread, and Zen 5 gains 8-11 with one query per kv head but loses 2-6 with four,
+// or with d = 64.
 constexpr idx kStreamAhead = 48;
 constexpr idx kLineFloats = 64 / static_cast<idx>(sizeof(float));  // floats per cache line
 // the line holding p[ahead], into L2
@@ -256,13 +265,15 @@ void copy_rows(idx rows, int cols, const float* src, idx ss, float* dst, idx ds,
     }
 }
 
-void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
-          const float* bias, int act) {
+template <bool Prefetch>
+void gemv_impl(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
+               const float* bias, int act) {
   // Streams B row by row, four rows per pass over y, which stays in L1:
-  // y += x[p..p+3]·B[p..p+3, :]. Each line of B read is prefetched kGemvAhead rows
-  // on as it is read: spread over the loop, these keep more misses in flight than
-  // the hardware prefetcher's four interleaved streams or a burst of prefetches
-  // per row (1 thread, weights from memory: ~14 -> ~21 GB/s, the plain read's rate).
+  // y += x[p..p+3]·B[p..p+3, :]. Where the core wants it (Note [streaming prefetch]),
+  // each line of B read is prefetched kGemvAhead rows on as it is read: spread over
+  // the loop, these keep more misses in flight than the hardware prefetcher's four
+  // interleaved streams or a burst of prefetches per row (Zen 4, 1 thread, weights
+  // from memory: ~14 -> ~21 GB/s, the plain read's rate).
   constexpr idx kGemvAhead = 16;
   const idx nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
@@ -286,13 +297,13 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
   // The loop prefetches kGemvAhead rows on; the rows before that are asked for here,
   // all at once (64 weights of 384 x 1152 from memory, one after the other: 1 thread
   // 2-3% faster, 2 threads 4-7%)
-  for (idx r = 0; r < k && r < kGemvAhead; ++r) prefetch_row(b, r, rs_b, n);
+  for (idx r = 0; Prefetch && r < k && r < kGemvAhead; ++r) prefetch_row(b, r, rs_b, n);
   idx p = 0;
   for (; p + 4 <= k; p += 4) {
     const float* r0 = b + p * rs_b;
     const V::reg x0 = V::set1(x[p]), x1 = V::set1(x[p + 1]), x2 = V::set1(x[p + 2]), x3 = V::set1(x[p + 3]);
     for (idx v = 0; v < nvec; ++v) {
-      if ((v * W) % kLineFloats == 0)  // Note [streaming prefetch]
+      if (Prefetch && (v * W) % kLineFloats == 0)
         for (idx r = 0; r < 4; ++r) prefetch_ahead(r0 + r * rs_b + v * W, kGemvAhead * rs_b);
       V::reg acc = V::fmadd(x0, load_b(r0, v), load_y(v, fresh));
       acc = V::fmadd(x1, load_b(r0 + rs_b, v), acc);
@@ -314,6 +325,14 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
     if (act == 1) r = gelu_v(r);
     store_y(v, r);
   }
+}
+
+void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
+          const float* bias, int act) {
+  if (gemv_prefetch())  // Note [streaming prefetch]
+    gemv_impl<true>(k, n, x, b, rs_b, y, alpha, beta, bias, act);
+  else
+    gemv_impl<false>(k, n, x, b, rs_b, y, alpha, beta, bias, act);
 }
 
 // c[(j+r)*ldc + i] = alpha · a_row(j+r) · b_row(i) for r < R rows, i < N: R·N
