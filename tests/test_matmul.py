@@ -2,7 +2,7 @@
 
 Bounds: _helpers error model, |err| <= C·sqrt(K)·u·(|alpha|·|A|·|B| + |beta|·|C|) + 2u·|want|.
 Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 12×32; A read in place: up to 14
-rows on AVX-512), the MC block (64/96/144 rows), the KC block (576 on AVX-512, 256
+rows on AVX-512), the MC block (64/96 rows), the KC block (768 on AVX-512, 256
 below; up to 4/3 of it is one block) and the NC panel (512/1024/2048 columns).
 """
 
@@ -25,7 +25,9 @@ SHAPES = [
     (129, 63, 300),  # m > MC, k > KC
     (7, 65, 520),  # two KC blocks and a tail
     (17, 7, 256),  # k == KC
-    (113, 33, 257),  # m = MC(avx512) + 1, k = KC + 1
+    (97, 33, 257),  # m = MC(avx512, avx2) + 1, k = KC + 1
+    (5, 33, 1024),  # k = 4/3 KC(avx512): one K block
+    (9, 40, 1025),  # ... plus one: two
     (3, 2049, 5),  # n > NC on every ISA
     (7, 1100, 520),  # few rows, enough flops for the N split across threads
     (14, 32, 9),  # one full avx512 micro-tile, A in place
