@@ -296,7 +296,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
 #pragma omp parallel num_threads(nt)
   {
     TaskScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
-    Rows* subs = sc.rows.data();
+    Rows* rows = sc.rows.data();
 #pragma omp for schedule(dynamic, 1)
     for (idx task = 0; task < n_tasks; ++task) {
       idx b, h, q_first;
@@ -304,10 +304,10 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
       // first), the dynamic schedule ends with small tasks and the threads finish together
       tasks.decode(a.causal ? n_tasks - 1 - task : task, &b, &h, &q_first);
       const idx hk = h / group, seq_q = a.q.seq_of(b);
-      const idx n_sub = ceil_div(std::min<idx>(g * blk.bq, seq_q - q_first), blk.bq);
-      assert(n_sub <= g);
-      for (idx s = 0; s < n_sub; ++s) {  // query block s: rows [q0, q0 + n)
-        Rows& u = subs[s];
+      const idx n_blocks = ceil_div(std::min<idx>(g * blk.bq, seq_q - q_first), blk.bq);
+      assert(n_blocks <= g);
+      for (idx s = 0; s < n_blocks; ++s) {  // query block s: rows [q0, q0 + n)
+        Rows& u = rows[s];
         const idx q0 = q_first + s * blk.bq;
         u.q = a.q.row(b, h, q0);
         u.q_rs = a.q.ss;
@@ -317,11 +317,11 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
         sc.start(kt, s, &u, std::min<idx>(blk.bq, seq_q - q0), D,
                  [&](idx i) { return detail::key_limit(a, b, q0 + i); });
       }
-      stream_keys(kt, blk, a.k.row(b, hk, 0), a.k.ss, a.v.row(b, hk, 0), a.v.ss, D, Dv, a.scale, 0, subs, n_sub,
+      stream_keys(kt, blk, a.k.row(b, hk, 0), a.k.ss, a.v.row(b, hk, 0), a.v.ss, D, Dv, a.scale, 0, rows, n_blocks,
                   sc);
-      for (idx s = 0; s < n_sub; ++s) {
+      for (idx s = 0; s < n_blocks; ++s) {
         const idx q0 = q_first + s * blk.bq;
-        finish(kt, subs[s], 0, Dv, a.lse ? a.lse + detail::lse_offset(a, b, h) + q0 : nullptr, 1);
+        finish(kt, rows[s], 0, Dv, a.lse ? a.lse + detail::lse_offset(a, b, h) + q0 : nullptr, 1);
       }
     }
   }
