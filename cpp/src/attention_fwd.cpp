@@ -81,6 +81,14 @@ struct TaskScratch {
   }
 };
 
+// One scratch per thread, for tasks of up to `blocks` row blocks.
+std::vector<TaskScratch> per_thread(int nt, const KernelTable& kt, const detail::Blocks& blk, idx blocks, idx d,
+                                    idx dv) {
+  std::vector<TaskScratch> v;
+  for (int t = 0; t < nt; ++t) v.emplace_back(kt, blk, blocks, d, dv);
+  return v;
+}
+
 // Streams the key blocks [k_begin, kmax) of one K/V (row steps ks, vs) through every
 // row block of a task: key blocks outermost, so that each K/V block is read from
 // memory once and serves all row blocks from cache (Note [query blocks per task]).
@@ -131,13 +139,13 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
 // O /= l and lse = m + log(l) (row i's at lse[i*lse_rs], when lse); a row that sees no
 // key gets O = 0 (from the products, or written here where its block saw no key) and
 // lse = -inf.
-void finish(const KernelTable& kt, const Rows& u, idx k_begin, idx dv, float* lse, idx lse_rs) {
+void finish(const KernelTable& kt, const Rows& u, idx dv, float* lse, idx lse_rs) {
   for (idx i = 0; i < u.n; ++i) {
     const bool empty = u.l[i] == 0.0f;
     if (lse) lse[i * lse_rs] = empty ? kNegInf : u.m[i] + std::log(u.l[i]);
     u.l[i] = empty ? 0.0f : 1.0f / u.l[i];
   }
-  if (u.kmax > k_begin)
+  if (u.kmax > 0)
     kt.scale_rows(u.o, u.o_rs, u.n, dv, u.l);
   else
     for (idx i = 0; i < u.n; ++i) std::fill(u.o + i * u.o_rs, u.o + i * u.o_rs + dv, 0.0f);
@@ -193,8 +201,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
 
   // partial rows of chunked sequences: slot (b, hk, c) holds G rows of O_c (Dv), m_c, l_c
   AlignedBuffer part_o(n_parts * G * Dv), part_m(n_parts * G), part_l(n_parts * G);
-  std::vector<TaskScratch> scratch;
-  for (int t = 0; t < nt; ++t) scratch.emplace_back(kt, blk, n_blocks, D, Dv);
+  std::vector<TaskScratch> scratch = per_thread(nt, kt, blk, n_blocks, D, Dv);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -229,7 +236,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
       for (idx s = 0; s < n_blocks; ++s) {
         const Rows& u = rows[s];
         if (n_chunks == 1) {
-          finish(kt, u, k_begin, Dv, a.lse ? a.lse + detail::lse_offset(a, b, hk * G + s * blk.bq) : nullptr,
+          finish(kt, u, Dv, a.lse ? a.lse + detail::lse_offset(a, b, hk * G + s * blk.bq) : nullptr,
                  a.q.seq);
         } else {  // the chunk's partial rows: O_c as summed, m_c, l_c
           const idx r0 = part * G + s * blk.bq;
@@ -290,8 +297,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const detail::BlockTasks tasks(a.q, H, g * blk.bq);  // a task: up to g query blocks of one head
   const idx n_tasks = tasks.count();
   const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
-  std::vector<TaskScratch> scratch;
-  for (int t = 0; t < nt; ++t) scratch.emplace_back(kt, blk, g, D, Dv);
+  std::vector<TaskScratch> scratch = per_thread(nt, kt, blk, g, D, Dv);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -321,7 +327,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
                   sc);
       for (idx s = 0; s < n_blocks; ++s) {
         const idx q0 = q_first + s * blk.bq;
-        finish(kt, rows[s], 0, Dv, a.lse ? a.lse + detail::lse_offset(a, b, h) + q0 : nullptr, 1);
+        finish(kt, rows[s], Dv, a.lse ? a.lse + detail::lse_offset(a, b, h) + q0 : nullptr, 1);
       }
     }
   }
