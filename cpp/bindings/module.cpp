@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "array_cache.h"
 #include "qkv/attention.h"
 #include "qkv/dispatch.h"
 #include "qkv/elementwise.h"
@@ -104,9 +105,31 @@ idx checked_numel(const std::vector<idx>& shape, const char* what) {
   return n;
 }
 
+// A new C-contiguous array; large ones take their memory from Note [array cache].
 py::array_t<float> empty_f32(const std::vector<idx>& shape, const char* what) {
-  checked_numel(shape, what);
-  return py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  const idx n = checked_numel(shape, what);
+  const std::vector<py::ssize_t> dims(shape.begin(), shape.end());
+  const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
+  if (bytes < qkv::ArrayCache::kMinBytes) return py::array_t<float>(dims);
+  struct Owned {  // the capsule's value: the block and its size
+    void* ptr;
+    std::size_t bytes;
+  };
+  qkv::ArrayCache& cache = qkv::ArrayCache::instance();
+  auto owned = std::make_unique<Owned>(Owned{nullptr, bytes});
+  owned->ptr = cache.take(bytes);  // std::bad_alloc -> MemoryError
+  py::capsule base;
+  try {
+    base = py::capsule(owned.get(), [](void* p) {
+      std::unique_ptr<Owned> o(static_cast<Owned*>(p));
+      qkv::ArrayCache::instance().give(o->ptr, o->bytes);
+    });
+  } catch (...) {
+    cache.give(owned->ptr, bytes);
+    throw;
+  }
+  float* data = static_cast<float*>(owned.release()->ptr);  // the capsule owns it now
+  return py::array_t<float>(dims, data, base);
 }
 
 Arr view_of(py::array_t<float>& a) {
@@ -1026,6 +1049,20 @@ PYBIND11_MODULE(_core, m) {
     omp_set_num_threads(n);
   });
   m.def("get_num_threads", &effective_threads);
+  m.def("set_cache_limit", [](long long limit) {
+    if (limit < 0) throw py::value_error("set_cache_limit: nbytes must be >= 0, got " + std::to_string(limit));
+    return static_cast<long long>(qkv::ArrayCache::instance().set_limit(static_cast<std::size_t>(limit)));
+  }, py::arg("nbytes"));
+  m.def("cache_info", [] {
+    std::size_t bytes = 0, blocks = 0, limit = 0;
+    qkv::ArrayCache::instance().stats(&bytes, &blocks, &limit);
+    py::dict d;
+    d["bytes"] = bytes;
+    d["blocks"] = blocks;
+    d["limit"] = limit;
+    d["min_array_bytes"] = qkv::ArrayCache::kMinBytes;
+    return d;
+  });
   m.def("set_isa", [](const std::string& isa) {
     try {
       qkv::set_active_isa(isa);
