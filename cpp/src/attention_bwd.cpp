@@ -152,14 +152,9 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
                        std::max<idx>(D + Dv, 1) / 2;
   const int nt_max = threads_for(flops, 2.0e6);
 
-  // D_i = Σ_d dO_id · O_id, laid out like lse
-  const detail::BlockTasks row_tasks(a.q, H, blk.bq);
+  // D_i = Σ_d dO_id · O_id, laid out like lse: rows [q0, q0 + nq) of (b, h)
   std::vector<float> dsum(static_cast<size_t>(a.q.cu ? H * a.q.cu[B] : B * H * Sq));
-#pragma omp parallel for num_threads(nt_max) schedule(static)
-  for (idx task = 0; task < row_tasks.count(); ++task) {
-    idx b, h, q0;
-    row_tasks.decode(task, &b, &h, &q0);
-    const idx nq = std::min<idx>(blk.bq, a.q.seq_of(b) - q0);
+  auto row_dsum = [&](idx b, idx h, idx q0, idx nq) {
     float* out = dsum.data() + detail::lse_offset(a, b, h) + q0;
     for (idx i = 0; i < nq; ++i) {
       const float* x = d_o.row(b, h, q0 + i);
@@ -171,7 +166,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
       for (; d < Dv; ++d) acc[d % 8] += x[d] * y[d];
       out[i] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     }
-  }
+  };
   assert(!dbias.ptr || (!a.q.cu && !a.k.cu));
 
   // The dbias element (b, h, q, k) (Note [bias gradient]).
@@ -252,7 +247,19 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const bool full_dbias = dbias.ptr && dbias.batch == B && dbias.heads == H;
   const bool head_major = one_pass && dbias.ptr && dbias.batch == 1 && dbias.heads == H && Hkv >= 2 * nt_max;
   const bool fuse_dbias = full_dbias || head_major;
-  if (dbias.ptr && !fuse_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
+  const bool separate_dbias = dbias.ptr && !fuse_dbias;
+  // D: one-pass tasks make their own rows' as they start (no pass over dO and O of its
+  // own); otherwise a pass first, for tasks that read the rows of every query block
+  const detail::BlockTasks row_tasks(a.q, H, blk.bq);
+  if (!one_pass || separate_dbias) {
+#pragma omp parallel for num_threads(nt_max) schedule(static)
+    for (idx task = 0; task < row_tasks.count(); ++task) {
+      idx b, h, q0;
+      row_tasks.decode(task, &b, &h, &q0);
+      row_dsum(b, h, q0, std::min<idx>(blk.bq, a.q.seq_of(b) - q0));
+    }
+  }
+  if (separate_dbias) bias_gradient(kt, a, d_o, dsum.data(), blk, nt_max, dbias);
   // Note [key blocks per task]: packed Kᵀ, Vᵀ and dK, dV rows per key block
   const idx nkb = ceil_div(Sk, blk.bk), key_block_bytes = 2 * blk.bk * (D + Dv) * idx{4};
   if (one_pass) {
@@ -269,6 +276,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
         const idx hk = task % Hkv, b_begin = head_major ? 0 : task / Hkv, b_end = head_major ? B : b_begin + 1;
         for (idx b = b_begin; b < b_end; ++b) {
           for (idx h = hk * group; h < (hk + 1) * group; ++h) {
+            if (!separate_dbias) row_dsum(b, h, 0, a.q.seq_of(b));
             for (idx i = 0; i < a.q.seq_of(b); ++i) std::fill(dq.row(b, h, i), dq.row(b, h, i) + D, 0.0f);
             if (full_dbias || (head_major && b == 0)) std::fill(dbias_at(b, h, 0, 0), dbias_at(b, h, Sq, 0), 0.0f);
           }
