@@ -131,7 +131,8 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc) {
   const int nr = kt.nr;
-  const idx tiles = row_tiles(m, kt.mr);
+  // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones
+  const idx tiles = row_tiles(m, rs_a != 1 && m % kt.mr != 0 ? kt.mr_rows : kt.mr);
   float* rows[64];
   for (idx j0 = 0; j0 < n; j0 += nr) {
     const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
