@@ -396,7 +396,11 @@ inline V::reg scale_pow2(V::reg p, V::reg n) {
 }
 
 // exp(x) for fp32: x = n·ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2),
-// exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n.
+// exp(r) by a polynomial, times 2^n. FullRange: the degree-7 Taylor polynomial
+// (truncation < 1e-8 relative). Otherwise (softmax, GELU, cross-entropy): degree 5,
+// 1 + r·q(r) with q fitted to the relative error (weighted least squares iterated
+// to minimax; 9.2e-8 in exact arithmetic, 1.5e-7 = 2.5·2^-24 with float32 Horner
+// steps; exp(0) = 1 exactly): two FMAs fewer, 2% of a d = 32-64 forward.
 // x is clamped to [-104, 88.8]: denormal results and overflow to +inf come out right,
 // and from -104 down (and at -inf) p·2^-150 rounds to exactly 0. NaN propagates.
 // !FullRange without vscalefps (softmax, where x <= 0 and results below 2^-126 do
@@ -415,14 +419,24 @@ inline V::reg exp_v(V::reg x) {
   const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
-  V::reg p = V::set1(1.0f / 5040.0f);
-  p = V::fmadd(p, r, V::set1(1.0f / 720.0f));
-  p = V::fmadd(p, r, V::set1(1.0f / 120.0f));
-  p = V::fmadd(p, r, V::set1(1.0f / 24.0f));
-  p = V::fmadd(p, r, V::set1(1.0f / 6.0f));
-  p = V::fmadd(p, r, V::set1(0.5f));
-  p = V::fmadd(p, r, V::set1(1.0f));
-  p = V::fmadd(p, r, V::set1(1.0f));
+  V::reg p;
+  if (FullRange) {
+    p = V::set1(1.0f / 5040.0f);
+    p = V::fmadd(p, r, V::set1(1.0f / 720.0f));
+    p = V::fmadd(p, r, V::set1(1.0f / 120.0f));
+    p = V::fmadd(p, r, V::set1(1.0f / 24.0f));
+    p = V::fmadd(p, r, V::set1(1.0f / 6.0f));
+    p = V::fmadd(p, r, V::set1(0.5f));
+    p = V::fmadd(p, r, V::set1(1.0f));
+    p = V::fmadd(p, r, V::set1(1.0f));
+  } else {
+    p = V::set1(0.008290272206068039f);
+    p = V::fmadd(p, r, V::set1(0.04189816117286682f));
+    p = V::fmadd(p, r, V::set1(0.1666763871908188f));
+    p = V::fmadd(p, r, V::set1(0.4999914765357971f));
+    p = V::fmadd(p, r, V::set1(0.9999997019767761f));
+    p = V::fmadd(p, r, V::set1(1.0f));
+  }
   return kNarrow ? V::mul(p, V::pow2i(n)) : scale_pow2(p, n);
 }
 
