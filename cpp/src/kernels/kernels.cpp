@@ -338,6 +338,27 @@ void gemv(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, floa
     gemv_impl<false>(k, n, x, b, rs_b, y, alpha, beta, bias, act);
 }
 
+#if defined(QKV_ISA_AVX512)
+// Lane m of the result = the sum of the 16 lanes of v[m]: a tree of 15 shuffle-pair
+// adds (halves, then 128-bit lanes, then within them) instead of 16 reductions of
+// ~9 instructions each. The tree leaves lane 4j + t holding the sum of its input
+// 4t + j, so the inputs go in transposed (in[4t + j] = v[4j + t]).
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  auto in = [&](int m) { return v[(m % 4) * 4 + m / 4]; };
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: 8 partial sums of in(2i), lanes 8-15: of in(2i+1)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), 0x44),
+                         _mm512_shuffle_f32x4(in(2 * i), in(2 * i + 1), 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane j: 4 partial sums of in(4i + j)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane j: 2 partials of in(8i + j), then 2 of in(8i + 4 + j)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  // lane j holds the sums of in(j), in(4 + j), in(8 + j), in(12 + j)
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+#endif
+
 // c[(j+r)*ldc + i] = alpha · a_row(j+r) · b_row(i) for r < R rows, i < N: R·N
 // accumulators, all in registers (R and N are compile-time: no spill).
 template <int R, int N>
@@ -362,13 +383,29 @@ inline void dot_rows_block(idx j, idx k, const float* a, idx lda, const float* b
     const V::tail tail = V::tail_mask(rem);
     step(kv * W, [&](const float* p) { return V::load(p, tail); });
   }
+#if defined(QKV_ISA_AVX512)
+  if constexpr (R * N >= 8) {  // all the sums at once (R·N <= 16)
+    static_assert(R * N <= 16, "reduce16 takes 16 vectors");
+    __m512 v[16];
+    for (int m = 0; m < 16; ++m) v[m] = m < R * N ? acc[m / N][m % N] : V::zero();
+    alignas(64) float sums[16];
+    V::store(sums, V::mul(reduce16(v), V::set1(alpha)));
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = sums[r * N + i];
+    return;
+  }
+#endif
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = alpha * V::reduce_add(acc[r][i]);
 }
 
 template <int N>
 void dot_rows_n(idx m, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc, float alpha) {
+#if defined(QKV_ISA_AVX512)
+  constexpr int R = 16 / N;  // rows of a at a time: R·N sums, reduced together (reduce16)
+#else
   constexpr int R = 4;  // rows of a at a time
+#endif
   idx j = 0;
   for (; j + R <= m; j += R) dot_rows_block<R, N>(j, k, a, lda, b, ldb, c, ldc, alpha);
   for (; j < m; ++j) dot_rows_block<1, N>(j, k, a, lda, b, ldb, c, ldc, alpha);
