@@ -139,9 +139,11 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 
 // c(m×n) (+)= alpha · a(m×k) · b(k×n) over micro-tiles, for the small products
 // inside an attention block. a(i, p) = a[i*rs_a + p*cs_a]; b is either packed
-// panels (b_packed: panel stride k*nr, row stride nr) or plain rows (row stride rs_b).
+// panels (b_packed: panel stride k*nr, row stride nr) or plain rows (row stride rs_b);
+// stream_b as in GemmTile.
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
-                       idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc) {
+                       idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc,
+                       bool stream_b = false) {
   const int nr = kt.nr;
   // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones
   const idx tiles = row_tiles(m, rs_a != 1 && m % kt.mr != 0 ? kt.mr_rows : kt.mr);
@@ -165,6 +167,7 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
       t.alpha = alpha;
       t.beta = beta;
       t.bias = nullptr;
+      t.stream_b = stream_b;
       kt.gemm_tile(t);
     }
   }

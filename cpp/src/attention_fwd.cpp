@@ -92,9 +92,11 @@ std::vector<TaskScratch> per_thread(int nt, const KernelTable& kt, const detail:
 // Streams the key blocks [k_begin, kmax) of one K/V (row steps ks, vs) through every
 // row block of a task: key blocks outermost, so that each K/V block is read from
 // memory once and serves all row blocks from cache (Note [query blocks per task]).
-// O holds the unnormalised sums afterwards (finish() divides).
+// O holds the unnormalised sums afterwards (finish() divides). stream_v: V is read
+// once, from memory (a decode task): its rows are prefetched (Note [streaming prefetch]).
 void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* krow, idx ks, const float* vrow,
-                 idx vs, idx d, idx dv, float scale, idx k_begin, Rows* rows, idx n_rows, TaskScratch& sc) {
+                 idx vs, idx d, idx dv, float scale, idx k_begin, Rows* rows, idx n_rows, TaskScratch& sc,
+                 bool stream_v = false) {
   const idx bq_pad = sc.bq_pad;
   float* st = sc.st_buf.data();
   idx kmax = 0;
@@ -129,7 +131,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         for (idx j = 0; j < nk; ++j) sc.p_row[j] = st[j * bq_pad];
         kt.gemv(nk, dv, sc.p_row.data(), v_use, rs_v, u.o, 1.0f, beta, nullptr, 0);
       } else {
-        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, u.o, u.o_rs);
+        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v);
       }
       sc.finite_v.add_back(nq, dv, 1.0f, st, 1, bq_pad, v_blk, vs, u.o, u.o_rs, mask, false);
     }
@@ -232,7 +234,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
         sc.start(kt, s, &u, std::min<idx>(blk.bq, G - s * blk.bq), D, [&](idx) { return k_end; });
       }
       stream_keys(kt, blk, a.k.row(b, hk, 0), a.k.ss, a.v.row(b, hk, 0), a.v.ss, D, Dv, a.scale, k_begin,
-                  rows, n_blocks, sc);
+                  rows, n_blocks, sc, true);
       for (idx s = 0; s < n_blocks; ++s) {
         const Rows& u = rows[s];
         if (n_chunks == 1) {

@@ -23,7 +23,7 @@ struct GemmTile {
   float alpha, beta;
   const float* bias;     // (n,) or null
   int act = 0;           // epilogue applied last: 0 none, 1 GELU (exact, erf form)
-  bool stream_b = false; // b is read once from memory: prefetch its rows ahead
+  bool stream_b = false; // b is read once from memory: prefetch its rows ahead (Note [streaming prefetch])
 };
 
 // Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.

@@ -98,7 +98,7 @@ inline V::reg gelu_v(V::reg x);  // the GELU epilogue, defined with the other el
 // that the common loop carries no prefetch pointer.
 template <int M, bool ColA, bool FullN, int NV, bool Stream = false>
 void gemm_tile_m(const GemmTile& t) {
-  if (!ColA && !Stream && t.stream_b) return gemm_tile_m<M, ColA, FullN, NV, true>(t);
+  if (!Stream && t.stream_b) return gemm_tile_m<M, ColA, FullN, NV, true>(t);
   // (unrolled: a zeroing loop that GCC turns into a memset keeps acc in memory)
   V::reg acc[M][NV];
 #pragma GCC unroll 16
@@ -129,7 +129,10 @@ void gemm_tile_m(const GemmTile& t) {
     if (ColA) __builtin_prefetch(ag[0] + (p + 16) * cs_a, 0, 3);
     V::reg bv[NV];
     const float* bp = b + p * rs_b;
-    if (Stream) prefetch_row(bp, kStreamAhead, rs_b, NR);  // Note [streaming prefetch]
+    // Note [streaming prefetch]; a tile that reads A down its columns (a decode's P·V, a
+    // transposed small-M product) into L1: one process, old/new and a plain read taking
+    // turns, Zen 5, GQA decode 47 -> 50% of the read's rate on 1 thread, 74 -> 77% on 2
+    if (Stream) prefetch_row<ColA ? 3 : 1>(bp, kStreamAhead, rs_b, NR);
     // (a ragged tile loads every vector masked: a branch here would keep acc in memory)
     for (int v = 0; v < NV; ++v) bv[v] = FullN ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
 #pragma GCC unroll 16
