@@ -4,11 +4,8 @@
 #include <cstdlib>
 #include <list>
 #include <mutex>
-#include <new>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "qkv/common.h"
 
 namespace qkv {
 
@@ -22,8 +19,9 @@ namespace qkv {
 // attention_backward at (32, 12, 128, 32): 45 µs per head with fresh outputs against
 // 40 with out=; at batch 1 (196 KB per output) 45 against 30.
 // Freed blocks are kept up to `limit` bytes and kMaxBlocks blocks; past either the
-// oldest go back to the OS (set_limit(0), qkv_native.set_cache_limit(0): none are kept). Blocks of 4 MiB and more are
-// advised as huge pages where Linux allows, as NumPy advises its own. Thread-safe.
+// oldest go back to the OS (set_limit(0), qkv_native.set_cache_limit(0): none are
+// kept). Blocks are page-aligned and allocated as AlignedBuffer's are (Note [huge
+// pages] in qkv/common.h). Thread-safe.
 class ArrayCache {
  public:
   static constexpr std::size_t kMinBytes = std::size_t{64} << 10;
@@ -50,12 +48,7 @@ class ArrayCache {
           return p;
         }
     }
-    void* p = std::aligned_alloc(kPage, size);
-    if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (size >= (std::size_t{4} << 20)) madvise(p, size, MADV_HUGEPAGE);  // advice only: errors ignored
-#endif
-    return p;
+    return alloc_block(size, kPage);
   }
 
   // Gives back a block from take(bytes).
@@ -85,17 +78,16 @@ class ArrayCache {
     return old;
   }
 
-  // (bytes kept, blocks kept, limit)
-  void stats(std::size_t* bytes, std::size_t* blocks, std::size_t* limit) {
+  struct Stats {
+    std::size_t bytes, blocks, limit;  // kept now, and the byte limit
+  };
+  Stats stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    *bytes = cached_;
-    *blocks = free_.size();
-    *limit = limit_;
+    return {cached_, free_.size(), limit_};
   }
 
-  static std::size_t rounded(std::size_t bytes) { return (bytes + kPage - 1) / kPage * kPage; }
-
  private:
+  static std::size_t rounded(std::size_t bytes) { return (bytes + kPage - 1) / kPage * kPage; }
   struct Block {
     void* ptr;
     std::size_t size;

@@ -1054,12 +1054,11 @@ PYBIND11_MODULE(_core, m) {
     return static_cast<long long>(qkv::ArrayCache::instance().set_limit(static_cast<std::size_t>(limit)));
   }, py::arg("nbytes"));
   m.def("cache_info", [] {
-    std::size_t bytes = 0, blocks = 0, limit = 0;
-    qkv::ArrayCache::instance().stats(&bytes, &blocks, &limit);
+    const qkv::ArrayCache::Stats s = qkv::ArrayCache::instance().stats();
     py::dict d;
-    d["bytes"] = bytes;
-    d["blocks"] = blocks;
-    d["limit"] = limit;
+    d["bytes"] = s.bytes;
+    d["blocks"] = s.blocks;
+    d["limit"] = s.limit;
     d["min_array_bytes"] = qkv::ArrayCache::kMinBytes;
     return d;
   });

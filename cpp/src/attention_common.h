@@ -120,7 +120,7 @@ inline idx blocks_per_task(idx blocks, idx block_bytes, idx tasks_per_block, idx
 // into L1: a hint only, it never faults.
 inline void prefetch_rows(const float* p, idx ss, idx rows, idx cols) {
   for (idx i = 0; i < rows; ++i)
-    for (idx c = 0; c < cols; c += 16) __builtin_prefetch(p + i * ss + c, 0, 3);  // 16 floats: a line
+    for (idx c = 0; c < cols; c += kLineFloats) __builtin_prefetch(p + i * ss + c, 0, 3);
 }
 
 // Packs rows [j0, j0+n) of a (seq, dim) matrix transposed into micro-panels of nr

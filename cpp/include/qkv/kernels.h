@@ -7,6 +7,8 @@ namespace qkv {
 
 using idx = std::int64_t;
 
+constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
+
 // One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):
 //   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * b[p*rs_b + j] (+ bias[j]) (+ beta * c_rows[i][j])
 // for i < m, j < n <= nr, p < k; m <= mr, or m <= mr_rows when A is read along its

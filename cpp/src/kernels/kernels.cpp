@@ -56,7 +56,6 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // thread, and Zen 5 gains 8-11 with one query per kv head but loses 2-6 with four,
 // or with d = 64.
 constexpr idx kStreamAhead = 48;
-constexpr idx kLineFloats = 64 / static_cast<idx>(sizeof(float));  // floats per cache line
 // the line holding p[ahead], into L2 (Locality 1) or, with Locality 3, into L1 as well
 template <int Locality = 1>
 inline void prefetch_ahead(const float* p, idx ahead) {
