@@ -306,7 +306,10 @@ def test_thread_limits_hold_and_do_not_change_results(tmp_path, restore_threads)
             limited = enc.encode(texts, batch_size=16)
         assert set(calls) == {"encode"}
         calls.clear()
-        enc.encode(texts[:3])
+        enc.encode(texts[:3])  # a few texts: in this thread whatever the limit
+        assert set(calls) == {"encode"}
+        calls.clear()
+        enc.encode(texts[:8])
         assert calls == ["encode_batch"]
     finally:
         enc.tokenizer = getattr(enc.tokenizer, "_inner", enc.tokenizer)

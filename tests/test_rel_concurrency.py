@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -276,3 +278,42 @@ def test_arrays_sent_to_a_spawn_pool(spawn_pool, rng):
 def test_readme_says_how_to_fork():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert "fork" in readme and "spawn" in readme
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc/self/task")
+def test_ops_of_alternating_sizes_create_no_threads():
+    """Note [whole teams]: ops that warrant different thread counts (3 and 4 of 4 here)
+    run on the same team, so the OpenMP runtime keeps its threads instead of ending
+    and recreating some at every switch (GNU libgomp did: one clone per thread)."""
+    code = textwrap.dedent("""
+        import os
+        import numpy as np
+        import qkv_native as qn
+        rng = np.random.default_rng(0)
+        r = lambda *s: rng.standard_normal(s).astype(np.float32)
+        x, w_big, w_small = r(13, 384), r(384, 1152), r(384, 384)
+        a, b = r(200, 384), r(384, 384)
+        q, k, v = r(1, 2, 64, 32), r(1, 2, 64, 32), r(1, 2, 64, 32)
+        g = np.ones(384, np.float32)
+        ops = [lambda: qn.matmul(x, w_big),    # 11.5 MFLOP: 4 threads
+               lambda: qn.matmul(x, w_small),  # 3.8 MFLOP: 3 threads
+               lambda: qn.matmul(a, b),
+               lambda: qn.attention_backward(o, q, k, v, o, lse),
+               lambda: qn.layer_norm(a, g, 0 * g)]
+        o, lse = qn.attention(q, k, v, return_lse=True)
+        seen = set()
+        for rnd in range(33):
+            if rnd == 3:
+                before = set(os.listdir("/proc/self/task"))
+                seen = set(before)
+            for op in ops:
+                op()
+                seen |= set(os.listdir("/proc/self/task"))
+        print(len(before), len(seen - before))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="4")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    threads, created = map(int, proc.stdout.split())
+    assert threads >= 4
+    assert created == 0, f"{created} threads created while ops of different sizes took turns"

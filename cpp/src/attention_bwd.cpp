@@ -104,7 +104,7 @@ void bias_gradient(const KernelTable& kt, const AttentionArgs& a, const Tensor4&
   const idx B = a.q.batch, H = a.q.heads, Sq = a.q.seq, Sk = a.k.seq, group = H / std::max<idx>(a.k.heads, 1);
   const idx nqb = ceil_div(Sq, blk.bq), nkb = ceil_div(Sk, blk.bk);
   const idx n_tasks = g.batch * g.heads * nqb * nkb;
-  const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks)));
+  const int nt = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks)));
   std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, a.q.dim, a.v.dim);
 #pragma omp parallel num_threads(nt)
   {
@@ -256,7 +256,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   // own); otherwise a pass first, for tasks that read the rows of every query block
   const detail::BlockTasks row_tasks(a.q, H, blk.bq);
   if (!one_pass || separate_dbias) {
-#pragma omp parallel for num_threads(nt_max) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt_max)) schedule(static)
     for (idx task = 0; task < row_tasks.count(); ++task) {
       idx b, h, q0;
       row_tasks.decode(task, &b, &h, &q0);
@@ -269,7 +269,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   if (one_pass) {
     // tasks: (b, kv head) pairs, or with head_major kv heads, each through every b in order
     const idx n_tasks = head_major ? Hkv : B * Hkv;
-    const int nt = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks)));
+    const int nt = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks)));
     const idx g = a.k.cu ? 1 : detail::blocks_per_task(nkb, key_block_bytes, n_tasks, 0);
     std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv, g);
 #pragma omp parallel num_threads(nt)
@@ -297,7 +297,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const idx g1 = a.k.cu ? 1 : detail::blocks_per_task(nkb, key_block_bytes, B * Hkv, 4 * static_cast<idx>(nt_max));
   const detail::BlockTasks tasks1(a.k, Hkv, g1 * blk.bk);
   const idx n_tasks1 = tasks1.count();
-  const int nt1 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks1)));
+  const int nt1 = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks1)));
   std::vector<KeyBlockScratch> scratch1 = per_thread(nt1, kt, blk, D, Dv, g1);
 #pragma omp parallel num_threads(nt1)
   {
@@ -317,7 +317,7 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
 
   // Pass 2: dQ. Task = (batch, head, query block).
   const idx n_tasks2 = row_tasks.count();
-  const int nt2 = static_cast<int>(std::max<idx>(1, std::min<idx>(nt_max, n_tasks2)));
+  const int nt2 = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks2)));
   std::vector<KeyBlockScratch> scratch2 = per_thread(nt2, kt, blk, D, Dv);  // pass 2 uses bufs, lim_rel, finite
 #pragma omp parallel num_threads(nt2)
   {

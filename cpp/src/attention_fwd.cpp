@@ -199,7 +199,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
   }
   const idx n_tasks = first[B], n_parts = part_first[B];
   const double flops = 2.0 * static_cast<double>(B) * H * std::max<idx>(a.k.seq, 1) * std::max<idx>(D + Dv, 1);
-  const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
+  const int nt = team_size(static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks)));
 
   // partial rows of chunked sequences: slot (b, hk, c) holds G rows of O_c (Dv), m_c, l_c
   AlignedBuffer part_o(n_parts * G * Dv), part_m(n_parts * G), part_l(n_parts * G);
@@ -298,7 +298,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
                                                  4 * static_cast<idx>(omp_get_max_threads()));
   const detail::BlockTasks tasks(a.q, H, g * blk.bq);  // a task: up to g query blocks of one head
   const idx n_tasks = tasks.count();
-  const int nt = static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks));
+  const int nt = team_size(static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks)));
   std::vector<TaskScratch> scratch = per_thread(nt, kt, blk, g, D, Dv);
 
 #pragma omp parallel num_threads(nt)

@@ -13,7 +13,7 @@ namespace qkv {
 void layer_norm_forward(const KernelTable& kt, idx rows, idx n, const float* x, idx ldx, const float* gamma,
                         const float* beta, float eps, float* y, idx ldy, float* mean, float* rstd) {
   const int nt = threads_for(static_cast<double>(rows) * n, 6.0e4);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.layernorm_fwd(x + r * ldx, y + r * ldy, n, gamma, beta, eps, mean + r, rstd + r);
 }
 
@@ -26,7 +26,7 @@ void layer_norm_backward(const KernelTable& kt, idx rows, idx n, const float* dy
   const idx n_chunks = rows > 0 ? ceil_div(rows, chunk) : 0;
   std::vector<float> part(static_cast<size_t>(2 * n_chunks * n), 0.0f);
   const int nt = std::min<int>(threads_for(static_cast<double>(rows) * n, 6.0e4), static_cast<int>(std::max<idx>(n_chunks, 1)));
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx c = 0; c < n_chunks; ++c) {
     float* pg = part.data() + 2 * c * n;
     float* pb = pg + n;
@@ -46,14 +46,14 @@ void layer_norm_backward(const KernelTable& kt, idx rows, idx n, const float* dy
 
 void gelu_forward(const KernelTable& kt, idx rows, idx n, const float* x, idx ldx, float* y, idx ldy) {
   const int nt = threads_for(static_cast<double>(rows) * n, 3.0e4);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.gelu_fwd(x + r * ldx, y + r * ldy, n);
 }
 
 void gelu_backward(const KernelTable& kt, idx rows, idx n, const float* x, idx ldx, const float* dy, idx lddy,
                    float* dx, idx lddx) {
   const int nt = threads_for(static_cast<double>(rows) * n, 3.0e4);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.gelu_bwd(x + r * ldx, dy + r * lddy, dx + r * lddx, n);
 }
 
@@ -65,7 +65,7 @@ double softmax_cross_entropy(const KernelTable& kt, idx rows, idx c, const float
   const float grad_scale = 1.0f / static_cast<float>(std::max<idx>(n_valid, 1));
   std::vector<float> row_loss(static_cast<size_t>(rows), 0.0f);
   const int nt = threads_for(static_cast<double>(rows) * c, 3.0e4);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) {
     if (targets[r] == ignore_index) {
       std::fill(dlogits + r * lddx, dlogits + r * lddx + c, 0.0f);
@@ -84,7 +84,7 @@ void dropout_forward(const KernelTable& kt, idx n, const float* x, float* y, flo
   constexpr idx kChunk = idx(1) << 15;
   const idx n_chunks = ceil_div(n, kChunk);
   const int nt = threads_for(static_cast<double>(n), 6.0e4);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx c = 0; c < n_chunks; ++c) {
     const idx b = c * kChunk;
     kt.dropout_fwd(x + b, y + b, mask + b, std::min(kChunk, n - b), seed, static_cast<std::uint32_t>(b),
@@ -108,7 +108,7 @@ void for_param_chunks(idx n_params, const idx* offsets, F&& update) {
     }
   const idx n_pieces = static_cast<idx>(piece_param.size());
   const int nt = threads_for(static_cast<double>(offsets[n_params] - offsets[0]), 1.0e5);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(dynamic, 1)
   for (idx i = 0; i < n_pieces; ++i) {
     const idx p = piece_param[i], b = piece_begin[i];
     update(p, b, std::min(b + kChunk, offsets[p + 1]));

@@ -32,6 +32,8 @@ int threads_for(double work, double min_work) {
   return t >= max_t ? max_t : static_cast<int>(t);
 }
 
+int team_size(int nt) { return nt <= 1 ? 1 : omp_get_max_threads(); }
+
 namespace {
 
 // Copies the (rows × cols) window of M at (i0, j0) to dst, element (a, c) to
@@ -254,7 +256,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     const idx kStrip = ceil_div(ceil_div(N, nt), 16) * 16;
     idx astep, alen;
     const float* x = A.run(0, 0, &astep, &alen);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
     for (idx strip = 0; strip < ceil_div(N, kStrip); ++strip) {
       const idx j_end = std::min<idx>(N, (strip + 1) * kStrip);
       for (idx j = strip * kStrip; j < j_end;) {
@@ -283,7 +285,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   const idx n_row_tiles = row_tiles(M, A.trans ? kt.mr : kt.mr_rows);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx strip = 0; strip < n_strips; ++strip) {
     float* rows[64];
     const idx j_end = std::min<idx>(N, (strip + 1) * nr);
@@ -368,7 +370,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
   const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
   const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
   const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);
-  const int nt = threads_for(flops, 4.0e6);
+  const int nt = team_size(threads_for(flops, 4.0e6));  // Note [whole teams]: blocks for the whole team
   // M blocks of equal size in micro-tiles (at most kt.mc rows; one per thread when
   // that gives fewer than two per thread), so that threads taking equal numbers of
   // blocks get equal work: 736 rows as 144 × 5 + 16 left one of two threads 42% more.
@@ -461,7 +463,7 @@ void gemm(const KernelTable& kt, idx M, const MatMap& A, const PackedB& B, float
 void pack_b(const MatMap& B, idx K, idx N, float* dst) {
   const idx n_panels = ceil_div(N, kPackedPanel);
   const int nt = static_cast<int>(std::min<idx>(threads_for(static_cast<double>(K) * N, 1.0e6), n_panels));
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx p = 0; p < n_panels; ++p) {
     float* panel = dst + p * K * kPackedPanel;
     const idx j0 = p * kPackedPanel, n = std::min<idx>(kPackedPanel, N - j0);

@@ -27,7 +27,7 @@ void project_backward(const KernelTable& kt, idx M, idx d_model, idx N, const Ma
     constexpr idx kChunk = 64;
     const idx n_chunks = ceil_div(N, kChunk);
     const int nt = std::min<int>(threads_for(static_cast<double>(M) * N, 2.0e5), static_cast<int>(n_chunks));
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(team_size(nt)) schedule(static)
     for (idx ch = 0; ch < n_chunks; ++ch) {
       const idx j0 = ch * kChunk, j1 = std::min<idx>(N, j0 + kChunk);
       for (idx j = j0; j < j1; ++j) db[j] = 0.0f;
