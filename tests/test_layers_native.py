@@ -41,6 +41,26 @@ def test_linear_batched_leading_axes_and_out(rng):
         qn.linear(x.astype(np.float64), w, b)
 
 
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 7, 17), (13, 65, 33), (200, 1536, 64)])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_adds_to_out_with_beta(isa, rng, rows, d_in, d_out, activation):
+    """The encoder's residual connections: activation(x·w + b + beta·out) in the GEMM's
+    store, for a plain and a packed w (d_in 1536: K in two blocks, beta only on the first)."""
+    from qkv_native import _core
+
+    x, w, b = randn(rng, rows, d_in), randn(rng, d_in, d_out, scale=d_in**-0.5), randn(rng, d_out)
+    y0 = randn(rng, rows, d_out)
+    pre = x.astype(np.float64) @ w.astype(np.float64) + b + 0.5 * y0.astype(np.float64)
+    want = ref.gelu(pre) if activation == "gelu" else pre
+    bound = 8 * np.sqrt(d_in) * EPS * (np.abs(x) @ np.abs(w) + np.abs(b) + np.abs(y0)) + 4e-7 * np.abs(want) + 1e-30
+    for weight in (w, qn.pack_weight(w)):
+        y = y0.copy()
+        assert _core.linear(x, weight, b, activation, y, 0.5) is y
+        assert np.all(np.abs(y - want) <= bound), float(np.max(np.abs(y - want) - bound))
+    with pytest.raises(ValueError, match="pass out"):
+        _core.linear(x, w, b, "none", None, 1.0)
+
+
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 64, 384, 1000])
 def test_gelu_forward_backward(isa, rng, n):
     x = np.concatenate([randn(rng, 3, n, scale=3.0), np.linspace(-12, 12, 3 * n, dtype=np.float32).reshape(3, n)])

@@ -322,8 +322,10 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
 
 // out (M×N) = act(x (M×K) · w (K×N) + b): the dense layer, bias and GELU fused into
 // the GEMM's store.
+// activation(x·w + b + beta·out): with beta != 0 the product, bias and out's old contents are
+// summed in the GEMM's store (a residual connection with no pass of its own).
 py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, const py::object& b_obj,
-                          const std::string& activation, const py::object& out) {
+                          const std::string& activation, const py::object& out, float beta) {
   const auto& kt = active_kernels();
   const PackedWeight* pw = as_packed(w_obj);
   Arr x = as_f32(x_obj, "x", 2), w;
@@ -341,11 +343,12 @@ py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, cons
     expect_shape(b, "b", {N});
     bias = b.ptr;
   }
+  if (beta != 0.0f && out.is_none()) value_error("beta != 0 adds to out: pass out");
   auto [res, c] = output(out, "out", {M, N});
   run_native([&] {
     qkv::PlainMat A(x.ptr, x.strides[0], 1), B(w.ptr, w.strides[0], 1), C(c.ptr, c.strides[0], 1);
-    if (pw) qkv::gemm(kt, M, A.map, pw->view(), 1.0f, 0.0f, C.map, bias, act);
-    else qkv::gemm(kt, M, N, K, 1.0f, A.map, B.map, 0.0f, C.map, bias, act);
+    if (pw) qkv::gemm(kt, M, A.map, pw->view(), 1.0f, beta, C.map, bias, act);
+    else qkv::gemm(kt, M, N, K, 1.0f, A.map, B.map, beta, C.map, bias, act);
   });
   return res;
 }
@@ -1026,7 +1029,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("causal") = false, py::arg("scale"));
   m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b") = py::none(), py::arg("activation") = "none",
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("beta") = 0.0f);
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::arg("out") = py::none());
   m.def("layer_norm_backward", &layer_norm_backward, py::arg("dy"), py::arg("x"), py::arg("weight"),

@@ -718,8 +718,8 @@ class SentenceEncoder:
         cfg, ws = self.config, self._ws
         d, H, dh, T = cfg.hidden_size, cfg.num_attention_heads, cfg.d_head, ids.size
         eps = cfg.layer_norm_eps
-        x = ws.take("x", (T, d))  # layer input/output
-        a = ws.take("a", (T, d))  # after attention + residual
+        x = ws.take("x", (T, d))  # layer input/output (and x + attention before the LayerNorm)
+        a = ws.take("a", (T, d))  # the attention block's output (after its LayerNorm)
         qkv = ws.take("qkv", (3, 1, H, T, dh))  # head-major q, k, v
         ctx = ws.take("ctx", (T, H, dh))  # attention output, token-major
         inter = ws.take("inter", (T, cfg.intermediate_size))
@@ -747,13 +747,12 @@ class SentenceEncoder:
         for L in self._layers:
             _core.qkv_project_packed(x3, L.w_qkv, L.b_qkv, H, H, q, k, v)
             _core.attention_varlen(qt, kt, vt, cu, cu, False, scale, False, ctx)
-            np.add(x, L.b_o, out=a)  # a = x + b_O + ctx·W_O
-            _core.matmul(ctx2, L.w_o, False, False, 1.0, 1.0, a)
-            _core.layer_norm(a, L.ln1_gamma, L.ln1_beta, eps, a)
+            # the residual adds happen in the GEMMs' stores (beta = 1): x += ctx·W_O + b_O
+            _core.linear(ctx2, L.w_o, L.b_o, "none", x, 1.0)
+            _core.layer_norm(x, L.ln1_gamma, L.ln1_beta, eps, a)
             _core.linear(a, L.w_1, L.b_1, "gelu", inter)  # inter = GELU(a·W_1 + b_1)
-            np.add(a, L.b_2, out=x)  # x = a + b_2 + inter·W_2
-            _core.matmul(inter, L.w_2, False, False, 1.0, 1.0, x)
-            _core.layer_norm(x, L.ln2_gamma, L.ln2_beta, eps, x)
+            _core.linear(inter, L.w_2, L.b_2, "none", a, 1.0)  # a += inter·W_2 + b_2
+            _core.layer_norm(a, L.ln2_gamma, L.ln2_beta, eps, x)
         return x
 
     def _pool(self, h: np.ndarray, cu: np.ndarray, lengths: np.ndarray) -> np.ndarray:
