@@ -320,10 +320,8 @@ py::array_t<float> matmul(const py::object& a_obj, const py::object& b_obj, bool
   return res;
 }
 
-// out (M×N) = act(x (M×K) · w (K×N) + b): the dense layer, bias and GELU fused into
-// the GEMM's store.
-// activation(x·w + b + beta·out): with beta != 0 the product, bias and out's old contents are
-// summed in the GEMM's store (a residual connection with no pass of its own).
+// out (M×N) = act(x (M×K) · w (K×N) + b + beta·out): the dense layer, bias, GELU and
+// (beta != 0, out given) a residual added to out's old contents, all in the GEMM's store.
 py::array_t<float> linear(const py::object& x_obj, const py::object& w_obj, const py::object& b_obj,
                           const std::string& activation, const py::object& out, float beta) {
   const auto& kt = active_kernels();

@@ -89,9 +89,10 @@ int threads_for(double work, double min_work);
 // team leaves out, and the next larger team creates them again (one clone per thread),
 // so ops of alternating sizes paid thread creations each time: a one-text encoder
 // forward runs regions of 11, 1, 3 and 15 threads. 16-core Xeon (device), a
-// 13 x 384 x 1152 product and a 13 x 384 x 384 one alternating: 326 us per pair
-// against 25 and 21 us each alone; that forward took 5.7 ms on 16 threads, 2.1 on 4.
-// A thread with nothing to do costs a wake-up and a barrier instead (~microseconds).
+// 13 x 384 x 1152 product and a 13 x 384 x 384 one alternating: 327 us per pair
+// against 28 and 26 us each alone (35 us with whole teams); that forward took 4.6 ms on
+// 16 threads and 2.0 on 4 (1.25 and 1.8 with whole teams). A thread with nothing to do
+// costs a wake-up and a barrier instead (~microseconds).
 // Per-thread scratch is sized by the team.
 int team_size(int nt);
 
