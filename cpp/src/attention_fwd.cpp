@@ -60,6 +60,10 @@ struct TaskScratch {
     p_row.resize(static_cast<size_t>(blk.bk));
     lim.resize(static_cast<size_t>(blocks * bq_pad));
   }
+  // The row slots the kernels read for n rows (softmax_fwd: whole vectors of queries,
+  // n rounded up to at most nr): a short sequence in a packed batch (bq 96) sets up
+  // and masks 32 slots, not 96.
+  idx slots(const KernelTable& kt, idx n) const { return std::min<idx>(bq_pad, ceil_div(n, kt.nr) * kt.nr); }
   // Row block s of a task: n rows, key limit `limit(i)` for row i; m = -inf, l = 0,
   // Qᵀ packed.
   template <class Limit>
@@ -71,7 +75,7 @@ struct TaskScratch {
     u->qt = u->few ? nullptr : q_buf.data() + s * qpanel;
     u->lim = lim.data() + s * bq_pad;
     u->kmax = 0;
-    for (idx i = 0; i < bq_pad; ++i) {
+    for (idx i = 0, n_slots = slots(kt, n); i < n_slots; ++i) {
       u->lim[i] = i < n ? limit(i) : 0;  // padding lanes: fully masked
       u->kmax = std::max(u->kmax, u->lim[i]);
       u->m[i] = kNegInf;
@@ -115,7 +119,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, bq_pad, scale);
       else
         detail::block_gemm(kt, nk, nq, d, scale, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad);
-      for (idx i = 0; i < bq_pad; ++i)
+      for (idx i = 0, n_slots = sc.slots(kt, nq); i < n_slots; ++i)
         sc.lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
       BiasView bias = u.bias;
       if (bias.ptr) bias.ptr += k0 * bias.cs;
