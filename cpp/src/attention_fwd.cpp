@@ -1,12 +1,13 @@
 // Attention forward, flash style. Tasks are (batch, head, up to g query blocks,
 // Note [query blocks per task]); each packs its Q blocks transposed once, then
 // streams key/value blocks, each serving every query block of the task:
-//   Sᵀ = K·Qᵀ·scale (keys × queries: micro-tiles read K rows in place)
-//   online softmax down the key axis (vertical: lanes are queries), O rescaled
+//   Sᵀ = K·Qᵀ·scale·log2(e) (keys × queries: micro-tiles read K rows in place)
+//   online softmax in base 2 down the key axis (vertical: lanes are queries; the
+//   log2(e) in the product's alpha makes its range reduction one subtraction), O rescaled
 //   where a query's running max moves, Sᵀ := Pᵀ
 //   O += P·V (P read column-wise from Pᵀ, V rows in place; Note [non-finite rows]
 //   where the tile hides some keys)
-// and finally O /= l, lse = m + log(l). Extra memory: per thread one score block
+// and finally O /= l, lse = m·ln 2 + log(l). Extra memory: per thread one score block
 // and the task's packed Q blocks; the (seq_q, seq_k) score matrix never exists.
 // One-query steps (decode) take their own tasks, Note [decode tasks].
 #include <omp.h>
@@ -21,6 +22,7 @@ namespace qkv {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;  // base-2 softmax
 
 // Query rows of a task that share one K and V: a query block of one head (rows are
 // queries: steps q.ss, o.ss) or, in a decode step, the query of each head of a kv
@@ -102,6 +104,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
                  idx vs, idx d, idx dv, float scale, idx k_begin, Rows* rows, idx n_rows, TaskScratch& sc,
                  bool stream_v = false) {
   const idx bq_pad = sc.bq_pad;
+  const float scale2 = scale * kLog2e;
   float* st = sc.st_buf.data();
   idx kmax = 0;
   for (idx s = 0; s < n_rows; ++s) kmax = std::max(kmax, rows[s].kmax);
@@ -114,11 +117,11 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       // the later ones rescale and accumulate
       const bool first = k0 == k_begin;
       const float beta = first ? 0.0f : 1.0f;
-      // Sᵀ (nk × nq) = scale · K (nk × d) · Qᵀ (d × nq)
+      // Sᵀ (nk × nq) = scale·log2(e) · K (nk × d) · Qᵀ (d × nq): log2 units (softmax_fwd)
       if (u.few)
-        kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, bq_pad, scale);
+        kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, bq_pad, scale2);
       else
-        detail::block_gemm(kt, nk, nq, d, scale, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad);
+        detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad);
       for (idx i = 0, n_slots = sc.slots(kt, nq); i < n_slots; ++i)
         sc.lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
       BiasView bias = u.bias;
@@ -142,13 +145,13 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
   }
 }
 
-// O /= l and lse = m + log(l) (row i's at lse[i*lse_rs], when lse); a row that sees no
+// O /= l and lse = m·ln 2 + log(l) (row i's at lse[i*lse_rs], when lse); a row that sees no
 // key gets O = 0 (from the products, or written here where its block saw no key) and
 // lse = -inf.
 void finish(const KernelTable& kt, const Rows& u, idx dv, float* lse, idx lse_rs) {
   for (idx i = 0; i < u.n; ++i) {
     const bool empty = u.l[i] == 0.0f;
-    if (lse) lse[i * lse_rs] = empty ? kNegInf : u.m[i] + std::log(u.l[i]);
+    if (lse) lse[i * lse_rs] = empty ? kNegInf : u.m[i] * kLn2 + std::log(u.l[i]);
     u.l[i] = empty ? 0.0f : 1.0f / u.l[i];
   }
   if (u.kmax > 0)
@@ -273,14 +276,14 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
         for (idx c = 0; c < n_chunks; ++c) {
           const float mc = pm[(p0 + c) * G + i];
           if (mc == kNegInf) continue;  // the chunk's keys are all hidden from this row
-          const float w = std::exp(mc - mx);
+          const float w = std::exp2(mc - mx);  // m in log2 units (softmax_fwd)
           sum += w * pl[(p0 + c) * G + i];
           const float* oc = part_o.data() + ((p0 + c) * G + i) * Dv;
           for (idx j = 0; j < Dv; ++j) orow[j] += w * oc[j];
         }
         const float inv = 1.0f / sum;
         for (idx j = 0; j < Dv; ++j) orow[j] *= inv;
-        if (lse) *lse = mx + std::log(sum);
+        if (lse) *lse = mx * kLn2 + std::log(sum);
       }
     }
   }

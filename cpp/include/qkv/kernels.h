@@ -78,15 +78,15 @@ struct KernelTable {
   void (*dot_rows)(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
                    float alpha);
 
-  // Online-softmax step of the flash forward on a transposed score block:
-  // st: (keys, queries) with row stride ld, already scaled (Sᵀ = K·Qᵀ·scale), so
-  // every step is vertical (lanes = queries, no horizontal reductions).
-  // For query i and key j: s += bias(i, j); keys j >= lim[i] are masked (-inf), and so
-  // are keys with bias -inf, even where s is NaN or +inf.
-  // m, l: running max and sum per query (in/out); o: (queries, dv) output
-  // accumulator with row stride ldo, rescaled by exp(m_old - m_new) where the max
-  // moved; o null: nothing is accumulated yet (the first key block), no rescale.
-  // On return st holds Pᵀ = exp(s - m_new) (0 where masked).
+  // Online-softmax step of the flash forward on a transposed score block, in base 2:
+  // st: (keys, queries) with row stride ld, already scaled to log2 units
+  // (Sᵀ = K·Qᵀ·scale·log2(e)), so every step is vertical (lanes = queries, no
+  // horizontal reductions). For query i and key j: s += bias(i, j)·log2(e); keys
+  // j >= lim[i] are masked (-inf), and so are keys with bias -inf, even where s is NaN
+  // or +inf. m, l: running max (log2 units) and sum per query (in/out); o: (queries,
+  // dv) output accumulator with row stride ldo, rescaled by 2^(m_old - m_new) where the
+  // max moved; o null: nothing is accumulated yet (the first key block), no rescale.
+  // On return st holds Pᵀ = 2^(s - m_new) (0 where masked). lse = m·ln 2 + log(l).
   // lim, m and l have room for `queries` rounded up to the vector width.
   void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
                       float* l, float* o, idx ldo, int dv);

@@ -480,6 +480,35 @@ inline V::reg exp_v(V::reg x) {
   return kNarrow ? V::mul(p, V::pow2i(n)) : scale_pow2(p, n);
 }
 
+// 2^x for x <= 0 (or -inf, or NaN, which propagates): the softmax of the attention
+// forward, whose scores arrive scaled by log2(e) (folded into the score product's
+// alpha) so that its range reduction is one exact subtraction, r = x - round(x) in
+// [-1/2, 1/2], where exp's is a multiply and two FMAs; and x <= 0 needs no upper
+// clamp. 2^r = exp(r·ln2) by exp's fitted polynomial with its coefficients times
+// powers of ln 2 (the same function of r·ln2: 2^0 = 1 exactly, ~1.5e-7 relative).
+// The lower clamp (-151, or -127 for the narrow 2^n below) maps -inf to an exact 0.
+constexpr double kLn2 = 0.69314718055994531;
+constexpr float kExp2Fit5[] = {static_cast<float>(kExpFit5[0] * kLn2 * kLn2 * kLn2 * kLn2 * kLn2),
+                               static_cast<float>(kExpFit5[1] * kLn2 * kLn2 * kLn2 * kLn2),
+                               static_cast<float>(kExpFit5[2] * kLn2 * kLn2 * kLn2),
+                               static_cast<float>(kExpFit5[3] * kLn2 * kLn2), static_cast<float>(kExpFit5[4] * kLn2),
+                               1.0f};
+inline V::reg exp2_nonpos_v(V::reg x) {
+#if defined(QKV_ISA_AVX512)
+  constexpr float kLo = -151.0f;  // p·2^-151 rounds to 0 (vscalefps)
+#else
+  constexpr float kLo = -127.0f;  // 2^n as one exponent field: n = -127 makes it 0
+#endif
+  const V::reg xs = V::max(V::set1(kLo), x);  // (max keeps NaN, as in exp_v)
+  const V::reg n = V::round(xs);
+  const V::reg p = horner(V::sub(xs, n), kExp2Fit5);
+#if defined(QKV_ISA_AVX512)
+  return scale_pow2(p, n);
+#else
+  return V::mul(p, V::pow2i(n));
+#endif
+}
+
 template <bool FullRange = false>
 float exp_s(float x) {
   return V::reduce_max(exp_v<FullRange>(V::set1(x)));
@@ -623,7 +652,10 @@ inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
 
 // s + bias, where a bias of -inf hides the key whatever s is (a NaN or +inf score from a
 // non-finite q or k row must not reach a query that does not see that key).
-inline V::reg add_bias(V::reg s, V::reg b) { return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::add(s, b)); }
+// s + b·unit (unit 1, or log2(e) for softmax_fwd's scaled scores), -inf where b is
+inline V::reg add_bias(V::reg s, V::reg b, V::reg unit) {
+  return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::fmadd(b, unit, s));
+}
 
 inline void scale_row(float* o, idx n, float c) {
   const V::reg cv = V::set1(c);
@@ -642,6 +674,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   int lim_min = keys;
   for (int i = 0; i < queries; ++i) lim_min = imin(lim_min, lim[i]);
   const bool masked = lim_min < keys;
+  const V::reg log2e = V::set1(1.44269504088896341f);  // the bias joins scores in log2 units
   alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
   // pass 1: bias, mask, per-query max over the keys of this block (one vector of
   // queries at a time, walking down the keys: the running max stays in a register)
@@ -654,11 +687,11 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
       if (bias.ptr) {
         const float* bj = bias.ptr + j * bias.cs + v * W * bias.rs;
         if (bias.rs == 0) {
-          x = add_bias(x, V::set1(bj[0]));
+          x = add_bias(x, V::set1(bj[0]), log2e);
         } else {
           alignas(64) float tmp[W];
           for (int q = 0; q < W; ++q) tmp[q] = q < lanes ? bj[q * bias.rs] : 0.0f;
-          x = add_bias(x, V::load(tmp));
+          x = add_bias(x, V::load(tmp), log2e);
         }
       }
       if (masked) x = V::mask_keys(x, lim + v * W, j);
@@ -675,7 +708,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     const V::reg m_s = V::replace_below(m_new, -3.0e38f, m_new, 0.0f);
     V::store(m + v * W, m_new);
     V::store(msafe + v * W, m_s);
-    V::store(corr + v * W, exp_v<false>(V::sub(m_old, m_s)));
+    V::store(corr + v * W, exp2_nonpos_v(V::sub(m_old, m_s)));
   }
   // pass 2: P = exp(s - m), column sums (again a vector of queries at a time)
   for (int v = 0; v < nv; ++v) {
@@ -683,7 +716,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     V::reg ls = V::zero();
     for (int j = 0; j < keys; ++j) {
       float* cell = st + j * ld + v * W;
-      const V::reg p = exp_v<false>(V::sub(V::load(cell), ms));
+      const V::reg p = exp2_nonpos_v(V::sub(V::load(cell), ms));
       V::store(cell, p);
       ls = V::add(ls, p);
     }
@@ -714,7 +747,7 @@ void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const i
       const int lanes = imin(W, cols - j);
       const V::tail t = V::tail_mask(lanes);
       V::reg x = lanes == W ? V::load(srow + j) : V::load(srow + j, t);
-      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes));
+      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes), V::set1(1.0f));
       x = V::mask_from(x, j, lim_c);  // hidden keys: -inf, whose exp is 0
       const V::reg p = empty ? V::zero() : nan ? V::select_lt(x, -3.4028235e38f, V::zero(), lv)
                                                : exp_v<false>(V::sub(x, lv));
