@@ -650,9 +650,9 @@ inline V::reg load_bias(const float* b, idx cs, int j, int lanes) {
   return V::load(tmp);
 }
 
-// s + bias, where a bias of -inf hides the key whatever s is (a NaN or +inf score from a
-// non-finite q or k row must not reach a query that does not see that key).
-// s + b·unit (unit 1, or log2(e) for softmax_fwd's scaled scores), -inf where b is
+// s + b·unit (unit 1, or log2(e) for softmax_fwd's scores in log2 units), where a bias
+// of -inf hides the key whatever s is (a NaN or +inf score from a non-finite q or k row
+// must not reach a query that does not see that key).
 inline V::reg add_bias(V::reg s, V::reg b, V::reg unit) {
   return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::fmadd(b, unit, s));
 }
@@ -710,7 +710,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     V::store(msafe + v * W, m_s);
     V::store(corr + v * W, exp2_nonpos_v(V::sub(m_old, m_s)));
   }
-  // pass 2: P = exp(s - m), column sums (again a vector of queries at a time)
+  // pass 2: P = 2^(s - m), column sums (again a vector of queries at a time)
   for (int v = 0; v < nv; ++v) {
     const V::reg ms = V::load(msafe + v * W);
     V::reg ls = V::zero();
