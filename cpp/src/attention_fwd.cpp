@@ -22,7 +22,6 @@ namespace qkv {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kLog2e = 1.44269504088896341f, kLn2 = 0.693147180559945309f;  // base-2 softmax
 
 // Query rows of a task that share one K and V: a query block of one head (rows are
 // queries: steps q.ss, o.ss) or, in a decode step, the query of each head of a kv
@@ -104,7 +103,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
                  idx vs, idx d, idx dv, float scale, idx k_begin, Rows* rows, idx n_rows, TaskScratch& sc,
                  bool stream_v = false) {
   const idx bq_pad = sc.bq_pad;
-  const float scale2 = scale * kLog2e;
+  const float scale2 = scale * static_cast<float>(kLog2e);
   float* st = sc.st_buf.data();
   idx kmax = 0;
   for (idx s = 0; s < n_rows; ++s) kmax = std::max(kmax, rows[s].kmax);
@@ -151,7 +150,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
 void finish(const KernelTable& kt, const Rows& u, idx dv, float* lse, idx lse_rs) {
   for (idx i = 0; i < u.n; ++i) {
     const bool empty = u.l[i] == 0.0f;
-    if (lse) lse[i * lse_rs] = empty ? kNegInf : u.m[i] * kLn2 + std::log(u.l[i]);
+    if (lse) lse[i * lse_rs] = empty ? kNegInf : u.m[i] * static_cast<float>(kLn2) + std::log(u.l[i]);
     u.l[i] = empty ? 0.0f : 1.0f / u.l[i];
   }
   if (u.kmax > 0)
@@ -283,7 +282,7 @@ void attention_decode(const KernelTable& kt, const AttentionArgs& a) {
         }
         const float inv = 1.0f / sum;
         for (idx j = 0; j < Dv; ++j) orow[j] *= inv;
-        if (lse) *lse = mx * kLn2 + std::log(sum);
+        if (lse) *lse = mx * static_cast<float>(kLn2) + std::log(sum);
       }
     }
   }

@@ -8,6 +8,7 @@ namespace qkv {
 using idx = std::int64_t;
 
 constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
+constexpr double kLn2 = 0.693147180559945309, kLog2e = 1.44269504088896341;  // ln 2, log2(e)
 
 // One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):
 //   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * b[p*rs_b + j] (+ bias[j]) (+ beta * c_rows[i][j])

@@ -431,6 +431,11 @@ void dot_rows(idx m, int n, idx k, const float* a, idx lda, const float* b, idx 
 // ---------------------------------------------------------------------------
 // p·2^n for integral-valued n over the whole float range (denormal results, 0, +inf):
 // vscalefps, or 2^n as two exponent-field powers 2^n1 · 2^(n-n1) (|n| <= 252).
+#if defined(QKV_ISA_AVX512)
+constexpr bool kScalef = true;  // vscalefps: p·2^n in one instruction, over the whole range
+#else
+constexpr bool kScalef = false;
+#endif
 inline V::reg scale_pow2(V::reg p, V::reg n) {
 #if defined(QKV_ISA_AVX512)
   return _mm512_scalef_ps(p, n);
@@ -466,14 +471,10 @@ constexpr float kExpFit5[] = {0.008290272206068039f, 0.04189816117286682f, 0.166
 
 template <bool FullRange>
 inline V::reg exp_v(V::reg x) {
-#if defined(QKV_ISA_AVX512)
-  constexpr bool kNarrow = false;  // scale_pow2 is one instruction: nothing to save
-#else
-  constexpr bool kNarrow = !FullRange;
-#endif
+  constexpr bool kNarrow = !kScalef && !FullRange;  // (with vscalefps nothing to save)
   // min(hi, max(lo, x)) keeps NaN: x86 min/max return their second operand on NaN
   const V::reg xs = V::min(V::set1(kNarrow ? 0.0f : 88.8f), V::max(V::set1(kNarrow ? -88.0f : -104.0f), x));
-  const V::reg n = V::round(V::mul(xs, V::set1(1.44269504088896341f)));
+  const V::reg n = V::round(V::mul(xs, V::set1(static_cast<float>(kLog2e))));
   V::reg r = V::fmadd(n, V::set1(-0.693359375f), xs);
   r = V::fmadd(n, V::set1(2.12194440e-4f), r);
   const V::reg p = FullRange ? horner(r, kExpTaylor7) : horner(r, kExpFit5);
@@ -487,26 +488,18 @@ inline V::reg exp_v(V::reg x) {
 // clamp. 2^r = exp(r·ln2) by exp's fitted polynomial with its coefficients times
 // powers of ln 2 (the same function of r·ln2: 2^0 = 1 exactly, ~1.5e-7 relative).
 // The lower clamp (-151, or -127 for the narrow 2^n below) maps -inf to an exact 0.
-constexpr double kLn2 = 0.69314718055994531;
 constexpr float kExp2Fit5[] = {static_cast<float>(kExpFit5[0] * kLn2 * kLn2 * kLn2 * kLn2 * kLn2),
                                static_cast<float>(kExpFit5[1] * kLn2 * kLn2 * kLn2 * kLn2),
                                static_cast<float>(kExpFit5[2] * kLn2 * kLn2 * kLn2),
                                static_cast<float>(kExpFit5[3] * kLn2 * kLn2), static_cast<float>(kExpFit5[4] * kLn2),
                                1.0f};
 inline V::reg exp2_nonpos_v(V::reg x) {
-#if defined(QKV_ISA_AVX512)
-  constexpr float kLo = -151.0f;  // p·2^-151 rounds to 0 (vscalefps)
-#else
-  constexpr float kLo = -127.0f;  // 2^n as one exponent field: n = -127 makes it 0
-#endif
+  // p·2^-151 rounds to 0 (vscalefps); as one exponent field, n = -127 makes 2^n 0
+  constexpr float kLo = kScalef ? -151.0f : -127.0f;
   const V::reg xs = V::max(V::set1(kLo), x);  // (max keeps NaN, as in exp_v)
   const V::reg n = V::round(xs);
   const V::reg p = horner(V::sub(xs, n), kExp2Fit5);
-#if defined(QKV_ISA_AVX512)
-  return scale_pow2(p, n);
-#else
-  return V::mul(p, V::pow2i(n));
-#endif
+  return kScalef ? scale_pow2(p, n) : V::mul(p, V::pow2i(n));
 }
 
 template <bool FullRange = false>
@@ -674,7 +667,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   int lim_min = keys;
   for (int i = 0; i < queries; ++i) lim_min = imin(lim_min, lim[i]);
   const bool masked = lim_min < keys;
-  const V::reg log2e = V::set1(1.44269504088896341f);  // the bias joins scores in log2 units
+  const V::reg log2e = V::set1(static_cast<float>(kLog2e));  // the bias joins scores in log2 units
   alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
   // pass 1: bias, mask, per-query max over the keys of this block (one vector of
   // queries at a time, walking down the keys: the running max stays in a register)
