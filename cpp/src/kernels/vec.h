@@ -35,6 +35,7 @@ struct Vec {
   static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
   static void store(float* p, reg v, tail t) { _mm512_mask_storeu_ps(p, t, v); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg fnmadd(reg a, reg b, reg c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a·b
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
@@ -89,6 +90,7 @@ struct Vec {
   static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
   static void store(float* p, reg v, tail t) { _mm256_maskstore_ps(p, t, v); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg fnmadd(reg a, reg b, reg c) { return _mm256_fnmadd_ps(a, b, c); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -146,6 +148,7 @@ struct Vec {
   static void store(float* p, reg v) { *p = v; }
   static void store(float* p, reg v, tail t) { if (t > 0) *p = v; }
   static reg fmadd(reg a, reg b, reg c) { return a * b + c; }
+  static reg fnmadd(reg a, reg b, reg c) { return c - a * b; }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
   static reg mul(reg a, reg b) { return a * b; }
