@@ -299,6 +299,9 @@ ATTENTION_CASES = {
     "mask": dict(batch=2, heads=2, seq_q=17, seq_k=65, d_head=32, mask="qk"),
     "everything": dict(batch=2, heads=4, kv_heads=2, seq_q=63, seq_k=129, d_head=24, d_v=8, causal=True,
                        key_lengths=[129, 50], bias="h1k", mask="b1qk", scale=0.7),
+    # every feature across several key blocks (the forward's are 192 keys at d <= 80)
+    "everything_long": dict(batch=2, heads=4, kv_heads=2, seq_q=70, seq_k=450, d_head=24, d_v=8, causal=True,
+                            key_lengths=[450, 200], bias="h1k", mask="b1qk", scale=0.7),
     "ramp_sharp": dict(seq_q=17, seq_k=300, d_head=32, bias="ramp", scale=2.0),
     "large_scores": dict(heads=2, seq_q=65, seq_k=129, d_head=64, q_scale=8.0),
     "gqa_6_3": dict(heads=6, kv_heads=3, seq_q=7, seq_k=7, d_head=8, d_v=128),

@@ -64,17 +64,24 @@ class BlockTasks {
 // AVX2), so that the products inside a block have few ragged tiles. A sequence of
 // up to 1.5 blocks (seq_q, seq_k: the longest) is one block rather than a full
 // block and a ragged one.
+// key_blocks: keys per key block in query blocks. The forward takes 2: each key
+// block's P·V micro-tiles run twice as long for one load and store of their O rows,
+// and O is rescaled half as often. One process, old/new taking turns, Zen 5, forward:
+// (4, 16, 1024, 64) +2.7% on 1 and 2 threads, (1, 16, 2048, 64, causal) +1.5-1.9%,
+// (2, 12, 300, 80) +4%; d = 128 keeps 96 keys (the 64 KiB bound below), unchanged.
+// (Query blocks of 192 instead: -2% to -7% except at (4, 16, 1024, 64).)
 struct Blocks {
   idx bq, bk;
 };
-inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, idx dv) {
+inline Blocks choose_blocks(const KernelTable& kt, idx seq_q, idx seq_k, idx d, idx dv, idx key_blocks = 1) {
   idx l = kt.mr;
   while (l % kt.nr != 0) l += kt.mr;  // lcm(mr, nr)
   idx bq = std::max<idx>(l, (128 / l) * l);
-  idx bk = bq;
+  idx bk = key_blocks * bq;
   if (seq_q > 0 && seq_q <= bq + bq / 2) bq = seq_q;
   if (seq_k > 0 && seq_k <= bk + bk / 2) bk = seq_k;
   // the backward packs K and V blocks (bk × max(d, dv)): keep each within ~64 KiB
+  // (and the forward's K and V blocks, which its micro-tiles read in place, too)
   const idx dmax = std::max<idx>({d, dv, 1});
   while (bk > l && bk * dmax * 4 > 64 * 1024) bk -= l;
   return {bq, bk};

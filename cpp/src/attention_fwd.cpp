@@ -296,7 +296,7 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   if (B == 0 || H == 0 || Sq == 0) return;
   if (Sq == 1 && !a.q.cu && !a.k.cu) return attention_decode(kt, a);
   const idx group = H / a.k.heads;
-  const detail::Blocks blk = detail::choose_blocks(kt, a.q.cu ? 0 : Sq, a.k.cu ? 0 : Sk, D, Dv);
+  const detail::Blocks blk = detail::choose_blocks(kt, a.q.cu ? 0 : Sq, a.k.cu ? 0 : Sk, D, Dv, 2);
   const double flops = 4.0 * static_cast<double>(B) * H * Sq * std::max<idx>(Sk, 1) * std::max<idx>(D + Dv, 1) / 2;
   // Note [query blocks per task] (packed sequences keep one block per task)
   const idx g = a.q.cu ? 1
