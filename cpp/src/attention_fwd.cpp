@@ -306,12 +306,13 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const idx n_tasks = tasks.count();
   const int nt = team_size(static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks)));
   std::vector<TaskScratch> scratch = per_thread(nt, kt, blk, g, D, Dv);
+  const idx chunk = detail::task_chunk(detail::attention_flops(a), n_tasks, nt);  // Note [task chunks]
 
 #pragma omp parallel num_threads(nt)
   {
     TaskScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
     Rows* rows = sc.rows.data();
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (idx task = 0; task < n_tasks; ++task) {
       idx b, h, q_first;
       // causal: the last query blocks see the most keys; taken first (largest task
