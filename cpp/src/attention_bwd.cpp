@@ -272,10 +272,12 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
     const int nt = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks)));
     const idx g = a.k.cu ? 1 : detail::blocks_per_task(nkb, key_block_bytes, n_tasks, 0);
     std::vector<KeyBlockScratch> scratch = per_thread(nt, kt, blk, D, Dv, g);
+    // five products (S, dP, dV, dK, dQ): 2.5 forwards; Note [task chunks]
+    const idx chunk = detail::task_chunk(2.5 * detail::attention_flops(a), n_tasks, nt);
 #pragma omp parallel num_threads(nt)
     {
       KeyBlockScratch& sc = scratch[static_cast<size_t>(omp_get_thread_num())];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
       for (idx task = 0; task < n_tasks; ++task) {
         const idx hk = task % Hkv, b_begin = head_major ? 0 : task / Hkv, b_end = head_major ? B : b_begin + 1;
         for (idx b = b_begin; b < b_end; ++b) {
@@ -299,10 +301,11 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const idx n_tasks1 = tasks1.count();
   const int nt1 = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks1)));
   std::vector<KeyBlockScratch> scratch1 = per_thread(nt1, kt, blk, D, Dv, g1);
+  const idx chunk1 = detail::task_chunk(2.0 * detail::attention_flops(a), n_tasks1, nt1);  // S, dP, dV, dK
 #pragma omp parallel num_threads(nt1)
   {
     KeyBlockScratch& sc = scratch1[static_cast<size_t>(omp_get_thread_num())];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk1)
     for (idx task = 0; task < n_tasks1; ++task) {
       idx b, hk, k0;
       tasks1.decode(task, &b, &hk, &k0);
@@ -319,12 +322,13 @@ void attention_backward(const KernelTable& kt, const AttentionArgs& a, const Ten
   const idx n_tasks2 = row_tasks.count();
   const int nt2 = team_size(static_cast<int>(std::min<idx>(nt_max, n_tasks2)));
   std::vector<KeyBlockScratch> scratch2 = per_thread(nt2, kt, blk, D, Dv);  // pass 2 uses bufs, lim_rel, finite
+  const idx chunk2 = detail::task_chunk(1.5 * detail::attention_flops(a), n_tasks2, nt2);  // S, dP, dQ
 #pragma omp parallel num_threads(nt2)
   {
     KeyBlockScratch& sc = scratch2[static_cast<size_t>(omp_get_thread_num())];
     BlockBufs& bufs = sc.bufs;
     std::vector<int>& lim_rel = sc.lim_rel;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk2)
     for (idx task = 0; task < n_tasks2; ++task) {
       idx b, h, q0;
       row_tasks.decode(a.causal ? n_tasks2 - 1 - task : task, &b, &h, &q0);  // largest first, as in the forward
