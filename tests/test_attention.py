@@ -122,6 +122,22 @@ def test_fully_masked_rows_are_exactly_zero(isa, rng):
                                 bias=np.where(mask, bias.astype(np.float64), -np.inf)))
 
 
+def test_causal_diagonal_after_non_finite_scores(isa, rng):
+    """Note [ragged key limits]: on the causal diagonal the products leave the score
+    cells past every query's limit unwritten; the softmax must mask whatever they hold.
+    A call whose scores are all NaN runs first, so that reused scratch holds NaN."""
+    q, k, v = randn(rng, 1, 4, 300, 32), randn(rng, 1, 4, 300, 32), randn(rng, 1, 4, 300, 32)
+    q_nan = np.full_like(q, np.nan)
+    for causal_first in (False, True):
+        assert np.isnan(qn.attention(q_nan, k, v, causal=causal_first)).all()
+        o, lse = qn.attention(q, k, v, causal=True, return_lse=True)
+        assert np.isfinite(o).all() and np.isfinite(lse).all()
+        check(o, lse, q, k, v, dict(causal=True))
+    # bottom-right aligned (seq_q < seq_k) and key lengths ending inside a block
+    o, lse = qn.attention(q[:, :, :150], k, v, causal=True, key_lengths=np.array([250]), return_lse=True)
+    check(o, lse, q[:, :, :150], k, v, dict(causal=True, key_lengths=np.array([250])))
+
+
 def test_all_neg_inf_bias(isa, rng):
     q, k, v = randn(rng, 1, 2, 17, 8), randn(rng, 1, 2, 129, 8), randn(rng, 1, 2, 129, 8)
     o, lse = qn.attention(q, k, v, bias=np.full((17, 129), -np.inf, np.float32), return_lse=True)

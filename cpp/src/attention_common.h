@@ -175,23 +175,37 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 // inside an attention block. a(i, p) = a[i*rs_a + p*cs_a]; b is either packed
 // panels (b_packed: panel stride k*nr, row stride nr) or plain rows (row stride rs_b);
 // stream_b as in GemmTile.
+// Note [ragged key limits]: lim (or null) gives the keys of the block each query sees
+// (lim[q] <= 0: none), the queries being c's columns (lim_cols: Sᵀ, rows are keys) or
+// c's rows (P·V, k runs over keys). Keys past the limit of every query of a column
+// panel (of a row tile) are then left out of it: the softmax masks those cells of Sᵀ
+// whatever they hold, and their P is 0. A causal block on the diagonal computes about
+// half its triangle less.
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc,
-                       bool stream_b = false) {
+                       bool stream_b = false, const int* lim = nullptr, bool lim_cols = false) {
   const int nr = kt.nr;
-  // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones
-  const idx tiles = row_tiles(m, rs_a != 1 && m % kt.mr != 0 ? kt.mr_rows : kt.mr);
+  // the most keys any of the queries [q0, q1) sees, within [0, bound]
+  auto reach = [&](idx q0, idx q1, idx bound) {
+    int most = 0;
+    for (idx q = q0; q < q1; ++q) most = std::max(most, lim[q]);
+    return std::min<idx>(most, bound);
+  };
   float* rows[64];
   for (idx j0 = 0; j0 < n; j0 += nr) {
     const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
+    const idx nj = std::min<idx>(nr, n - j0);
+    const idx mj = lim && lim_cols ? reach(j0, j0 + nj, m) : m;
+    // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones
+    const idx tiles = row_tiles(mj, rs_a != 1 && mj % kt.mr != 0 ? kt.mr_rows : kt.mr);
     for (idx tile = 0; tile < tiles; ++tile) {
-      const idx i0 = row_tile_begin(tile, tiles, m);
-      const int mt = static_cast<int>(row_tile_begin(tile + 1, tiles, m) - i0);
+      const idx i0 = row_tile_begin(tile, tiles, mj);
+      const int mt = static_cast<int>(row_tile_begin(tile + 1, tiles, mj) - i0);
       for (int i = 0; i < mt; ++i) rows[i] = c + (i0 + i) * ldc + j0;
       GemmTile t;
-      t.k = k;
+      t.k = lim && !lim_cols ? reach(i0, i0 + mt, k) : k;
       t.m = mt;
-      t.n = static_cast<int>(std::min<idx>(nr, n - j0));
+      t.n = static_cast<int>(nj);
       t.a = a + i0 * rs_a;
       t.rs_a = rs_a;
       t.cs_a = cs_a;

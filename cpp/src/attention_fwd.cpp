@@ -116,13 +116,19 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       // the later ones rescale and accumulate
       const bool first = k0 == k_begin;
       const float beta = first ? 0.0f : 1.0f;
+      int lim_min = static_cast<int>(nk);
+      for (idx i = 0, n_slots = sc.slots(kt, nq); i < n_slots; ++i) {
+        sc.lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
+        if (i < nq) lim_min = std::min(lim_min, sc.lim_rel[i]);
+      }
+      // some query's keys end inside the block (causal: the diagonal): Note [ragged key limits]
+      const int* ragged = lim_min < nk ? sc.lim_rel.data() : nullptr;
       // Sᵀ (nk × nq) = scale·log2(e) · K (nk × d) · Qᵀ (d × nq): log2 units (softmax_fwd)
       if (u.few)
         kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, bq_pad, scale2);
       else
-        detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad);
-      for (idx i = 0, n_slots = sc.slots(kt, nq); i < n_slots; ++i)
-        sc.lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
+        detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad, false,
+                           ragged, true);
       BiasView bias = u.bias;
       if (bias.ptr) bias.ptr += k0 * bias.cs;
       kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m, u.l,
@@ -137,7 +143,8 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         for (idx j = 0; j < nk; ++j) sc.p_row[j] = st[j * bq_pad];
         kt.gemv(nk, dv, sc.p_row.data(), v_use, rs_v, u.o, 1.0f, beta, nullptr, 0);
       } else {
-        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v);
+        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
+                           ragged, false);
       }
       sc.finite_v.add_back(nq, dv, 1.0f, st, 1, bq_pad, v_blk, vs, u.o, u.o_rs, mask, false);
     }
