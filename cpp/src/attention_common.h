@@ -67,8 +67,8 @@ class BlockTasks {
 // key_blocks: keys per key block in query blocks. The forward takes 2: each key
 // block's P·V micro-tiles run twice as long for one load and store of their O rows,
 // and O is rescaled half as often. One process, old/new taking turns, Zen 5, forward:
-// (4, 16, 1024, 64) +2.7% on 1 and 2 threads, (1, 16, 2048, 64, causal) +1.5-1.9%,
-// (2, 12, 300, 80) +4%; d = 128 keeps 96 keys (the 64 KiB bound below), unchanged.
+// (4, 16, 1024, 64) +2.4-2.7% on 1 and 2 threads, (1, 16, 2048, 64, causal) +1.5-3.2%,
+// (2, 12, 300, 80) +4-6%; d = 128 keeps 96 keys (the 64 KiB bound below), unchanged.
 // (Query blocks of 192 instead: -2% to -7% except at (4, 16, 1024, 64).)
 struct Blocks {
   idx bq, bk;
