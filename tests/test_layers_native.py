@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import qkv_native as qn
+from qkv_native import _core
 from qkv_native import reference as ref
 
 EPS = 2.0**-24  # unit roundoff of float32
@@ -46,8 +47,6 @@ def test_linear_batched_leading_axes_and_out(rng):
 def test_linear_adds_to_out_with_beta(isa, rng, rows, d_in, d_out, activation):
     """The encoder's residual connections: activation(x·w + b + beta·out) in the GEMM's
     store, for a plain and a packed w (d_in 1536: K in two blocks, beta only on the first)."""
-    from qkv_native import _core
-
     x, w, b = randn(rng, rows, d_in), randn(rng, d_in, d_out, scale=d_in**-0.5), randn(rng, d_out)
     y0 = randn(rng, rows, d_out)
     pre = x.astype(np.float64) @ w.astype(np.float64) + b + 0.5 * y0.astype(np.float64)

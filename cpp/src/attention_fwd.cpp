@@ -313,7 +313,9 @@ void attention_forward(const KernelTable& kt, const AttentionArgs& a) {
   const idx n_tasks = tasks.count();
   const int nt = team_size(static_cast<int>(std::min<idx>(threads_for(flops, 2.0e6), n_tasks)));
   std::vector<TaskScratch> scratch = per_thread(nt, kt, blk, g, D, Dv);
-  const idx chunk = detail::task_chunk(detail::attention_flops(a), n_tasks, nt);  // Note [task chunks]
+  // Note [task chunks], from each sequence's own work (the thread count above keeps
+  // its estimate from the longest sequences or, packed, the totals)
+  const idx chunk = detail::task_chunk(detail::attention_flops(a), n_tasks, nt);
 
 #pragma omp parallel num_threads(nt)
   {
