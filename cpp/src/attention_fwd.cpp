@@ -40,27 +40,37 @@ struct Rows {
   idx* lim;       // key limit per row (bq_pad slots; padding rows 0)
 };
 
+// Note [few-row scores]
+// A row block of at most four queries (a decode step: the heads of one kv group; the
+// last rows of a short sequence) takes its scores as dot products of K rows with each
+// query, Q read in place (dot_rows), and keeps them as rows, S (nq × nk), whose
+// softmax runs along the keys (softmax_fwd_rows: lanes are keys). As Sᵀ, with lanes
+// for queries, each vector of the softmax would carry one to four useful lanes, and
+// a decode key block of 768 would spread its scores over 96 KB at 128-byte steps,
+// twice L1, between the K and the V pass. P·V then reads P along its rows (gemv for
+// one row).
+
 // Per-thread buffers, allocated before the parallel region so that a failed
 // allocation raises in the caller (MemoryError) instead of terminating inside it.
 // m, l, lim and the packed Qᵀ hold one slot per row block of a task.
 struct TaskScratch {
   AlignedBuffer st_buf, q_buf, m_buf, l_buf;
   std::vector<int> lim_rel;
-  std::vector<float> p_row;
   std::vector<idx> lim;
   detail::FiniteRows finite_v;
   std::vector<Rows> rows;  // the task's row blocks
   idx bq_pad, qpanel;
   TaskScratch(const KernelTable& kt, const detail::Blocks& blk, idx blocks, idx d, idx dv)
       : finite_v(blk.bk, dv), rows(static_cast<size_t>(blocks)), bq_pad(ceil_div(blk.bq, kt.nr) * kt.nr), qpanel(bq_pad * std::max<idx>(d, 1)) {
-    st_buf.resize(blk.bk * bq_pad);
+    st_buf.resize(std::max(blk.bk * bq_pad, 4 * few_ld(blk.bk)));
     if (blk.bq > 4) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
     m_buf.resize(blocks * bq_pad);
     l_buf.resize(blocks * bq_pad);
     lim_rel.resize(static_cast<size_t>(bq_pad));
-    p_row.resize(static_cast<size_t>(blk.bk));
     lim.resize(static_cast<size_t>(blocks * bq_pad));
   }
+  // Row stride of a few rows' scores S over nk keys (softmax_fwd_rows: whole vectors)
+  static idx few_ld(idx nk) { return ceil_div(nk, kLineFloats) * kLineFloats; }
   // The row slots the kernels read for n rows (softmax_fwd: whole vectors of queries,
   // n rounded up to at most nr): a short sequence in a packed batch (bq 96) sets up
   // and masks 32 slots, not 96.
@@ -123,30 +133,34 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       }
       // some query's keys end inside the block (causal: the diagonal): Note [ragged key limits]
       const int* ragged = lim_min < nk ? sc.lim_rel.data() : nullptr;
-      // Sᵀ (nk × nq) = scale·log2(e) · K (nk × d) · Qᵀ (d × nq): log2 units (softmax_fwd)
-      if (u.few)
-        kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, bq_pad, scale2);
-      else
-        detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad, false,
-                           ragged, true);
       BiasView bias = u.bias;
       if (bias.ptr) bias.ptr += k0 * bias.cs;
-      kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m, u.l,
-                     first ? nullptr : u.o, u.o_rs, static_cast<int>(dv));
-      // O (nq × dv) += P (nq × nk) · V (nk × dv), P(i, j) = Pᵀ[j*bq_pad + i]; V with
-      // its non-finite rows zeroed where the tile hides keys, Note [non-finite rows]
+      // the scores in log2 units (softmax_fwd), P in their place: P(i, j) = st[i*p_rs + j*p_cs]
+      idx p_rs = 1, p_cs = bq_pad;
+      if (u.few) {  // S (nq × nk) = scale·log2(e) · Q · Kᵀ, rows of ld: Note [few-row scores]
+        p_rs = sc.few_ld(nk);
+        p_cs = 1;
+        kt.dot_rows(nk, static_cast<int>(nq), d, krow + k0 * ks, ks, u.q, u.q_rs, st, p_rs, scale2);
+        kt.softmax_fwd_rows(st, p_rs, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m,
+                            u.l, first ? nullptr : u.o, u.o_rs, static_cast<int>(dv));
+      } else {  // Sᵀ (nk × nq) = scale·log2(e) · K (nk × d) · Qᵀ (d × nq)
+        detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad, false,
+                           ragged, true);
+        kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m, u.l,
+                       first ? nullptr : u.o, u.o_rs, static_cast<int>(dv));
+      }
+      // O (nq × dv) += P (nq × nk) · V (nk × dv); V with its non-finite rows zeroed
+      // where the tile hides keys, Note [non-finite rows]
       const detail::TileMask mask{sc.lim_rel.data(), bias, nq, nk};
       const float* v_blk = vrow + k0 * vs;
       idx rs_v = 0;
       const float* v_use = sc.finite_v.finite(kt, mask.any_hidden(), v_blk, vs, nk, dv, &rs_v);
-      if (nq == 1) {  // one streaming pass over V (rows of V at a time, prefetched)
-        for (idx j = 0; j < nk; ++j) sc.p_row[j] = st[j * bq_pad];
-        kt.gemv(nk, dv, sc.p_row.data(), v_use, rs_v, u.o, 1.0f, beta, nullptr, 0);
-      } else {
-        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, 1, bq_pad, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
+      if (nq == 1)  // one streaming pass over V (rows of V at a time, prefetched), P's one row
+        kt.gemv(nk, dv, st, v_use, rs_v, u.o, 1.0f, beta, nullptr, 0);
+      else
+        detail::block_gemm(kt, nq, dv, nk, 1.0f, st, p_rs, p_cs, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
                            ragged, false);
-      }
-      sc.finite_v.add_back(nq, dv, 1.0f, st, 1, bq_pad, v_blk, vs, u.o, u.o_rs, mask, false);
+      sc.finite_v.add_back(nq, dv, 1.0f, st, p_rs, p_cs, v_blk, vs, u.o, u.o_rs, mask, false);
     }
   }
 }

@@ -74,8 +74,8 @@ struct KernelTable {
   // time stream past it, each B element read once and prefetched ahead.
   void (*gemv)(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
                const float* bias, int act);
-  // Dot products of rows, for scores against a few queries (decode):
-  // c[j*ldc + i] = alpha · Σ_p a[j*lda + p] · b[i*ldb + p], j < m, i < n <= 4.
+  // Dot products of rows, for scores against a few queries (decode): S = alpha·Q·Kᵀ,
+  // c[i*ldc + j] = alpha · Σ_p a[j*lda + p] · b[i*ldb + p], j < m (keys), i < n <= 4.
   void (*dot_rows)(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
                    float alpha);
 
@@ -91,6 +91,11 @@ struct KernelTable {
   // lim, m and l have room for `queries` rounded up to the vector width.
   void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
                       float* l, float* o, idx ldo, int dv);
+  // The same step on a block of a few queries' scores as rows (dot_rows' S, not Sᵀ):
+  // s (queries, keys) with row stride ld >= keys rounded up to 16; lanes are keys (a
+  // vertical step would use one lane of each vector). On return s holds P.
+  void (*softmax_fwd_rows)(float* s, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
+                           float* l, float* o, idx ldo, int dv);
 
   // Backward recompute: s (rows, cols) := exp(s + bias - lse_i) for j < lim[i], else 0;
   // rows with lse_i = -inf (fully masked) give 0. Hidden keys (j >= lim[i], bias -inf)

@@ -365,7 +365,7 @@ inline __m512 reduce16(const __m512 v[16]) {
 }
 #endif
 
-// c[(j+r)*ldc + i] = alpha · a_row(j+r) · b_row(i) for r < R rows, i < N: R·N
+// c[i*ldc + j+r] = alpha · a_row(j+r) · b_row(i) for r < R rows, i < N: R·N
 // accumulators, all in registers (R and N are compile-time: no spill).
 template <int R, int N>
 inline void dot_rows_block(idx j, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
@@ -396,15 +396,20 @@ inline void dot_rows_block(idx j, idx k, const float* a, idx lda, const float* b
     static_assert(R * N <= 16, "reduce16 takes 16 vectors");
     __m512 v[16];
     for (int m = 0; m < 16; ++m) v[m] = m < R * N ? acc[m / N][m % N] : V::zero();
-    alignas(64) float sums[16];
-    V::store(sums, V::mul(reduce16(v), V::set1(alpha)));
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = sums[r * N + i];
+    const V::reg sums = V::mul(reduce16(v), V::set1(alpha));
+    if constexpr (N == 1) {  // one query: the 16 scores are one row segment
+      V::store(c + j, sums);
+    } else {
+      alignas(64) float lanes[16];
+      V::store(lanes, sums);
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < N; ++i) c[i * ldc + j + r] = lanes[r * N + i];
+    }
     return;
   }
 #endif
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < N; ++i) c[(j + r) * ldc + i] = alpha * V::reduce_add(acc[r][i]);
+    for (int i = 0; i < N; ++i) c[i * ldc + j + r] = alpha * V::reduce_add(acc[r][i]);
 }
 
 template <int N>
@@ -741,6 +746,42 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
       if (corr[i] != 1.0f) scale_row(o + i * ldo, dv, corr[i]);
 }
 
+void softmax_fwd_rows(float* s, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
+                      float* o, idx ldo, int dv) {
+  const V::reg log2e = V::set1(static_cast<float>(kLog2e));
+  for (int i = 0; i < queries; ++i) {
+    float* row = s + i * ld;
+    const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
+    const int lim_c = imin(lim[i], keys);  // keys [lim_c, keys) and the tail lanes: -inf
+    // pass 1: bias, mask, the row's max over the block
+    V::reg mxv = V::set1(kNegInf);
+    for (int j = 0; j < keys; j += W) {
+      const int lanes = imin(W, keys - j);
+      V::reg x = lanes == W ? V::load(row + j) : V::load(row + j, V::tail_mask(lanes));
+      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes), log2e);
+      if (j + W > lim_c) x = V::mask_from(x, j, lim_c);
+      if (brow || j + W > lim_c) V::store(row + j, x);  // a whole vector: ld covers it
+      mxv = V::max(mxv, x);
+    }
+    // new max; m_safe replaces a -inf max by 0 so that exp(-inf - m_safe) = 0, not NaN
+    const float m_new = fmaxf_(m[i], V::reduce_max(mxv));
+    const float m_safe = m_new < -3.0e38f ? 0.0f : m_new;
+    alignas(64) float corr[W];
+    V::store(corr, exp2_nonpos_v(V::set1(m[i] - m_safe)));
+    m[i] = m_new;
+    // pass 2: P = 2^(s - m), the row sum
+    const V::reg ms = V::set1(m_safe);
+    V::reg ls = V::zero();
+    for (int j = 0; j < keys; j += W) {
+      const V::reg p = exp2_nonpos_v(V::sub(V::load(row + j), ms));  // tail lanes: -inf, p = 0
+      V::store(row + j, p);
+      ls = V::add(ls, p);
+    }
+    l[i] = l[i] * corr[0] + V::reduce_add(ls);
+    if (o && corr[0] != 1.0f) scale_row(o + i * ldo, dv, corr[0]);
+  }
+}
+
 void scale_rows(float* x, idx ld, idx rows, idx cols, const float* f) {
   for (idx i = 0; i < rows; ++i) scale_row(x + i * ld, cols, f[i]);
 }
@@ -960,7 +1001,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_bwd_p, softmax_bwd_ds,
+      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_fwd_rows, softmax_bwd_p, softmax_bwd_ds,
       scale_rows, all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
