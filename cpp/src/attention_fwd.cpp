@@ -47,8 +47,8 @@ struct Rows {
 // softmax runs along the keys (softmax_fwd_rows: lanes are keys). As Sᵀ, with lanes
 // for queries, each vector of the softmax would carry one to four useful lanes, and
 // a decode key block of 768 would spread its scores over 96 KB at 128-byte steps,
-// twice L1, between the K and the V pass. P·V then reads P along its rows (gemv for
-// one row).
+// twice L1, between the K and the V pass. P·V is then one pass over V for all the
+// rows (gemv), where micro-tiles of 32 columns would walk V's rows four times.
 
 // Per-thread buffers, allocated before the parallel region so that a failed
 // allocation raises in the caller (MemoryError) instead of terminating inside it.
@@ -155,8 +155,8 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       const float* v_blk = vrow + k0 * vs;
       idx rs_v = 0;
       const float* v_use = sc.finite_v.finite(kt, mask.any_hidden(), v_blk, vs, nk, dv, &rs_v);
-      if (nq == 1)  // one streaming pass over V (rows of V at a time, prefetched), P's one row
-        kt.gemv(nk, dv, st, v_use, rs_v, u.o, 1.0f, beta, nullptr, 0);
+      if (u.few)  // one streaming pass over V for all the rows (Note [streaming prefetch])
+        kt.gemv(static_cast<int>(nq), nk, dv, st, p_rs, v_use, rs_v, u.o, u.o_rs, 1.0f, beta, nullptr, 0);
       else
         detail::block_gemm(kt, nq, dv, nk, 1.0f, st, p_rs, p_cs, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
                            ragged, false);

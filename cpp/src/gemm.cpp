@@ -264,7 +264,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         const float* bp = B.run(j, &rs, &len);
         float* y = C.run(0, j, &cstep, &clen);
         const idx n = std::min<idx>(std::min<idx>(j_end - j, len), clen);
-        kt.gemv(K, n, x, bp, rs, y, alpha, beta, bias ? bias + j : nullptr, act);
+        kt.gemv(1, K, n, x, 0, bp, rs, y, 0, alpha, beta, bias ? bias + j : nullptr, act);
         j += n;
       }
     }

@@ -69,11 +69,12 @@ struct KernelTable {
   // (<= width): dst[r*ds + c] = src[r*ss + c]. GEMM packing of operands whose
   // packed rows are contiguous in memory (untransposed B, transposed A).
   void (*copy_rows)(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width);
-  // One row (M = 1, a decode step): y(n) = act(alpha · x(k) · B(k×n) + bias + beta·y),
-  // B(p, j) = b[p*rs_b + j]. Memory-bound: y stays in L1 while four rows of B at a
-  // time stream past it, each B element read once and prefetched ahead.
-  void (*gemv)(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
-               const float* bias, int act);
+  // A few rows (M = m <= 4: a decode step; P·V for the heads of a kv group):
+  // y(m×n) = act(alpha · x(m×k) · B(k×n) + bias + beta·y), x(i, p) = x[i*ldx + p],
+  // y(i, j) = y[i*ldy + j], B(p, j) = b[p*rs_b + j]. Memory-bound: y stays in L1 while
+  // four rows of B at a time stream past it, each B element read once for all m rows.
+  void (*gemv)(int m, idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, float* y, idx ldy,
+               float alpha, float beta, const float* bias, int act);
   // Dot products of rows, for scores against a few queries (decode): S = alpha·Q·Kᵀ,
   // c[i*ldc + j] = alpha · Σ_p a[j*lda + p] · b[i*ldb + p], j < m (keys), i < n <= 4.
   void (*dot_rows)(idx m, int n, idx k, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc,
