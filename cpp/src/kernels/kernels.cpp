@@ -51,10 +51,13 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // memory, ~14 -> ~21 GB/s; on Zen 5 it costs 12 points of the plain read's rate on
 // 1 thread (69% -> 81% without), 3 on 2; on a 16-core Xeon (Sapphire Rapids class)
 // it is even on 1-4 threads and costs 9 points on 16. So gemv prefetches only on
-// AMD family 19h (gemv_prefetch() in dispatch.cpp). The decode's dot products
-// (dot_rows) keep theirs everywhere: without, the Xeon loses 4-11 points on 1
-// thread, and Zen 5 gains 8-11 with one query per kv head but loses 2-6 with four,
-// or with d = 64.
+// AMD family 19h (gemv_prefetch() in dispatch.cpp) for one row. With several rows
+// (P·V of a GQA decode: four rows, four times the FLOPs per byte) it prefetches
+// everywhere, into L1, as the micro-tiles it replaced there did: on Zen 5, GQA
+// decode 56 -> 62% of the read on 1 thread, 68 -> 72% on 2 (into L2: 57-59%, 67%).
+// The decode's dot products (dot_rows) keep theirs everywhere: without, the Xeon
+// loses 4-11 points on 1 thread, and Zen 5 gains 8-11 with one query per kv head but
+// loses 2-6 with four, or with d = 64.
 constexpr idx kStreamAhead = 48;
 // the line holding p[ahead], into L2 (Locality 1) or, with Locality 3, into L1 as well
 template <int Locality = 1>
@@ -317,7 +320,7 @@ void gemv_impl(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, 
       for (int r = 0; r < 4; ++r) xs[i][r] = V::set1(x[i * ldx + p + r]);
     for (idx v = 0; v < nvec; ++v) {
       if (Prefetch && (v * W) % kLineFloats == 0)
-        for (idx r = 0; r < 4; ++r) prefetch_ahead(r0 + r * rs_b + v * W, kGemvAhead * rs_b);
+        for (idx r = 0; r < 4; ++r) prefetch_ahead<M == 1 ? 1 : 3>(r0 + r * rs_b + v * W, kGemvAhead * rs_b);
       // One row: B's loads fold into the FMAs. Several: B's four vectors are loaded
       // once for all the rows (reloaded per row, GQA decode 1 thread 59 -> 51% of a
       // plain read; the one-row form loaded first, MHA decode 76 -> 72%).
@@ -361,7 +364,7 @@ void gemv_impl(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, 
 template <int M>
 void gemv_m(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, float* y, idx ldy, float alpha,
             float beta, const float* bias, int act) {
-  if (gemv_prefetch())  // Note [streaming prefetch]
+  if (M > 1 || gemv_prefetch())  // Note [streaming prefetch]
     gemv_impl<M, true>(k, n, x, ldx, b, rs_b, y, ldy, alpha, beta, bias, act);
   else
     gemv_impl<M, false>(k, n, x, ldx, b, rs_b, y, ldy, alpha, beta, bias, act);
