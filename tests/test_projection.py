@@ -139,6 +139,31 @@ def test_one_token_against_packed_weight(isa, rng, d_head, heads):
     check_forward(got, x, ws, bs, num_heads, num_kv_heads)
 
 
+@pytest.mark.parametrize("heads", [(1, 1), (4, 2), (6, 6)], ids=lambda h: f"h{h[0]}kv{h[1]}")
+def test_one_token_plain_weight_runs(isa, rng, heads):
+    """One token against a plain [W_Q | W_K | W_V] (the gemv path): its head blocks join into
+    whole rows of the weight, one run, and the heads take their pieces of it (through a
+    buffer; also into output windows). The same bits as three separate weights (a run
+    each); nothing outside the output windows is written."""
+    num_heads, num_kv_heads = heads
+    d_model, d_head = 65, 24
+    x, ws, bs = make(rng, 1, 1, d_model, num_heads, num_kv_heads, d_head, "qkv")
+    w_qkv, b_qkv = np.concatenate(ws, axis=1), np.concatenate(bs)
+    joined = qn.qkv_project_packed(x, w_qkv, b_qkv, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    check_forward(joined, x, ws, bs, num_heads, num_kv_heads)
+    bigs = [np.full((1, h, 3, d_head + 3), -7.0, np.float32) for h in (num_heads, num_kv_heads, num_kv_heads)]
+    outs = tuple(b[:, :, 1:2, 2 : 2 + d_head] for b in bigs)
+    windows = qn.qkv_project_packed(x, w_qkv, b_qkv, num_heads=num_heads, num_kv_heads=num_kv_heads, out=outs)
+    separate = qn.qkv_project(x, *ws, *bs, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    for name, j, w, s in zip("qkv", joined, windows, separate):
+        np.testing.assert_array_equal(w, j, err_msg=name)
+        np.testing.assert_array_equal(s, j, err_msg=name)
+    for big in bigs:
+        outside = np.ones(big.shape, bool)
+        outside[:, :, 1:2, 2 : 2 + d_head] = False
+        assert np.all(big[outside] == -7.0)
+
+
 def test_out_written_in_place(isa, rng):
     """out=(q, k, v), including views in the (batch, seq, heads, d_head) layout."""
     batch, seq, d_model, num_heads, num_kv_heads, d_head = 2, 17, 65, 4, 2, 24

@@ -260,11 +260,33 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     for (idx strip = 0; strip < ceil_div(N, kStrip); ++strip) {
       const idx j_end = std::min<idx>(N, (strip + 1) * kStrip);
       for (idx j = strip * kStrip; j < j_end;) {
-        idx rs, len, cstep, clen;
+        idx rs, len;
         const float* bp = B.run(j, &rs, &len);
-        float* y = C.run(0, j, &cstep, &clen);
-        const idx n = std::min<idx>(std::min<idx>(j_end - j, len), clen);
+        idx n = std::min<idx>(j_end - j, len);
+        // B's segments that continue its rows in memory (the head blocks of one
+        // [W_Q | W_K | W_V]) join the run: one pass over whole rows of B, not one per
+        // head. C's pieces of the run (heads, q/k/v) are written in place when one run
+        // of C holds them all, else through y.
+        while (j + n < j_end) {
+          idx rs2, len2;
+          if (B.run(j + n, &rs2, &len2) != bp + n || rs2 != rs) break;
+          n += std::min<idx>(j_end - j - n, len2);
+        }
+        idx cstep, clen;
+        float* c0 = C.run(0, j, &cstep, &clen);
+        float* y = clen >= n ? c0 : scratch(Scratch::kGemvY, n).data();
+        auto pieces = [&](auto&& f) {  // f(C's piece, its offset in the run, its length)
+          for (idx q = 0; q < n;) {
+            idx cs2, cl2;
+            float* c = C.run(0, j + q, &cs2, &cl2);
+            cl2 = std::min<idx>(cl2, n - q);
+            f(c, q, cl2);
+            q += cl2;
+          }
+        };
+        if (y != c0 && beta != 0.0f) pieces([&](const float* c, idx q, idx l) { std::copy(c, c + l, y + q); });
         kt.gemv(1, K, n, x, 0, bp, rs, y, 0, alpha, beta, bias ? bias + j : nullptr, act);
+        if (y != c0) pieces([&](float* c, idx q, idx l) { std::copy(y + q, y + q + l, c); });
         j += n;
       }
     }

@@ -216,18 +216,10 @@ def qkv_project_packed(
         bq, bk, bv = b_qkv[:d_q], b_qkv[d_q : d_q + d_kv], b_qkv[d_q + d_kv :]
     else:
         bq = bk = bv = None
-    return qkv_project(
-        x,
-        w_qkv[:, :d_q],
-        w_qkv[:, d_q : d_q + d_kv],
-        w_qkv[:, d_q + d_kv :],
-        bq,
-        bk,
-        bv,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        out=out,
-    )
+    _check_array(x, "x", 3)
+    outs = _check_outs(out, 4, x=x, w_qkv=w_qkv, b_qkv=b_qkv)
+    wq, wk, wv = w_qkv[:, :d_q], w_qkv[:, d_q : d_q + d_kv], w_qkv[:, d_q + d_kv :]
+    return _core.qkv_project(x, wq, wk, wv, bq, bk, bv, num_heads, num_kv_heads, *outs)
 
 
 def qkv_project_backward(

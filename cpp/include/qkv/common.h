@@ -74,7 +74,7 @@ class AlignedBuffer {
 // thread and each OpenMP worker), grown on demand and never shrunk: a fresh
 // allocation of a few MB per call costs page faults comparable to a small GEMM.
 // `slot` names the use, so that buffers alive at the same time differ.
-enum class Scratch { kGemmB, kCount };
+enum class Scratch { kGemmB, kGemvY, kCount };
 AlignedBuffer& scratch(Scratch slot, idx n);
 
 // Threads a driver may use: the OpenMP setting, capped so that each thread gets at
