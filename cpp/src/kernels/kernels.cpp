@@ -354,6 +354,7 @@ void gemv_impl(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, 
     }
     fresh = false;
   }
+  if (alpha == 1.0f && !bias && act == 0 && !fresh) return;  // y is the result already
   const V::reg av = V::set1(alpha);
   for (int i = 0; i < M; ++i)
     for (idx v = 0; v < nvec; ++v) {
@@ -792,32 +793,42 @@ void softmax_fwd_rows(float* s, idx ld, int keys, int queries, BiasView bias, co
     float* row = s + i * ld;
     const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
     const int lim_c = imin(lim[i], keys);  // keys [lim_c, keys) and the tail lanes: -inf
-    // pass 1: bias, mask, the row's max over the block
-    V::reg mxv = V::set1(kNegInf);
-    for (int j = 0; j < keys; j += W) {
+    // bias and mask of the keys [j, j + W)
+    auto scores = [&](int j) {
       const int lanes = imin(W, keys - j);
       V::reg x = lanes == W ? V::load(row + j) : V::load(row + j, V::tail_mask(lanes));
       if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes), log2e);
-      if (j + W > lim_c) x = V::mask_from(x, j, lim_c);
+      return j + W > lim_c ? V::mask_from(x, j, lim_c) : x;
+    };
+    // pass 1: the row's max over the block (one vector of keys: it stays in a register)
+    V::reg x0 = scores(0), mxv = x0;
+    for (int j = W; j < keys; j += W) {
+      const V::reg x = scores(j);
       if (brow || j + W > lim_c) V::store(row + j, x);  // a whole vector: ld covers it
       mxv = V::max(mxv, x);
     }
     // new max; m_safe replaces a -inf max by 0 so that exp(-inf - m_safe) = 0, not NaN
     const float m_new = fmaxf_(m[i], V::reduce_max(mxv));
     const float m_safe = m_new < -3.0e38f ? 0.0f : m_new;
-    alignas(64) float corr[W];
-    V::store(corr, exp2_nonpos_v(V::set1(m[i] - m_safe)));
+    // the first block (o null) has l = 0 and nothing to rescale
+    float corr = 0.0f;
+    if (o) {
+      alignas(64) float c[W];
+      V::store(c, exp2_nonpos_v(V::set1(m[i] - m_safe)));
+      corr = c[0];
+    }
     m[i] = m_new;
     // pass 2: P = 2^(s - m), the row sum
     const V::reg ms = V::set1(m_safe);
-    V::reg ls = V::zero();
-    for (int j = 0; j < keys; j += W) {
-      const V::reg p = exp2_nonpos_v(V::sub(V::load(row + j), ms));  // tail lanes: -inf, p = 0
+    V::reg p = exp2_nonpos_v(V::sub(x0, ms)), ls = p;  // tail lanes: -inf, p = 0
+    V::store(row, p);
+    for (int j = W; j < keys; j += W) {
+      p = exp2_nonpos_v(V::sub(V::load(row + j), ms));
       V::store(row + j, p);
       ls = V::add(ls, p);
     }
-    l[i] = l[i] * corr[0] + V::reduce_add(ls);
-    if (o && corr[0] != 1.0f) scale_row(o + i * ldo, dv, corr[0]);
+    l[i] = l[i] * corr + V::reduce_add(ls);
+    if (o && corr != 1.0f) scale_row(o + i * ldo, dv, corr);
   }
 }
 
