@@ -2,7 +2,7 @@
 
 Bounds: _helpers error model, |err| <= C·sqrt(K)·u·(|alpha|·|A|·|B| + |beta|·|C|) + 2u·|want|.
 Sizes cross the micro-tile edges (mr/nr: 4×8, 6×16, 12×32; A read in place: up to 14
-rows on AVX-512), the MC block (64/96 rows), the KC block (768 on AVX-512, 256
+rows on AVX-512), the MC block (64/96 rows), the KC block (1152 on AVX-512, 256
 below; up to 4/3 of it is one block) and the NC panel (512/1024/2048 columns).
 """
 
@@ -26,8 +26,10 @@ SHAPES = [
     (7, 65, 520),  # two KC blocks and a tail
     (17, 7, 256),  # k == KC
     (97, 33, 257),  # m = MC(avx512, avx2) + 1, k = KC + 1
-    (5, 33, 1024),  # k = 4/3 KC(avx512): one K block
-    (9, 40, 1025),  # ... plus one: two
+    (5, 33, 1024),  # k = 4/3 KC(avx512) before it was 1152: one K block
+    (9, 40, 1025),  # ... plus one: still one
+    (5, 17, 1536),  # k = 4/3 KC(avx512): one K block
+    (3, 40, 1537),  # ... plus one: two
     (3, 2049, 5),  # n > NC on every ISA
     (7, 1100, 520),  # few rows, enough flops for the N split across threads
     (14, 32, 9),  # one full avx512 micro-tile, A in place
@@ -38,7 +40,7 @@ SHAPES = [
     (5, 9, 2),  # a scalar micro-tile plus one
     (29, 40, 500),  # one K block longer than 384 on AVX-512 (a transposed A read in place)
     (1024, 9, 20),  # a transposed A with a 4 KiB row step (packed, not read in place)
-    (1024, 5, 1300),  # ... over two K blocks, packed 8 rows of X at a time with a ragged last group
+    (1024, 5, 1700),  # ... over two K blocks, packed 8 rows of X at a time with a ragged last group
 ]
 
 

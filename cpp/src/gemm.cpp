@@ -387,7 +387,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
     K = 0;
   }
   // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
-  // blocks of at most kc; M and N blocks as the kernel table says.
+  // blocks of at most that; M and N blocks as the kernel table says.
   const idx n_kb = ceil_div(std::max<idx>(K, 1), kt.kc * 4 / 3);
   const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
   const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);

@@ -19,10 +19,13 @@ constexpr int W = V::W;
 #if defined(QKV_ISA_AVX512)
 constexpr int MR = 12, NV = 2;            // 12 x 32 tile: 24 of 32 zmm are accumulators
 constexpr int MR_ROWS = 14;               // 14 x 32: 28 accumulators, 2 for B (A broadcast from memory)
-// KC 768 (so K up to 1024 is one block): one process, old/new taking turns, Zen 5,
-// against 576 x 144: (8192, 1024, 3072) +9% on 1 thread, +11% on 2; dY·Wᵀ of it +3-4%,
-// (4096, 1024, 256) +5-8%; other shapes within 2%, Xᵀ·dY (2048, 768, 2304) -1 to -4%
-constexpr int KC = 768, MC = 96, NC = 2048;
+// KC 1152 (K up to 1536 is one block, gemm_driver): one process, old/new taking turns,
+// Zen 5, against 576 x 144 (KC x MC): (8192, 1024, 3072) +9% on 1 thread, +11% on 2;
+// dY·Wᵀ of it +3-4%, (4096, 1024, 256) +5-8%; other shapes within 2%, Xᵀ·dY (2048, 768,
+// 2304) -1 to -4%. Then against KC 768 (one block up to 1024): the encoder's second
+// feed-forward GEMM (M, 1536, 384) +2-5% on 1 and 2 threads (one pass over C, not two),
+// dY·Wᵀ (4096, 1152, 384) +6% on 1 thread, Xᵀ·dY within noise; encoder +1.5% on 1 thread
+constexpr int KC = 1152, MC = 96, NC = 2048;
 #elif defined(QKV_ISA_AVX2)
 constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
 constexpr int MR_ROWS = MR;
