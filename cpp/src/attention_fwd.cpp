@@ -9,6 +9,7 @@
 //   where the tile hides some keys)
 // and finally O /= l, lse = m·ln 2 + log(l). Extra memory: per thread one score block
 // and the task's packed Q blocks; the (seq_q, seq_k) score matrix never exists.
+// Blocks of at most four queries keep S as rows instead, Note [few-row scores].
 // One-query steps (decode) take their own tasks, Note [decode tasks].
 #include <omp.h>
 

@@ -245,7 +245,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   const int nr = kt.nr;
   if (M == 1 && !B.packed) {
     // One row: the gemv kernel over column strips, one per thread (long contiguous
-    // runs of every row of B), split further at segment boundaries. (Packed panels
+    // runs of every row of B), split further where B's rows break. (Packed panels
     // are contiguous already: the 1-row micro-tile below streams them.) Threads: one
     // below 1 MB of B (on 2 cores a second one cost as much as it saved there), then
     // one per 64 KiB and 64 columns. (16-core Xeon, a 384 × 1152 weight: 8 threads
@@ -265,8 +265,9 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         idx n = std::min<idx>(j_end - j, len);
         // B's segments that continue its rows in memory (the head blocks of one
         // [W_Q | W_K | W_V]) join the run: one pass over whole rows of B, not one per
-        // head. C's pieces of the run (heads, q/k/v) are written in place when one run
-        // of C holds them all, else through y.
+        // head (fused projection (1, 384, 1152), 1 thread: 33 -> 22 us). C's pieces of
+        // the run (heads, q/k/v) are written in place when one run of C holds them
+        // all, else through y.
         while (j + n < j_end) {
           idx rs2, len2;
           if (B.run(j + n, &rs2, &len2) != bp + n || rs2 != rs) break;
