@@ -23,6 +23,9 @@ namespace qkv {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row blocks of at most this many queries take the few-row path, Note [few-row scores]
+// (the most rows dot_rows and gemv take at once)
+constexpr idx kFewRows = 4;
 
 // Query rows of a task that share one K and V: a query block of one head (rows are
 // queries: steps q.ss, o.ss) or, in a decode step, the query of each head of a kv
@@ -35,7 +38,7 @@ struct Rows {
   BiasView bias;  // at key 0, its rows these rows
   idx n;          // rows
   idx kmax;       // keys [0, kmax) are seen by some row
-  bool few;       // n <= 4: dot products with K rows, Q read in place
+  bool few;       // n <= kFewRows: dot products with K rows, Q read in place
   float *m, *l;   // running max and sum (bq_pad slots)
   float* qt;      // packed Qᵀ (unless few)
   idx* lim;       // key limit per row (bq_pad slots; padding rows 0)
@@ -63,8 +66,8 @@ struct TaskScratch {
   idx bq_pad, qpanel;
   TaskScratch(const KernelTable& kt, const detail::Blocks& blk, idx blocks, idx d, idx dv)
       : finite_v(blk.bk, dv), rows(static_cast<size_t>(blocks)), bq_pad(ceil_div(blk.bq, kt.nr) * kt.nr), qpanel(bq_pad * std::max<idx>(d, 1)) {
-    st_buf.resize(std::max(blk.bk * bq_pad, 4 * few_ld(blk.bk)));
-    if (blk.bq > 4) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
+    st_buf.resize(std::max(blk.bk * bq_pad, kFewRows * few_ld(blk.bk)));
+    if (blk.bq > kFewRows) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
     m_buf.resize(blocks * bq_pad);
     l_buf.resize(blocks * bq_pad);
     lim_rel.resize(static_cast<size_t>(bq_pad));
@@ -81,7 +84,7 @@ struct TaskScratch {
   template <class Limit>
   void start(const KernelTable& kt, idx s, Rows* u, idx n, idx d, Limit limit) {
     u->n = n;
-    u->few = n <= 4;
+    u->few = n <= kFewRows;
     u->m = m_buf.data() + s * bq_pad;
     u->l = l_buf.data() + s * bq_pad;
     u->qt = u->few ? nullptr : q_buf.data() + s * qpanel;

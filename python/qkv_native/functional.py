@@ -195,10 +195,10 @@ def qkv_project_packed(
     """
     num_heads = _positive_int(num_heads, "num_heads")
     num_kv_heads = num_heads if num_kv_heads is None else _positive_int(num_kv_heads, "num_kv_heads")
+    _check_array(x, "x", 3)
+    if b_qkv is not None:
+        _check_array(b_qkv, "b_qkv", 1)
     if isinstance(w_qkv, PackedWeight):
-        _check_array(x, "x", 3)
-        if b_qkv is not None:
-            _check_array(b_qkv, "b_qkv", 1)
         return _core.qkv_project_packed(x, w_qkv, b_qkv, num_heads, num_kv_heads, *_check_outs(out, 4, x=x, b_qkv=b_qkv))
     _check_array(w_qkv, "w_qkv", 2)
     n = w_qkv.shape[1]
@@ -210,13 +210,11 @@ def qkv_project_packed(
     d_head = n // heads
     d_q, d_kv = num_heads * d_head, num_kv_heads * d_head
     if b_qkv is not None:
-        _check_array(b_qkv, "b_qkv", 1)
         if b_qkv.shape != (n,):
             raise ValueError(f"b_qkv must have shape ({n},), got {b_qkv.shape}")
         bq, bk, bv = b_qkv[:d_q], b_qkv[d_q : d_q + d_kv], b_qkv[d_q + d_kv :]
     else:
         bq = bk = bv = None
-    _check_array(x, "x", 3)
     outs = _check_outs(out, 4, x=x, w_qkv=w_qkv, b_qkv=b_qkv)
     wq, wk, wv = w_qkv[:, :d_q], w_qkv[:, d_q : d_q + d_kv], w_qkv[:, d_q + d_kv :]
     return _core.qkv_project(x, wq, wk, wv, bq, bk, bv, num_heads, num_kv_heads, *outs)

@@ -62,6 +62,7 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // loses 4-11 points on 1 thread, and Zen 5 gains 8-11 with one query per kv head but
 // loses 2-6 with four, or with d = 64.
 constexpr idx kStreamAhead = 48;
+constexpr idx kGemvAhead = 16;  // gemv's prefetch distance in rows of B
 // the line holding p[ahead], into L2 (Locality 1) or, with Locality 3, into L1 as well
 template <int Locality = 1>
 inline void prefetch_ahead(const float* p, idx ahead) {
@@ -293,7 +294,6 @@ void gemv_impl(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, 
   // flight than the hardware prefetcher's four interleaved streams or a burst of
   // prefetches per row (Zen 4, 1 thread, weights from memory: ~14 -> ~21 GB/s, the
   // plain read's rate).
-  constexpr idx kGemvAhead = 16;
   const idx nv = n / W;
   const int rem = static_cast<int>(n - nv * W);
   const V::tail tail = V::tail_mask(rem);
@@ -376,7 +376,6 @@ void gemv_impl(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, 
 template <int NVEC, bool Prefetch>
 void gemv_short(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, float alpha, float beta,
                 const float* bias, int act) {
-  constexpr idx kGemvAhead = 16;  // as gemv_impl
   const int rem = static_cast<int>(n - (NVEC - 1) * W);  // lanes of the last vector, 1..W
   const V::tail last = V::tail_mask(rem);
   auto load = [&](const float* row, int v) {
@@ -392,14 +391,10 @@ void gemv_short(idx k, idx n, const float* x, const float* b, idx rs_b, float* y
     const V::reg xp = V::set1(x[p]);
     for (int v = 0; v < NVEC; ++v) acc[v] = V::fmadd(xp, load(row, v), acc[v]);
   }
-  const bool plain = alpha == 1.0f && !bias && act == 0 && (k > 0 || beta != 0.0f);
   for (int v = 0; v < NVEC; ++v) {
-    V::reg r = acc[v];
-    if (!plain) {
-      r = V::mul(r, V::set1(alpha));
-      if (bias) r = V::add(r, load(bias, v));
-      if (act == 1) r = gelu_v(r);
-    }
+    V::reg r = V::mul(acc[v], V::set1(alpha));
+    if (bias) r = V::add(r, load(bias, v));
+    if (act == 1) r = gelu_v(r);
     if (v < NVEC - 1 || rem == W) V::store(y + v * W, r);
     else V::store(y + v * W, r, last);
   }
@@ -424,7 +419,7 @@ void gemv_one(idx k, idx n, const float* x, const float* b, idx rs_b, float* y, 
 template <int M>
 void gemv_m(idx k, idx n, const float* x, idx ldx, const float* b, idx rs_b, float* y, idx ldy, float alpha,
             float beta, const float* bias, int act) {
-  if (M == 1) {
+  if constexpr (M == 1) {
     if (gemv_prefetch())  // Note [streaming prefetch]
       gemv_one<true>(k, n, x, b, rs_b, y, alpha, beta, bias, act);
     else
@@ -774,6 +769,15 @@ inline V::reg add_bias(V::reg s, V::reg b, V::reg unit) {
   return V::select_lt(b, -3.4028235e38f, V::set1(kNegInf), V::fmadd(b, unit, s));
 }
 
+// Keys [j, j + W) of a row of scores (keys in all), s + bias·unit (bias row brow, column
+// step bias_cs, or none), -inf from key `lim` on (<= keys: the lanes past the row too).
+inline V::reg row_scores(const float* row, const float* brow, idx bias_cs, int j, int keys, int lim, V::reg unit) {
+  const int lanes = imin(W, keys - j);
+  V::reg x = lanes == W ? V::load(row + j) : V::load(row + j, V::tail_mask(lanes));
+  if (brow) x = add_bias(x, load_bias(brow, bias_cs, j, lanes), unit);
+  return j + W > lim ? V::mask_from(x, j, lim) : x;
+}
+
 inline void scale_row(float* o, idx n, float c) {
   const V::reg cv = V::set1(c);
   idx j = 0;
@@ -853,17 +857,10 @@ void softmax_fwd_rows(float* s, idx ld, int keys, int queries, BiasView bias, co
     float* row = s + i * ld;
     const float* brow = bias.ptr ? bias.ptr + i * bias.rs : nullptr;
     const int lim_c = imin(lim[i], keys);  // keys [lim_c, keys) and the tail lanes: -inf
-    // bias and mask of the keys [j, j + W)
-    auto scores = [&](int j) {
-      const int lanes = imin(W, keys - j);
-      V::reg x = lanes == W ? V::load(row + j) : V::load(row + j, V::tail_mask(lanes));
-      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes), log2e);
-      return j + W > lim_c ? V::mask_from(x, j, lim_c) : x;
-    };
     // pass 1: the row's max over the block (one vector of keys: it stays in a register)
-    V::reg x0 = scores(0), mxv = x0;
+    V::reg x0 = row_scores(row, brow, bias.cs, 0, keys, lim_c, log2e), mxv = x0;
     for (int j = W; j < keys; j += W) {
-      const V::reg x = scores(j);
+      const V::reg x = row_scores(row, brow, bias.cs, j, keys, lim_c, log2e);
       if (brow || j + W > lim_c) V::store(row + j, x);  // a whole vector: ld covers it
       mxv = V::max(mxv, x);
     }
@@ -871,12 +868,7 @@ void softmax_fwd_rows(float* s, idx ld, int keys, int queries, BiasView bias, co
     const float m_new = fmaxf_(m[i], V::reduce_max(mxv));
     const float m_safe = m_new < -3.0e38f ? 0.0f : m_new;
     // the first block (o null) has l = 0 and nothing to rescale
-    float corr = 0.0f;
-    if (o) {
-      alignas(64) float c[W];
-      V::store(c, exp2_nonpos_v(V::set1(m[i] - m_safe)));
-      corr = c[0];
-    }
+    const float corr = o ? V::reduce_max(exp2_nonpos_v(V::set1(m[i] - m_safe))) : 0.0f;
     m[i] = m_new;
     // pass 2: P = 2^(s - m), the row sum
     const V::reg ms = V::set1(m_safe);
@@ -909,9 +901,7 @@ void softmax_bwd_p(float* s, idx lds, int rows, int cols, BiasView bias, const i
     for (int j = 0; j < cols; j += W) {
       const int lanes = imin(W, cols - j);
       const V::tail t = V::tail_mask(lanes);
-      V::reg x = lanes == W ? V::load(srow + j) : V::load(srow + j, t);
-      if (brow) x = add_bias(x, load_bias(brow, bias.cs, j, lanes), V::set1(1.0f));
-      x = V::mask_from(x, j, lim_c);  // hidden keys: -inf, whose exp is 0
+      const V::reg x = row_scores(srow, brow, bias.cs, j, cols, lim_c, V::set1(1.0f));  // hidden keys: -inf, exp 0
       const V::reg p = empty ? V::zero() : nan ? V::select_lt(x, -3.4028235e38f, V::zero(), lv)
                                                : exp_v<false>(V::sub(x, lv));
       if (lanes == W) V::store(srow + j, p);
