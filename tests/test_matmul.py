@@ -194,6 +194,17 @@ def test_a_in_place_or_packed(isa, rng, restore_threads, k):
         check(qn.matmul(a, b), a, b)
 
 
+@pytest.mark.parametrize("m", [256, 384])
+def test_transposed_a_in_place_or_packed(isa, rng, restore_threads, m):
+    """Note [A in place]: a transposed A (dW = Xᵀ·dY) is read where it lies when X's
+    rows fall on at least 8 page offsets (m = 384: 1536-byte rows) and packed below
+    (m = 256: 1024-byte rows, 4 offsets)."""
+    x, dy = randn(rng, 300, m), randn(rng, 300, 70)
+    for n in (1, 2):
+        qn.set_num_threads(n)
+        check(qn.matmul(x, dy, trans_a=True), x, dy, trans_a=True)
+
+
 @pytest.mark.parametrize("m", [736, 1729])
 def test_m_blocks(isa, rng, restore_threads, m):
     """M is cut into blocks of equal micro-tile counts, as many as the threads or

@@ -129,22 +129,26 @@ struct ABlock {
 //   L1 beside the B panel, kc up to 384, and rows that do not alias in L1's sets (a
 //   row step of 4 KiB puts all 12 in one set: ~12% slower at K = 1024 on Zen 4).
 // - Columns of A, i.e. a transposed operand such as Xᵀ in dW = Xᵀ·dY (column-contiguous
-//   tiles, each k step one short run of a row of X): any kc. Measured against packing
-//   on Zen 4, same process, alternating: dW shapes (64..384, 512..4096, 64..2304)
-//   6-23% faster on 1 thread, 2-22% on 2.
+//   tiles, each k step one short run of a row of X): any kc, while X's rows fall on at
+//   least 8 page offsets. Measured against packing on Zen 4, same process,
+//   alternating: dW shapes (64..384, 512..4096, 64..2304) 6-23% faster on 1 thread,
+//   2-22% on 2. Once the packing prefetched its source (copy_rows), 4 offsets lost on
+//   Zen 5 (one process, taking turns, GFLOP/s in place -> packed): (2048, 768, 2304)
+//   196 -> 228 on 1 thread, 422 -> 448 on 2; (4096, 256, 1024) 214 -> 216, 355 -> 385;
+//   (4096, 256, 256) 223 -> 213, 330 -> 356.
 // Fills *a and returns true, or returns false: pack.
 bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
   idx rstep, cstep, rows, cols;
   const float* src = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
   if (rows < mc || cols < kc) return false;
-  // distinct 4 KiB page offsets of the rows (L1 set groups): at least 4, so at most
-  // mr / 4 rows of a tile share a set
-  auto spread = [](idx step) { return 4096 / std::gcd(step * static_cast<idx>(sizeof(float)), idx{4096}) >= 4; };
-  if (cstep == 1 && rstep > 0 && kc <= 384 && spread(rstep)) {
+  // distinct 4 KiB page offsets of the rows (L1 set groups); at least 4 for rows, so
+  // that at most mr / 4 rows of a tile share a set
+  auto spread = [](idx step) { return 4096 / std::gcd(step * static_cast<idx>(sizeof(float)), idx{4096}); };
+  if (cstep == 1 && rstep > 0 && kc <= 384 && spread(rstep) >= 4) {
     *a = {src, rstep, rstep, 1};  // tile row i at src + i·rstep
     return true;
   }
-  if (rstep == 1 && cstep > 0 && spread(cstep)) {
+  if (rstep == 1 && cstep > 0 && spread(cstep) >= 8) {
     *a = {src, 1, 1, cstep};  // tile element (i, p) at src + i + p·cstep
     return true;
   }
@@ -433,8 +437,12 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
         } else {
           // A row-major B is packed 16 rows at a time across all the panels, so that its
           // rows stream in order (a panel at a time would walk kc rows N floats apart
-          // for each 32 columns: page-crossing strides that defeat the prefetchers);
-          // a transposed B (contiguous down the columns) a panel at a time.
+          // for each 32 columns: page-crossing strides that defeat the prefetchers),
+          // and copy_rows prefetches the next 16 rows' lines as it goes (without, the
+          // packing waited on memory: 15% of dW = Xᵀ·dY (4096, 384, 1152) on 1 thread,
+          // 4% with; one process, taking turns, Zen 5: dW 185-195 -> 209-238 GFLOP/s on
+          // 1 thread, 300-332 -> 425-453 on 2); a transposed B (contiguous down the
+          // columns) a panel at a time.
           const idx rblk = B.map->trans ? std::max<idx>(kc, 1) : 16, n_rblk = ceil_div(kc, rblk);
 #pragma omp for schedule(static)
           for (idx item = 0; item < n_rblk * n_panels; ++item) {
