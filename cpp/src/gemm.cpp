@@ -232,6 +232,7 @@ void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, con
       t.beta = beta;
       t.bias = bias ? bias + gj : nullptr;
       t.act = act;
+      t.prefetch_c = true;
       kt.gemm_tile(t);
       j += n;
     }
@@ -342,6 +343,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.beta = beta;
         t.bias = bias ? bias + j : nullptr;
         t.act = act;
+        t.prefetch_c = true;
         kt.gemm_tile(t);
       }
       j += n;

@@ -27,6 +27,7 @@ struct GemmTile {
   const float* bias;     // (n,) or null
   int act = 0;           // epilogue applied last: 0 none, 1 GELU (exact, erf form)
   bool stream_b = false; // b is read once from memory: prefetch its rows ahead (Note [streaming prefetch])
+  bool prefetch_c = false; // C's rows may lie outside L1: start their lines before the k loop
 };
 
 // Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.

@@ -129,9 +129,12 @@ void gemm_tile_m(const GemmTile& t) {
   const idx rs_a = t.rs_a, rs_a2 = 2 * t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
   // the C rows are written at the end: start their lines on the way now (every line
   // of the tile's row, not only its first: out-projection (4259, 384, 384) with the
-  // residual read, 1 thread, +3.5-6.5%; plain GEMMs +0.4-2.4%)
-  for (int i = 0; i < M; ++i)
-    for (int v = 0; v < t.n; v += kLineFloats) __builtin_prefetch(t.c_rows[i] + v, 1, 3);
+  // residual read, 1 thread, +3.5-6.5%; plain GEMMs +0.4-2.4%). Not for attention's
+  // tiles, whose C (a score block, an O block) is in L1: there the prefetches cost 2-3%
+  // of a d = 64-128 forward (one process, taking turns, Zen 5).
+  if (t.prefetch_c)
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < t.n; v += kLineFloats) __builtin_prefetch(t.c_rows[i] + v, 1, 3);
   // Row-contiguous A (row i at a + i·rs_a) is reached from one pointer per three rows,
   // row 3g + r at ag[g] + r·rs_a (base + index·scale addressing): the loop needs
   // M/3 + 2 registers for A instead of M (12 row pointers beside the loop's others
