@@ -86,6 +86,20 @@ def test_extreme_scores_never_overflow(isa, rng):
     assert (np.abs(o) <= np.abs(v).max() * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_key_position_can_hold_the_max(isa, rng, causal):
+    """Query i's largest score is key i's (unit keys, q = 1e18·k: the others trail by
+    ~1e35), so its softmax is one-hot and o_i = v_i. A key left out of the running max,
+    at any position of the score product's micro-tiles, would overflow its
+    exponential and turn the row into NaN. (400 keys: causal blocks below the diagonal
+    too; a ragged last tile.)"""
+    k = randn(rng, 1, 2, 400, 8)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = randn(rng, 1, 2, 400, 8)
+    o = qn.attention(k * F32(1e18), k, v, scale=1.0, causal=causal)
+    np.testing.assert_allclose(o, v, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------
 # fully masked rows: o = 0, lse = -inf, zero gradients, for every way to mask
 # ----------------------------------------------------------------------------

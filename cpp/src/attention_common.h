@@ -180,10 +180,11 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 // c's rows (P·V, k runs over keys). Keys past the limit of every query of a column
 // panel (of a row tile) are then left out of it: the softmax masks those cells of Sᵀ
 // whatever they hold, and their P is 0. A causal block on the diagonal computes about
-// half its triangle less.
+// half its triangle less. col_max (n,) or null: GemmTile::col_max over all m rows.
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc,
-                       bool stream_b = false, const int* lim = nullptr, bool lim_cols = false) {
+                       bool stream_b = false, const int* lim = nullptr, bool lim_cols = false,
+                       float* col_max = nullptr) {
   const int nr = kt.nr;
   // the most keys any of the queries [q0, q1) sees, within [0, bound]
   auto reach = [&](idx q0, idx q1, idx bound) {
@@ -216,6 +217,7 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
       t.beta = beta;
       t.bias = nullptr;
       t.stream_b = stream_b;
+      t.col_max = col_max ? col_max + j0 : nullptr;
       kt.gemm_tile(t);
     }
   }

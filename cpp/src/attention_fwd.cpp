@@ -13,6 +13,7 @@
 // One-query steps (decode) take their own tasks, Note [decode tasks].
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -58,7 +59,7 @@ struct Rows {
 // allocation raises in the caller (MemoryError) instead of terminating inside it.
 // m, l, lim and the packed Qᵀ hold one slot per row block of a task.
 struct TaskScratch {
-  AlignedBuffer st_buf, q_buf, m_buf, l_buf;
+  AlignedBuffer st_buf, q_buf, m_buf, l_buf, bmax_buf;
   std::vector<int> lim_rel;
   std::vector<idx> lim;
   detail::FiniteRows finite_v;
@@ -69,6 +70,7 @@ struct TaskScratch {
     st_buf.resize(std::max(blk.bk * bq_pad, kFewRows * few_ld(blk.bk)));
     if (blk.bq > kFewRows) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
     m_buf.resize(blocks * bq_pad);
+    bmax_buf.resize(bq_pad);
     l_buf.resize(blocks * bq_pad);
     lim_rel.resize(static_cast<size_t>(bq_pad));
     lim.resize(static_cast<size_t>(blocks * bq_pad));
@@ -148,10 +150,14 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         kt.softmax_fwd_rows(st, p_rs, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m,
                             u.l, first ? nullptr : u.o, u.o_rs, static_cast<int>(dv));
       } else {  // Sᵀ (nk × nq) = scale·log2(e) · K (nk × d) · Qᵀ (d × nq)
+        // with neither mask nor bias, the product's stores also take each query's max
+        // over the block's keys, and the softmax skips its max pass
+        float* bmax = ragged || bias.ptr ? nullptr : sc.bmax_buf.data();
+        if (bmax) std::fill(bmax, bmax + bq_pad, kNegInf);
         detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad, false,
-                           ragged, true);
+                           ragged, true, bmax);
         kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m, u.l,
-                       first ? nullptr : u.o, u.o_rs, static_cast<int>(dv));
+                       first ? nullptr : u.o, u.o_rs, static_cast<int>(dv), bmax);
       }
       // O (nq × dv) += P (nq × nk) · V (nk × dv); V with its non-finite rows zeroed
       // where the tile hides keys, Note [non-finite rows]

@@ -28,6 +28,7 @@ struct GemmTile {
   int act = 0;           // epilogue applied last: 0 none, 1 GELU (exact, erf form)
   bool stream_b = false; // b is read once from memory: prefetch its rows ahead (Note [streaming prefetch])
   bool prefetch_c = false; // C's rows may lie outside L1: start their lines before the k loop
+  float* col_max = nullptr; // (n,) or null: col_max[j] = max(col_max[j], C(i, j) for the tile's rows i)
 };
 
 // Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.
@@ -91,8 +92,10 @@ struct KernelTable {
   // max moved; o null: nothing is accumulated yet (the first key block), no rescale.
   // On return st holds Pᵀ = 2^(s - m_new) (0 where masked). lse = m·ln 2 + log(l).
   // lim, m and l have room for `queries` rounded up to the vector width.
+  // block_max (or null): the per-query max over the block's keys, already known (the
+  // score product's col_max, no bias and no mask): the max pass is skipped.
   void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
-                      float* l, float* o, idx ldo, int dv);
+                      float* l, float* o, idx ldo, int dv, const float* block_max);
   // The same step on a block of a few queries' scores as rows (dot_rows' S, not Sᵀ):
   // s (queries, keys) with row stride ld >= keys rounded up to 16; lanes are keys (a
   // vertical step would use one lane of each vector). On return s holds P.

@@ -172,6 +172,8 @@ void gemm_tile_m(const GemmTile& t) {
   V::reg biasv[NV];
   for (int v = 0; v < NV; ++v)
     biasv[v] = t.bias ? (lanes[v] == W ? V::load(t.bias + v * W) : V::load(t.bias + v * W, tails[v])) : V::zero();
+  V::reg cmax[NV];
+  for (int v = 0; v < NV; ++v) cmax[v] = V::set1(kNegInf);
   for (int i = 0; i < M; ++i) {
     float* c = t.c_rows[i];
 #if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]: keeps biasv[v] right under ASan
@@ -186,10 +188,18 @@ void gemm_tile_m(const GemmTile& t) {
         x = V::fmadd(cv, beta, x);
       }
       if (t.act == 1) x = gelu_v(x);
+      if (t.col_max) cmax[v] = V::max(cmax[v], x);
       if (full) V::store(c + v * W, x);
       else V::store(c + v * W, x, tails[v]);
     }
   }
+  if (t.col_max)
+    for (int v = 0; v < NV; ++v) {
+      if (!FullN && lanes[v] == 0) continue;
+      float* cm = t.col_max + v * W;
+      if (FullN || lanes[v] == W) V::store(cm, V::max(cmax[v], V::load(cm)));
+      else V::store(cm, V::max(cmax[v], V::load(cm, tails[v])), tails[v]);
+    }
 }
 
 template <bool ColA, bool FullN, int NVT, int... Ms>
@@ -797,7 +807,7 @@ inline void scale_row(float* o, idx n, float c) {
 }
 
 void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
-                 float* o, idx ldo, int dv) {
+                 float* o, idx ldo, int dv, const float* block_max) {
   constexpr int kMaxVecs = 256 / W + 1;  // queries per block <= 256
   const int nv = (queries + W - 1) / W;
   int lim_min = keys;
@@ -807,8 +817,13 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
   // pass 1: bias, mask, per-query max over the keys of this block (one vector of
   // queries at a time, walking down the keys: the running max stays in a register)
-  for (int v = 0; v < nv; ++v) {
+  for (int v = 0; v < nv && !block_max; ++v) {
     V::reg mxv = V::set1(kNegInf);
+    if (!bias.ptr && !masked) {  // (the common block: a loop of loads and maxima alone)
+      for (int j = 0; j < keys; ++j) mxv = V::max(mxv, V::load(st + j * ld + v * W));
+      V::store(mx + v * W, mxv);
+      continue;
+    }
     const int lanes = imin(W, queries - v * W);
     for (int j = 0; j < keys; ++j) {
       float* cell = st + j * ld + v * W;
@@ -831,9 +846,10 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   }
   // new max; m_safe replaces a -inf max by 0 so that exp(-inf - m_safe) = 0, not NaN
   alignas(64) float msafe[kMaxVecs * W];
+  const float* bmax = block_max ? block_max : mx;
   for (int v = 0; v < nv; ++v) {
     const V::reg m_old = V::load(m + v * W);
-    const V::reg m_new = V::max(m_old, V::load(mx + v * W));
+    const V::reg m_new = V::max(m_old, V::load(bmax + v * W));
     const V::reg m_s = V::replace_below(m_new, -3.0e38f, m_new, 0.0f);
     V::store(m + v * W, m_new);
     V::store(msafe + v * W, m_s);
