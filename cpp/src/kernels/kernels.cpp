@@ -815,15 +815,11 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
   const bool masked = lim_min < keys;
   const V::reg log2e = V::set1(static_cast<float>(kLog2e));  // the bias joins scores in log2 units
   alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
-  // pass 1: bias, mask, per-query max over the keys of this block (one vector of
-  // queries at a time, walking down the keys: the running max stays in a register)
+  // pass 1 (unless block_max): bias, mask, per-query max over the keys of this block
+  // (one vector of queries at a time, walking down the keys: the running max stays in
+  // a register)
   for (int v = 0; v < nv && !block_max; ++v) {
     V::reg mxv = V::set1(kNegInf);
-    if (!bias.ptr && !masked) {  // (the common block: a loop of loads and maxima alone)
-      for (int j = 0; j < keys; ++j) mxv = V::max(mxv, V::load(st + j * ld + v * W));
-      V::store(mx + v * W, mxv);
-      continue;
-    }
     const int lanes = imin(W, queries - v * W);
     for (int j = 0; j < keys; ++j) {
       float* cell = st + j * ld + v * W;
