@@ -437,15 +437,15 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
         if (B.packed) {  // jc is a multiple of nc_max, itself of kPackedPanel when N > nc_max
           panels = {B.packed->at(pc, jc), kPackedPanel, K * kPackedPanel};
         } else {
-          // A row-major B is packed 16 rows at a time across all the panels, so that its
+          // A row-major B is packed kPackRows rows at a time across all the panels, so that its
           // rows stream in order (a panel at a time would walk kc rows N floats apart
           // for each 32 columns: page-crossing strides that defeat the prefetchers),
-          // and copy_rows prefetches the next 16 rows' lines as it goes (without, the
+          // and copy_rows prefetches the next block's lines as it goes (without, the
           // packing waited on memory: 15% of dW = Xᵀ·dY (4096, 384, 1152) on 1 thread,
           // 4% with; one process, taking turns, Zen 5: dW 185-195 -> 209-238 GFLOP/s on
           // 1 thread, 300-332 -> 425-453 on 2); a transposed B (contiguous down the
           // columns) a panel at a time.
-          const idx rblk = B.map->trans ? std::max<idx>(kc, 1) : 16, n_rblk = ceil_div(kc, rblk);
+          const idx rblk = B.map->trans ? std::max<idx>(kc, 1) : kPackRows, n_rblk = ceil_div(kc, rblk);
 #pragma omp for schedule(static)
           for (idx item = 0; item < n_rblk * n_panels; ++item) {
             const idx r0 = item / n_panels * rblk, jp = item % n_panels;

@@ -8,6 +8,9 @@ namespace qkv {
 using idx = std::int64_t;
 
 constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
+// Rows of a row-major B that the GEMM driver packs at a time, across all its panels;
+// copy_rows prefetches this many rows ahead (the same columns of the next row block)
+constexpr idx kPackRows = 16;
 constexpr double kLn2 = 0.693147180559945309, kLog2e = 1.44269504088896341;  // ln 2, log2(e)
 
 // One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):

@@ -63,9 +63,6 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // loses 2-6 with four, or with d = 64.
 constexpr idx kStreamAhead = 48;
 constexpr idx kGemvAhead = 16;  // gemv's prefetch distance in rows of B
-// copy_rows' prefetch distance in rows of its source: the B packing copies 16 rows
-// at a time across all panels, so this is the same columns of the next row block
-constexpr idx kCopyAhead = 16;
 // the line holding p[ahead], into L2 (Locality 1) or, with Locality 3, into L1 as well
 template <int Locality = 1>
 inline void prefetch_ahead(const float* p, idx ahead) {
@@ -294,7 +291,7 @@ void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
 // (see KernelTable::copy_rows).
 void copy_rows(idx rows, int cols, const float* src, idx ss, float* dst, idx ds, int width) {
   for (idx r = 0; r < rows; ++r) {
-    prefetch_row<3>(src + r * ss, kCopyAhead, ss, cols);
+    prefetch_row<3>(src + r * ss, kPackRows, ss, cols);  // the next row block (kPackRows)
     for (int c = 0; c < width; c += W) {
       const V::tail in = V::tail_mask(cols - c < 0 ? 0 : imin(W, cols - c)), out = V::tail_mask(imin(W, width - c));
       V::store(dst + r * ds + c, V::load(src + r * ss + c, in), out);
