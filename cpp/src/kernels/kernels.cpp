@@ -6,6 +6,7 @@
 #include "qkv/kernels.h"
 
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 namespace qkv {
@@ -158,42 +159,56 @@ void gemm_tile_m(const GemmTile& t) {
     }
   }
 
-  // The epilogue walks the rows in a loop: it reads a copy, so that acc itself is only
-  // ever indexed by constants and stays in registers through the loop above.
-  V::reg out[M][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < M; ++i)
-    for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
+  // The epilogue: C = alpha·acc + bias (+ beta·C) (then GELU), the column maxima, the
+  // stores. The tile's flags are read once into locals (C's stores could alias t).
   const V::reg alpha = V::set1(t.alpha);
   const V::reg beta = V::set1(t.beta);
+  const bool has_beta = t.beta != 0.0f;
+  float* const col_max = t.col_max;
   V::reg biasv[NV];
   for (int v = 0; v < NV; ++v)
     biasv[v] = t.bias ? (lanes[v] == W ? V::load(t.bias + v * W) : V::load(t.bias + v * W, tails[v])) : V::zero();
   V::reg cmax[NV];
   for (int v = 0; v < NV; ++v) cmax[v] = V::set1(kNegInf);
-  for (int i = 0; i < M; ++i) {
-    float* c = t.c_rows[i];
+  auto put = [&](auto gelu, float* c, int v, V::reg a) {
+    if (!FullN && lanes[v] == 0) return;
+    V::reg x = V::fmadd(a, alpha, biasv[v]);
+    const bool full = FullN || lanes[v] == W;
+    if (has_beta) x = V::fmadd(full ? V::load(c + v * W) : V::load(c + v * W, tails[v]), beta, x);
+    if (gelu) x = gelu_v(x);
+    if (col_max) cmax[v] = V::max(cmax[v], x);
+    if (full) V::store(c + v * W, x);
+    else V::store(c + v * W, x, tails[v]);
+  };
+  if (t.act == 0) {
+    // unrolled: acc is indexed by constants only, and stays in registers
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      float* c = t.c_rows[i];
 #if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]: keeps biasv[v] right under ASan
 #pragma GCC unroll 16
 #endif
-    for (int v = 0; v < NV; ++v) {
-      if (!FullN && lanes[v] == 0) continue;
-      V::reg x = V::fmadd(out[i][v], alpha, biasv[v]);
-      const bool full = FullN || lanes[v] == W;
-      if (t.beta != 0.0f) {
-        V::reg cv = full ? V::load(c + v * W) : V::load(c + v * W, tails[v]);
-        x = V::fmadd(cv, beta, x);
-      }
-      if (t.act == 1) x = gelu_v(x);
-      if (t.col_max) cmax[v] = V::max(cmax[v], x);
-      if (full) V::store(c + v * W, x);
-      else V::store(c + v * W, x, tails[v]);
+      for (int v = 0; v < NV; ++v) put(std::false_type{}, c, v, acc[i][v]);
+    }
+  } else {
+    // GELU, a long sequence, walks the rows in a loop over a copy of acc (a loop over
+    // acc itself would index it by a variable, and keep it in memory in the k loop)
+    V::reg out[M][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
+    for (int i = 0; i < M; ++i) {
+      float* c = t.c_rows[i];
+#if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]
+#pragma GCC unroll 16
+#endif
+      for (int v = 0; v < NV; ++v) put(std::true_type{}, c, v, out[i][v]);
     }
   }
-  if (t.col_max)
+  if (col_max)
     for (int v = 0; v < NV; ++v) {
       if (!FullN && lanes[v] == 0) continue;
-      float* cm = t.col_max + v * W;
+      float* cm = col_max + v * W;
       if (FullN || lanes[v] == W) V::store(cm, V::max(cmax[v], V::load(cm)));
       else V::store(cm, V::max(cmax[v], V::load(cm, tails[v])), tails[v]);
     }
