@@ -184,7 +184,7 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc,
                        bool stream_b = false, const int* lim = nullptr, bool lim_cols = false,
-                       float* col_max = nullptr) {
+                       float* col_max = nullptr, const float* beta_rows = nullptr) {
   const int nr = kt.nr;
   // the most keys any of the queries [q0, q1) sees, within [0, bound]
   auto reach = [&](idx q0, idx q1, idx bound) {
@@ -218,6 +218,7 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
       t.bias = nullptr;
       t.stream_b = stream_b;
       t.col_max = col_max ? col_max + j0 : nullptr;
+      t.beta_rows = beta_rows ? beta_rows + i0 : nullptr;
       kt.gemm_tile(t);
     }
   }

@@ -59,7 +59,7 @@ struct Rows {
 // allocation raises in the caller (MemoryError) instead of terminating inside it.
 // m, l, lim and the packed Qᵀ hold one slot per row block of a task.
 struct TaskScratch {
-  AlignedBuffer st_buf, q_buf, m_buf, l_buf, bmax_buf;
+  AlignedBuffer st_buf, q_buf, m_buf, l_buf, bmax_buf, corr_buf;
   std::vector<int> lim_rel;
   std::vector<idx> lim;
   detail::FiniteRows finite_v;
@@ -71,6 +71,7 @@ struct TaskScratch {
     if (blk.bq > kFewRows) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
     m_buf.resize(blocks * bq_pad);
     bmax_buf.resize(bq_pad);
+    corr_buf.resize(bq_pad);
     l_buf.resize(blocks * bq_pad);
     lim_rel.resize(static_cast<size_t>(bq_pad));
     lim.resize(static_cast<size_t>(blocks * bq_pad));
@@ -132,6 +133,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       // the later ones rescale and accumulate
       const bool first = k0 == k_begin;
       const float beta = first ? 0.0f : 1.0f;
+      float* corr = first ? nullptr : sc.corr_buf.data();  // O's factors (Sᵀ path)
       int lim_min = static_cast<int>(nk);
       for (idx i = 0, n_slots = sc.slots(kt, nq); i < n_slots; ++i) {
         sc.lim_rel[i] = static_cast<int>(std::max<idx>(-1, std::min<idx>(u.lim[i] - k0, nk)));
@@ -157,9 +159,10 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         detail::block_gemm(kt, nk, nq, d, scale2, krow + k0 * ks, ks, 1, u.qt, true, 0, 0.0f, st, bq_pad, false,
                            ragged, true, bmax);
         kt.softmax_fwd(st, bq_pad, static_cast<int>(nk), static_cast<int>(nq), bias, sc.lim_rel.data(), u.m, u.l,
-                       first ? nullptr : u.o, u.o_rs, static_cast<int>(dv), bmax);
+                       corr, bmax);
       }
-      // O (nq × dv) += P (nq × nk) · V (nk × dv); V with its non-finite rows zeroed
+      // O (nq × dv) = corr·O + P (nq × nk) · V (nk × dv) (the rescale where a query's max
+      // moved joins the product's stores, Sᵀ's path); V with its non-finite rows zeroed
       // where the tile hides keys, Note [non-finite rows]
       const detail::TileMask mask{sc.lim_rel.data(), bias, nq, nk};
       const float* v_blk = vrow + k0 * vs;
@@ -169,7 +172,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
         kt.gemv(static_cast<int>(nq), nk, dv, st, p_rs, v_use, rs_v, u.o, u.o_rs, 1.0f, beta, nullptr, 0);
       else
         detail::block_gemm(kt, nq, dv, nk, 1.0f, st, p_rs, p_cs, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
-                           ragged, false);
+                           ragged, false, nullptr, corr);
       sc.finite_v.add_back(nq, dv, 1.0f, st, p_rs, p_cs, v_blk, vs, u.o, u.o_rs, mask, false);
     }
   }

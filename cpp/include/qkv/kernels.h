@@ -32,6 +32,7 @@ struct GemmTile {
   bool stream_b = false; // b is read once from memory: prefetch its rows ahead (Note [streaming prefetch])
   bool prefetch_c = false; // C's rows may lie outside L1: start their lines before the k loop
   float* col_max = nullptr; // (n,) or null: col_max[j] = max(col_max[j], C(i, j) for the tile's rows i)
+  const float* beta_rows = nullptr; // (m,) or null: row i's beta is beta_rows[i] (in place of beta)
 };
 
 // Additive bias rows for attention: bias(i, j) = ptr[i*rs + j*cs]; ptr null = none.
@@ -90,15 +91,15 @@ struct KernelTable {
   // (Sᵀ = K·Qᵀ·scale·log2(e)), so every step is vertical (lanes = queries, no
   // horizontal reductions). For query i and key j: s += bias(i, j)·log2(e); keys
   // j >= lim[i] are masked (-inf), and so are keys with bias -inf, even where s is NaN
-  // or +inf. m, l: running max (log2 units) and sum per query (in/out); o: (queries,
-  // dv) output accumulator with row stride ldo, rescaled by 2^(m_old - m_new) where the
-  // max moved; o null: nothing is accumulated yet (the first key block), no rescale.
+  // or +inf. m, l: running max (log2 units) and sum per query (in/out); corr (or null:
+  // the first key block, nothing accumulated yet): per query 2^(m_old - m_new), the
+  // factor of the output accumulated so far (the P·V product's beta_rows).
   // On return st holds Pᵀ = 2^(s - m_new) (0 where masked). lse = m·ln 2 + log(l).
   // lim, m and l have room for `queries` rounded up to the vector width.
   // block_max (or null): the per-query max over the block's keys, already known (the
   // score product's col_max, no bias and no mask): the max pass is skipped.
   void (*softmax_fwd)(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m,
-                      float* l, float* o, idx ldo, int dv, const float* block_max);
+                      float* l, float* corr, const float* block_max);
   // The same step on a block of a few queries' scores as rows (dot_rows' S, not Sᵀ):
   // s (queries, keys) with row stride ld >= keys rounded up to 16; lanes are keys (a
   // vertical step would use one lane of each vector). On return s holds P.

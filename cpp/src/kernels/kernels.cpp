@@ -162,15 +162,15 @@ void gemm_tile_m(const GemmTile& t) {
   // The epilogue: C = alpha·acc + bias (+ beta·C) (then GELU), the column maxima, the
   // stores. The tile's flags are read once into locals (C's stores could alias t).
   const V::reg alpha = V::set1(t.alpha);
-  const V::reg beta = V::set1(t.beta);
-  const bool has_beta = t.beta != 0.0f;
+  const float* const beta_rows = t.beta_rows;
+  const bool has_beta = beta_rows || t.beta != 0.0f;
   float* const col_max = t.col_max;
   V::reg biasv[NV];
   for (int v = 0; v < NV; ++v)
     biasv[v] = t.bias ? (lanes[v] == W ? V::load(t.bias + v * W) : V::load(t.bias + v * W, tails[v])) : V::zero();
   V::reg cmax[NV];
   for (int v = 0; v < NV; ++v) cmax[v] = V::set1(kNegInf);
-  auto put = [&](auto gelu, float* c, int v, V::reg a) {
+  auto put = [&](auto gelu, float* c, V::reg beta, int v, V::reg a) {
     if (!FullN && lanes[v] == 0) return;
     V::reg x = V::fmadd(a, alpha, biasv[v]);
     const bool full = FullN || lanes[v] == W;
@@ -185,10 +185,11 @@ void gemm_tile_m(const GemmTile& t) {
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
       float* c = t.c_rows[i];
+      const V::reg beta = V::set1(beta_rows ? beta_rows[i] : t.beta);
 #if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]: keeps biasv[v] right under ASan
 #pragma GCC unroll 16
 #endif
-      for (int v = 0; v < NV; ++v) put(std::false_type{}, c, v, acc[i][v]);
+      for (int v = 0; v < NV; ++v) put(std::false_type{}, c, beta, v, acc[i][v]);
     }
   } else {
     // GELU, a long sequence, walks the rows in a loop over a copy of acc (a loop over
@@ -199,10 +200,11 @@ void gemm_tile_m(const GemmTile& t) {
       for (int v = 0; v < NV; ++v) out[i][v] = acc[i][v];
     for (int i = 0; i < M; ++i) {
       float* c = t.c_rows[i];
+      const V::reg beta = V::set1(beta_rows ? beta_rows[i] : t.beta);
 #if !defined(QKV_ISA_SCALAR)  // Note [GCC 12 epilogue unroll]
 #pragma GCC unroll 16
 #endif
-      for (int v = 0; v < NV; ++v) put(std::true_type{}, c, v, out[i][v]);
+      for (int v = 0; v < NV; ++v) put(std::true_type{}, c, beta, v, out[i][v]);
     }
   }
   if (col_max)
@@ -819,14 +821,15 @@ inline void scale_row(float* o, idx n, float c) {
 }
 
 void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
-                 float* o, idx ldo, int dv, const float* block_max) {
+                 float* corr, const float* block_max) {
   constexpr int kMaxVecs = 256 / W + 1;  // queries per block <= 256
   const int nv = (queries + W - 1) / W;
   int lim_min = keys;
   for (int i = 0; i < queries; ++i) lim_min = imin(lim_min, lim[i]);
   const bool masked = lim_min < keys;
   const V::reg log2e = V::set1(static_cast<float>(kLog2e));  // the bias joins scores in log2 units
-  alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr[kMaxVecs * W];
+  alignas(64) float mx[kMaxVecs * W], lsum[kMaxVecs * W], corr_first[kMaxVecs * W];
+  float* cf = corr ? corr : corr_first;  // (the first block's factors rescale nothing)
   // pass 1 (unless block_max): bias, mask, per-query max over the keys of this block
   // (one vector of queries at a time, walking down the keys: the running max stays in
   // a register)
@@ -861,7 +864,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     const V::reg m_s = V::replace_below(m_new, -3.0e38f, m_new, 0.0f);
     V::store(m + v * W, m_new);
     V::store(msafe + v * W, m_s);
-    V::store(corr + v * W, exp2_nonpos_v(V::sub(m_old, m_s)));
+    V::store(cf + v * W, exp2_nonpos_v(V::sub(m_old, m_s)));
   }
   // pass 2: P = 2^(s - m), column sums (again a vector of queries at a time)
   for (int v = 0; v < nv; ++v) {
@@ -876,10 +879,7 @@ void softmax_fwd(float* st, idx ld, int keys, int queries, BiasView bias, const 
     V::store(lsum + v * W, ls);
   }
   for (int v = 0; v < nv; ++v)
-    V::store(l + v * W, V::fmadd(V::load(l + v * W), V::load(corr + v * W), V::load(lsum + v * W)));
-  if (o)
-    for (int i = 0; i < queries; ++i)
-      if (corr[i] != 1.0f) scale_row(o + i * ldo, dv, corr[i]);
+    V::store(l + v * W, V::fmadd(V::load(l + v * W), V::load(cf + v * W), V::load(lsum + v * W)));
 }
 
 void softmax_fwd_rows(float* s, idx ld, int keys, int queries, BiasView bias, const int* lim, float* m, float* l,
