@@ -246,6 +246,21 @@ def test_table_shows_every_group_and_a_winner(tiny_report):
     assert all(line.count("*") == 1 for line in rows)
 
 
+def test_gemm_like_tables_show_the_ratio_at_peak(tiny_report):
+    # "peak vs numpy": NumPy's median over the time of the FLOPs at the probed peak
+    text = bench.format_report(tiny_report)
+    peak = tiny_report["peak_gflops"]["1"]
+    for group in ("gemm", "projection", "projection_backward"):
+        assert bench.OPS[group].ceiling
+        (numpy,) = results_of(tiny_report, group=group, impl="numpy")
+        expected = f"{numpy['median_s'] * peak / (numpy['flops'] / 1e9):.2f}x"
+        title = text.index(bench.OPS[group].title)
+        header, row = text[title:].splitlines()[1:3]
+        assert header.endswith("peak vs numpy") and row.endswith(expected), (header, row)
+    title = text.index(bench.OPS["attention"].title)
+    assert "peak vs numpy" not in text[title:].splitlines()[1]
+
+
 def test_a_busy_machine_is_reported(tiny_report):
     busy = dict(tiny_report, loadavg={"start": 3.0, "end": 3.0},
                 results=[dict(r, peak_fraction=1.5) for r in tiny_report["results"][:1]])

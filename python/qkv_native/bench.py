@@ -328,6 +328,10 @@ class Op:
     # Float64 twin of the canonical output, used when flops <= reference_max_flops.
     reference: Optional[Callable[[Dict[str, np.ndarray], Mapping[str, Any]], Tuple[np.ndarray, ...]]] = None
     reference_max_flops: float = 0.0
+    # Compute-bound groups where NumPy runs near the peak: the table also shows "peak vs
+    # numpy", NumPy's median over the time of the case's FLOPs at the probed FMA peak, the
+    # ratio to NumPy that an implementation at 100% of the peak would reach.
+    ceiling: bool = False
 
 
 @dataclass
@@ -411,6 +415,7 @@ GEMM = Op(
     },
     reference=lambda i, p: (ref.matmul(i["a"], i["b"]),),
     reference_max_flops=5e9,
+    ceiling=True,
 )
 
 
@@ -557,6 +562,7 @@ PROJECTION = Op(
     },
     reference=_projection_reference,
     reference_max_flops=5e9,
+    ceiling=True,
 )
 
 
@@ -610,6 +616,7 @@ PROJECTION_BACKWARD = Op(
     },
     reference=_projection_backward_reference,
     reference_max_flops=5e9,
+    ceiling=True,
 )
 
 
@@ -1801,7 +1808,8 @@ def format_report(report: Dict[str, Any]) -> str:
         "time: median ms, ± half the interquartile range in % of it, implementations taking turns; * = fastest",
         "GF/s, %peak: qkv_native's; GB/s: bytes read from memory per second; %bw: against a plain read of as many "
         "bytes taking the same turns; "
-        "vs X: X's median / qkv_native's (>1: qkv_native is faster)",
+        "vs X: X's median / qkv_native's (>1: qkv_native is faster); peak vs numpy: NumPy's median / the "
+        "time of the FLOPs at the FMA peak (the most any implementation could reach against NumPy)",
         "same thread count on every side (qkv_native, torch, NumPy's BLAS, ONNX Runtime intra-op); "
         f"first outputs checked (rtol {report['rtol']:g}) before timing",
     ]
@@ -1816,8 +1824,10 @@ def format_report(report: Dict[str, Any]) -> str:
             others = [i for i in impls if i != "qkv_native"]
             items = OPS[group].items if group in OPS else None
             mem = any("bytes" in r for r in in_group)
+            ceiling = group in OPS and OPS[group].ceiling and "numpy" in others
             table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["GB/s", "%bw"] if mem else []),
-                      *(["rate"] if items else []), *[f"vs {b}" for b in others]]]
+                      *(["rate"] if items else []), *[f"vs {b}" for b in others],
+                      *(["peak vs numpy"] if ceiling else [])]]
             for case in dict.fromkeys(r["case"] for r in in_group):
                 by_impl = {r["impl"]: r for r in in_group if r["case"] == case}
                 ok = {i: by_impl[i]["median_s"] for i in impls if by_impl[i]["status"] == "ok"}
@@ -1834,6 +1844,8 @@ def format_report(report: Dict[str, Any]) -> str:
                        if mem else [])
                     + ([_rate(items(native["shape"]), mine)] if items else [])
                     + [f"{ok[b] / mine:.2f}x" if mine and b in ok else "-" for b in others]
+                    + ([f"{ok['numpy'] * peak / (native['flops'] / 1e9):.2f}x"
+                        if "numpy" in ok and peak > 0 and native["flops"] > 0 else "-"] if ceiling else [])
                 )
                 errors += [f"{r['impl']} on {group} {case}: {r['note']}" for r in by_impl.values()
                            if r["status"] == "error"]
