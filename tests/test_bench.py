@@ -261,6 +261,28 @@ def test_gemm_like_tables_show_the_ratio_at_peak(tiny_report):
     assert "peak vs numpy" not in text[title:].splitlines()[1]
 
 
+def test_compute_bound_cases_time_the_fma_probe_in_the_same_turns(tiny_report):
+    # Note [same-turn probe]: %probe is qkv_native's GFLOP/s over the probe's rate in its turns
+    native = [r for r in results_of(tiny_report, impl="qkv_native") if r["status"] == "ok"]
+    probed = [r for r in native if "bytes" not in r]
+    assert probed and all(r["probe_gflops"] > 0 for r in probed)
+    assert all(r["probe_fraction"] == pytest.approx(r["gflops"] / r["probe_gflops"]) for r in probed)
+    # memory-bound cases are compared with a plain read instead
+    assert not any("probe_gflops" in r for r in native if "bytes" in r)
+    # one probe per case: every implementation's result records the same rate
+    for r in probed:
+        others = [o for o in tiny_report["results"] if o["case"] == r["case"] and o["group"] == r["group"]
+                  and o["status"] == "ok"]
+        assert {o["probe_gflops"] for o in others} == {r["probe_gflops"]}
+    text = bench.format_report(tiny_report)
+    title = text.index(bench.OPS["attention"].title)
+    header, row = text[title:].splitlines()[1:3]
+    columns = header.split()
+    assert "%probe" in columns
+    (first,) = [r for r in probed if r["group"] == "attention" and r["case"] == row.split("  ")[0].strip()]
+    assert f"{100 * first['probe_fraction']:.0f}%" in row.split()
+
+
 def test_a_busy_machine_is_reported(tiny_report):
     busy = dict(tiny_report, loadavg={"start": 3.0, "end": 3.0},
                 results=[dict(r, peak_fraction=1.5) for r in tiny_report["results"][:1]])

@@ -89,6 +89,8 @@ NUMPY_SCORES_MAX_BYTES = 1.5e9
 SETTLE_S = 0.12
 #: The turn-taker that reads a memory-bound case's bytes (Note [same-turn read]).
 _READ = "(plain read)"
+#: The turn-taker that runs the FMA probe beside a compute-bound case (Note [same-turn probe]).
+_PROBE = "(fma probe)"
 #: Relative tolerance of the output check: max|got - want| <= RTOL · max|want|.
 RTOL = 1e-3
 #: Environment variables that slow NumPy's OpenBLAS on this kind of machine.
@@ -1587,10 +1589,23 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
     if nbytes and runners:
         buf = np.ones(int(nbytes) // 4, np.float32)
         fns[_READ] = lambda: _core.stream_read(buf)
+    # Note [same-turn probe]
+    # The FMA rate moves as well: the cores' clocks follow the load on the shared host
+    # (1-thread probes read 255-287 GFLOP/s across this machine's full runs, and a run's
+    # best probe can come from a faster spell than its cases). So a compute-bound case
+    # also runs the FMA probe as one more turn-taker, in calls about as long as
+    # qkv_native's (5-50 ms): %probe is qkv_native's GFLOP/s over the probe's median rate
+    # in the same turns. %peak stays against the run's best probe.
+    probe_rates: List[float] = []
+    if not nbytes and "qkv_native" in runners:
+        probe_s = min(max(first_s["qkv_native"], 0.005), 0.05)
+        fns[_PROBE] = lambda: probe_rates.append(float(_core.fma_probe(probe_s)))
     timed = measure(fns, budget, first_s)
     runners.clear()  # free sessions, graphs and saved forward state
     read = timed.pop(_READ, None)
     read_gbps = nbytes / statistics.median(read) / 1e9 if isinstance(read, list) and read else None
+    timed.pop(_PROBE, None)
+    probe_gflops = statistics.median(probe_rates) if probe_rates else None
     for impl, times in timed.items():
         result = results[impl]
         if not isinstance(times, list):
@@ -1599,6 +1614,9 @@ def _run_case(case: Case, impls: Sequence[str], ctx: Context, budget: Budget,
         result["times_s"] = times
         result.update(_stats(times))
         result["gflops"] = case.flops / result["median_s"] / 1e9
+        if probe_gflops:
+            result["probe_gflops"] = probe_gflops
+            result["probe_fraction"] = result["gflops"] / probe_gflops
         if result.get("bytes"):
             result["gbps"] = result["bytes"] / result["median_s"] / 1e9
             if read_gbps:
@@ -1806,7 +1824,8 @@ def format_report(report: Dict[str, Any]) -> str:
     lines += report["notes"]
     lines += [
         "time: median ms, ± half the interquartile range in % of it, implementations taking turns; * = fastest",
-        "GF/s, %peak: qkv_native's; GB/s: bytes read from memory per second; %bw: against a plain read of as many "
+        "GF/s, %peak: qkv_native's (%peak against the run's best FMA probe, %probe against the probe "
+        "timed in the same turns); GB/s: bytes read from memory per second; %bw: against a plain read of as many "
         "bytes taking the same turns; "
         "vs X: X's median / qkv_native's (>1: qkv_native is faster); peak vs numpy: NumPy's median / the "
         "time of the FLOPs at the FMA peak (the most any implementation could reach against NumPy)",
@@ -1824,8 +1843,10 @@ def format_report(report: Dict[str, Any]) -> str:
             others = [i for i in impls if i != "qkv_native"]
             items = OPS[group].items if group in OPS else None
             mem = any("bytes" in r for r in in_group)
+            probed = any("probe_fraction" in r for r in in_group)
             ceiling = group in OPS and OPS[group].ceiling and "numpy" in others
-            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["GB/s", "%bw"] if mem else []),
+            table = [["case", "GFLOP", *impls, "GF/s", "%peak", *(["%probe"] if probed else []),
+                      *(["GB/s", "%bw"] if mem else []),
                       *(["rate"] if items else []), *[f"vs {b}" for b in others],
                       *(["peak vs numpy"] if ceiling else [])]]
             for case in dict.fromkeys(r["case"] for r in in_group):
@@ -1839,6 +1860,8 @@ def format_report(report: Dict[str, Any]) -> str:
                     + [_cell(by_impl[i], i == best) for i in impls]
                     + [f"{native['gflops']:.1f}" if mine else "-",
                        f"{100 * native['peak_fraction']:.0f}%" if mine and native.get("peak_fraction") else "-"]
+                    + ([f"{100 * native['probe_fraction']:.0f}%" if mine and "probe_fraction" in native else "-"]
+                       if probed else [])
                     + ([f"{native['gbps']:.1f}" if mine and "gbps" in native else "-",
                         f"{100 * native['bw_fraction']:.0f}%" if mine and native.get("bw_fraction") else "-"]
                        if mem else [])
