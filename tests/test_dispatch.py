@@ -40,9 +40,20 @@ def result_of(proc):
 # ----------------------------------------------------------------------------
 
 
+def test_gemm_kc_is_at_most_256_on_intel():
+    # Note [kc on Intel]: the B micro-panel stays in L1 there; the variant's own kc elsewhere
+    intel = qn.cpu_info()["vendor"] == "GenuineIntel"
+    for isa in qn.supported_isas():
+        with qn.use_isa(isa):
+            kc = qn.cpu_info()["gemm_kc"]
+        assert isinstance(kc, int) and kc >= 64, (isa, kc)
+        if intel:
+            assert kc <= 256, (isa, kc)
+
+
 def test_cpu_info_keys_and_types():
     info = qn.cpu_info()
-    assert {"vendor", "brand", "family", "gemv_prefetch", "features", "supported_isas", "isa", "num_threads"} <= set(info)
+    assert {"vendor", "brand", "family", "gemv_prefetch", "gemm_kc", "features", "supported_isas", "isa", "num_threads"} <= set(info)
     assert isinstance(info["vendor"], str) and isinstance(info["brand"], str)
     assert isinstance(info["family"], int) and isinstance(info["gemv_prefetch"], bool)
     assert isinstance(info["features"], dict) and info["features"]

@@ -26,6 +26,13 @@ constexpr int MR_ROWS = 14;               // 14 x 32: 28 accumulators, 2 for B (
 // 2304) -1 to -4%. Then against KC 768 (one block up to 1024): the encoder's second
 // feed-forward GEMM (M, 1536, 384) +2-5% on 1 and 2 threads (one pass over C, not two),
 // dY·Wᵀ (4096, 1152, 384) +6% on 1 thread, Xᵀ·dY within noise; encoder +1.5% on 1 thread
+// Note [kc on Intel]: gemm_kc() (dispatch.cpp) caps it at 256 on Intel, where the
+// micro-panel of B (kc × 32 floats, 32 KiB at 256) must stay in L1 beside A's panel.
+// One process, KC 1152 / 256 taking turns with NumPy and torch, Xeon Ice Lake (2.8 GHz,
+// 48 KiB L1d, 1.25 MiB L2), GFLOP/s on 1 thread: (2048, 768, 2304) 110-118 -> 125-131,
+// (8192, 1024, 3072) 112-121 -> 129-134, (800, 1536, 384) 114 -> 121, (800, 384, 1536)
+// 112 -> 119, (4096, 384, 1152) 126-129 -> 120-127; 2 threads (8192, 1024, 3072) 205-238 ->
+// 237-250, (2048, 768, 2304) 213-217 -> 194-226 (noisy)
 constexpr int KC = 1152, MC = 96, NC = 2048;
 #elif defined(QKV_ISA_AVX2)
 constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
