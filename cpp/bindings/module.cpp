@@ -965,7 +965,7 @@ py::dict cpu_info() {
   d["brand"] = f.brand;
   d["family"] = f.family;
   d["gemv_prefetch"] = qkv::gemv_prefetch();
-  d["gemm_kc"] = qkv::gemm_kc(qkv::kernels());  // the active variant's K block on this CPU
+  d["gemm_kc"] = qkv::kernels().kc;  // the active variant's K block on this CPU
   py::dict feats;
   feats["avx2"] = f.avx2;
   feats["fma"] = f.fma;

@@ -1,7 +1,6 @@
 // CPU detection (CPUID + XCR0) and the choice of kernel table, made once.
 #include "qkv/dispatch.h"
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -103,10 +102,6 @@ bool gemv_prefetch() {
     return cpu_features().vendor == "AuthenticAMD" && cpu_features().family == 0x19;
   }();
   return on;
-}
-
-int gemm_kc(const KernelTable& kt) {
-  return cpu_features().vendor == "GenuineIntel" ? std::min(kt.kc, 256) : kt.kc;
 }
 
 std::vector<std::string> supported_isas() {

@@ -1,7 +1,7 @@
 // The packed SGEMM driver: the five BLIS loops around the ISA micro-tile.
 //
 //   for jc in N step nc:                 B panel (kc × nc) packed once, shared (L3)
-//     for pc in K step kc:               (kc: gemm_kc(), the table's or less)
+//     for pc in K step kc:
 //       for ic in M step mc (threads):   A block (mc × kc) packed per thread (L2)
 //         for jr in nc step nr:          B micro-panel (kc × nr) (L1)
 //           for ir in mc step mr:        micro-tile mr × nr, kc rank-1 updates
@@ -9,8 +9,6 @@
 // Threads split ic (M) and, when M has fewer blocks than threads, jr (N); never K.
 // A B packed beforehand (Note [packed weights]) skips the packing of B.
 #include "qkv/gemm.h"
-
-#include "qkv/dispatch.h"
 
 #include <omp.h>
 
@@ -395,9 +393,9 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
     // C = beta·C + bias, no product to form. Uses a zero-length micro-tile pass.
     K = 0;
   }
-  // K in one block up to 4/3 of the kc for this CPU (one pass over C), else in equal
+  // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
   // blocks of at most that; M and N blocks as the kernel table says.
-  const idx n_kb = ceil_div(std::max<idx>(K, 1), gemm_kc(kt) * 4 / 3);
+  const idx n_kb = ceil_div(std::max<idx>(K, 1), kt.kc * 4 / 3);
   const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
   const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
   const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);

@@ -18,9 +18,6 @@ const CpuFeatures& cpu_features();
 // software, Note [streaming prefetch] in cpp/src/kernels/kernels.cpp: on AMD family
 // 19h; QKV_NATIVE_GEMV_PREFETCH=0 or 1 overrides (read once).
 bool gemv_prefetch();
-// The GEMM's K block on this CPU: the table's kc, at most 256 on Intel (Note [kc on
-// Intel] in cpp/src/kernels/kernels.cpp).
-int gemm_kc(const KernelTable& kt);
 // Names of the variants compiled into this module and runnable on this CPU, best last.
 std::vector<std::string> supported_isas();
 // The table for a named variant; throws std::invalid_argument if unknown or unsupported.

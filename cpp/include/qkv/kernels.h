@@ -65,7 +65,7 @@ struct KernelTable {
   int mr;              // GEMM micro-tile rows (at most; A read down its columns: packed panels)
   int mr_rows;         // rows at most when A is read along its rows (cs_a = 1): >= mr
   int nr;              // micro-tile columns
-  int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr)
+  int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr; kc for this CPU)
   void (*gemm_tile)(const GemmTile& t);
   // A panel of m <= width rows of a row-major matrix (row step lda), transposed:
   // dst[p*width + i] = a[i*lda + p] for p < k, rows m..width-1 zero (AVX-512: 16 x 16

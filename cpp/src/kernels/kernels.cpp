@@ -26,7 +26,7 @@ constexpr int MR_ROWS = 14;               // 14 x 32: 28 accumulators, 2 for B (
 // 2304) -1 to -4%. Then against KC 768 (one block up to 1024): the encoder's second
 // feed-forward GEMM (M, 1536, 384) +2-5% on 1 and 2 threads (one pass over C, not two),
 // dY·Wᵀ (4096, 1152, 384) +6% on 1 thread, Xᵀ·dY within noise; encoder +1.5% on 1 thread
-// Note [kc on Intel]: gemm_kc() (dispatch.cpp) caps it at 256 on Intel, where the
+// Note [kc on Intel]: the table's kc is at most 256 on Intel (kc_for_cpu), where the
 // micro-panel of B (kc × 32 floats, 32 KiB at 256) must stay in L1 beside A's panel.
 // One process, KC 1152 / 256 taking turns with NumPy and torch, Xeon Ice Lake (2.8 GHz,
 // 48 KiB L1d, 1.25 MiB L2), GFLOP/s on 1 thread: (2048, 768, 2304) 110-118 -> 125-131,
@@ -1129,6 +1129,9 @@ float read_probe(const float* x, idx n) {
   return sum;
 }
 
+// KC, or less where the core needs it (Note [kc on Intel])
+int kc_for_cpu() { return cpu_features().vendor == "GenuineIntel" ? imin(KC, 256) : KC; }
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -1140,7 +1143,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, MR_ROWS, NR, KC, MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_fwd_rows, softmax_bwd_p, softmax_bwd_ds,
+      MR, MR_ROWS, NR, kc_for_cpu(), MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_fwd_rows, softmax_bwd_p, softmax_bwd_ds,
       scale_rows, all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
