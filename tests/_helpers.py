@@ -52,6 +52,20 @@ def randn(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def at_line_offset(x, off):
+    """A float32 copy of x whose data starts `off` floats past a 64-byte cache line.
+
+    NumPy's own large arrays start 16 bytes into a line (off = 4); see Note
+    [misaligned operands] in cpp/include/qkv/kernels.h.
+    """
+    buf = np.empty(x.size + 32, np.float32)
+    start = (-(buf.ctypes.data // 4)) % 16 + off
+    y = buf[start : start + x.size].reshape(x.shape)
+    assert y.ctypes.data % 64 == 4 * off
+    y[...] = x
+    return y
+
+
 def assert_within(got, want, bound, name="result"):
     """|got - want| <= bound elementwise; non-finite entries must agree exactly.
 

@@ -14,6 +14,7 @@ from qkv_native import reference as ref
 from _helpers import (
     ATTENTION_CASES,
     assert_within,
+    at_line_offset,
     attention_forward_bounds,
     make_attention_case,
     randn,
@@ -281,3 +282,28 @@ def test_key_padding_contents_are_ignored(isa, rng):
         o2, lse2 = qn.attention(q, k_pad, v_pad, key_lengths=key_lengths, causal=causal, return_lse=True)
         np.testing.assert_array_equal(o2, o)
         np.testing.assert_array_equal(lse2, lse)
+
+
+@pytest.mark.parametrize("d,dv", [(64, 64), (24, 40)])
+def test_operands_off_cache_lines(isa, rng, d, dv):
+    """Note [misaligned operands]: V's blocks are copied into whole cache lines when its
+    rows start off them; every offset of q, k, v and out gives the same bits, across key
+    blocks, causal, and non-finite V rows hidden by key_lengths."""
+    batch, heads, seq_q, seq_k = 2, 2, 37, 700
+    q, k, v = randn(rng, batch, heads, seq_q, d), randn(rng, batch, heads, seq_k, d), randn(rng, batch, heads, seq_k, dv)
+    key_lengths = np.array([700, 650])
+    v_pad = v.copy()
+    v_pad[1, :, 650:] = np.nan
+    for causal in (False, True):
+        first = None
+        for off in (0, 4, 15):
+            out = at_line_offset(np.full((batch, heads, seq_q, dv), np.nan, np.float32), off)
+            args = (at_line_offset(q, off), at_line_offset(k, off), at_line_offset(v_pad, off))
+            o, lse = qn.attention(*args, causal=causal, key_lengths=key_lengths, return_lse=True, out=out)
+            assert o is out
+            if first is None:
+                check(o, lse, q, k, v, dict(causal=causal, key_lengths=key_lengths))
+                first = (o.copy(), lse)
+            else:
+                np.testing.assert_array_equal(o, first[0], err_msg=f"offset {off}")
+                np.testing.assert_array_equal(lse, first[1], err_msg=f"offset {off}")

@@ -12,7 +12,7 @@ import pytest
 import qkv_native as qn
 from qkv_native import reference as ref
 
-from _helpers import assert_within, gemm_bound, randn, rounding
+from _helpers import assert_within, at_line_offset, gemm_bound, randn, rounding
 
 # (m, n, k)
 SHAPES = [
@@ -286,3 +286,22 @@ def test_bit_identical_across_thread_counts(isa, rng, restore_threads):
             results.append(qn.matmul(a, b))
         for r in results[1:]:
             np.testing.assert_array_equal(r, results[0])
+
+
+# Note [misaligned operands]: the few-row path starts its column strips on B's cache
+# lines when B's rows all start alike (a row step of whole lines: ldb 112, 32, 80), and
+# the micro-tiles prefetch every line of C's rows. Each element is the same sum in the
+# same order whatever strip it falls in, so every offset gives the same bits.
+@pytest.mark.parametrize("m,n,k,ldb", [(13, 97, 40, 112), (5, 20, 7, 32), (40, 70, 33, 70), (200, 70, 300, 80)])
+def test_operands_off_cache_lines(isa, rng, m, n, k, ldb):
+    a, b = randn(rng, m, k), randn(rng, k, ldb)
+    first = None
+    for off in (0, 1, 4, 15):
+        a_off, b_off = at_line_offset(a, off), at_line_offset(b, off)[:, :n]
+        out = at_line_offset(np.full((m, n), np.nan, np.float32), off)
+        assert qn.matmul(a_off, b_off, out=out) is out
+        if first is None:
+            check(out, a, b[:, :n])
+            first = out.copy()
+        else:
+            np.testing.assert_array_equal(out, first, err_msg=f"offset {off}")

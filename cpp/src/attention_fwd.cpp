@@ -59,7 +59,7 @@ struct Rows {
 // allocation raises in the caller (MemoryError) instead of terminating inside it.
 // m, l, lim and the packed Qᵀ hold one slot per row block of a task.
 struct TaskScratch {
-  AlignedBuffer st_buf, q_buf, m_buf, l_buf, bmax_buf, corr_buf;
+  AlignedBuffer st_buf, q_buf, m_buf, l_buf, bmax_buf, corr_buf, v_buf;
   std::vector<int> lim_rel;
   std::vector<idx> lim;
   detail::FiniteRows finite_v;
@@ -68,7 +68,10 @@ struct TaskScratch {
   TaskScratch(const KernelTable& kt, const detail::Blocks& blk, idx blocks, idx d, idx dv)
       : finite_v(blk.bk, dv), rows(static_cast<size_t>(blocks)), bq_pad(ceil_div(blk.bq, kt.nr) * kt.nr), qpanel(bq_pad * std::max<idx>(d, 1)) {
     st_buf.resize(std::max(blk.bk * bq_pad, kFewRows * few_ld(blk.bk)));
-    if (blk.bq > kFewRows) q_buf.resize(blocks * qpanel);  // the few-rows path reads Q in place
+    if (blk.bq > kFewRows) {  // the few-rows path reads Q and V in place
+      q_buf.resize(blocks * qpanel);
+      v_buf.resize(blk.bk * v_ld(dv));
+    }
     m_buf.resize(blocks * bq_pad);
     bmax_buf.resize(bq_pad);
     corr_buf.resize(bq_pad);
@@ -78,6 +81,8 @@ struct TaskScratch {
   }
   // Row stride of a few rows' scores S over nk keys (softmax_fwd_rows: whole vectors)
   static idx few_ld(idx nk) { return ceil_div(nk, kLineFloats) * kLineFloats; }
+  // Row stride of v_buf, V's block copied into whole lines
+  static idx v_ld(idx dv) { return ceil_div(dv, kLineFloats) * kLineFloats; }
   // The row slots the kernels read for n rows (softmax_fwd: whole vectors of queries,
   // n rounded up to at most nr): a short sequence in a packed batch (bq 96) sets up
   // and masks 32 slots, not 96.
@@ -124,7 +129,21 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
   float* st = sc.st_buf.data();
   idx kmax = 0;
   for (idx s = 0; s < n_rows; ++s) kmax = std::max(kmax, rows[s].kmax);
+  // Note [misaligned operands]: V's blocks are copied into whole lines (v_buf) when its
+  // rows do not start on lines, once per key block for every row block that takes the
+  // P·V micro-tiles (the few-row path streams V once: a copy would read it twice)
+  bool tiles = false;
+  for (idx s = 0; s < n_rows; ++s) tiles = tiles || !rows[s].few;
+  const bool copy_v = tiles && sc.v_buf.size() > 0 && !detail::on_lines(vrow, vs);
   for (idx k0 = k_begin; k0 < kmax; k0 += blk.bk) {
+    const float* v_blk = vrow + k0 * vs;
+    idx v_rs = vs;
+    if (copy_v) {
+      const idx nk = std::min<idx>(blk.bk, kmax - k0);
+      v_rs = TaskScratch::v_ld(dv);
+      kt.copy_rows(nk, static_cast<int>(dv), v_blk, vs, sc.v_buf.data(), v_rs, static_cast<int>(v_rs));
+      v_blk = sc.v_buf.data();
+    }
     for (idx s = 0; s < n_rows; ++s) {
       const Rows& u = rows[s];
       if (k0 >= u.kmax) continue;
@@ -165,15 +184,14 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
       // moved joins the product's stores, Sᵀ's path); V with its non-finite rows zeroed
       // where the tile hides keys, Note [non-finite rows]
       const detail::TileMask mask{sc.lim_rel.data(), bias, nq, nk};
-      const float* v_blk = vrow + k0 * vs;
       idx rs_v = 0;
-      const float* v_use = sc.finite_v.finite(kt, mask.any_hidden(), v_blk, vs, nk, dv, &rs_v);
+      const float* v_use = sc.finite_v.finite(kt, mask.any_hidden(), v_blk, v_rs, nk, dv, &rs_v);
       if (u.few)  // one streaming pass over V for all the rows (Note [streaming prefetch])
         kt.gemv(static_cast<int>(nq), nk, dv, st, p_rs, v_use, rs_v, u.o, u.o_rs, 1.0f, beta, nullptr, 0);
       else
         detail::block_gemm(kt, nq, dv, nk, 1.0f, st, p_rs, p_cs, v_use, false, rs_v, beta, u.o, u.o_rs, stream_v,
                            ragged, false, nullptr, corr);
-      sc.finite_v.add_back(nq, dv, 1.0f, st, p_rs, p_cs, v_blk, vs, u.o, u.o_rs, mask, false);
+      sc.finite_v.add_back(nq, dv, 1.0f, st, p_rs, p_cs, v_blk, v_rs, u.o, u.o_rs, mask, false);
     }
   }
 }

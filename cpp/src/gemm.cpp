@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <vector>
 
@@ -298,7 +299,16 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     }
     return;
   }
-  const idx n_strips = ceil_div(N, nr);
+  // Note [misaligned operands]: strip s is the columns [s·nr - shift, (s+1)·nr - shift)
+  // (clipped to [0, N)), so that every strip but the first starts on a cache line of B
+  // wherever B's rows start on lines alike (a row step of whole lines)
+  idx shift = 0;
+  if (!B.packed) {
+    idx rs, len;
+    const auto at = reinterpret_cast<std::uintptr_t>(B.run(0, &rs, &len));
+    if (rs % kLineFloats == 0 && at % sizeof(float) == 0) shift = static_cast<idx>(at % 64 / sizeof(float));
+  }
+  const idx n_strips = ceil_div(N + shift, nr);
   // Few rows are bound by streaming B, and a second thread adds bandwidth: count
   // B's bytes as work too (a 384 × 1536 weight gets both threads even for one row).
   const double work = std::max(2.0 * M * N * K, 8.0 * static_cast<double>(N) * K);
@@ -316,8 +326,8 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
 #pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx strip = 0; strip < n_strips; ++strip) {
     float* rows[64];
-    const idx j_end = std::min<idx>(N, (strip + 1) * nr);
-    idx j = strip * nr;
+    const idx j_end = std::min<idx>(N, (strip + 1) * nr - shift);
+    idx j = std::max<idx>(0, strip * nr - shift);
     while (j < j_end) {  // pieces of the strip within one segment of B and of C
       idx rs_b, len;
       const float* bp = B.run(j, &rs_b, &len);

@@ -82,6 +82,12 @@ template <int Locality = 1>
 inline void prefetch_row(const float* row, idx rows_ahead, idx stride, idx n) {
   for (idx i = 0; i < n; i += kLineFloats) prefetch_ahead<Locality>(row + i, rows_ahead * stride);
 }
+// Prefetches for writing every cache line that x[0..n) touches (n >= 1).
+inline void prefetch_lines(const float* x, idx n) {
+  const std::uintptr_t first = reinterpret_cast<std::uintptr_t>(x) & ~std::uintptr_t{63};
+  const std::uintptr_t last = reinterpret_cast<std::uintptr_t>(x + (n - 1));
+  for (std::uintptr_t line = first; line <= last; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+}
 inline float fmaxf_(float a, float b) { return a > b ? a : b; }
 constexpr float kNegInf = -__builtin_inff();
 
@@ -136,10 +142,11 @@ void gemm_tile_m(const GemmTile& t) {
   // of the tile's row, not only its first: out-projection (4259, 384, 384) with the
   // residual read, 1 thread, +3.5-6.5%; plain GEMMs +0.4-2.4%). Not for attention's
   // tiles, whose C (a score block, an O block) is in L1: there the prefetches cost 2-3%
-  // of a d = 64-128 forward (one process, taking turns, Zen 5).
+  // of a d = 64-128 forward (one process, taking turns, Zen 5). Every line the row
+  // touches: a NumPy array starts 16 bytes into a line, and so do its rows of 32k
+  // floats, which then span a line more than n / 16 (Note [misaligned operands]).
   if (t.prefetch_c)
-    for (int i = 0; i < M; ++i)
-      for (int v = 0; v < t.n; v += kLineFloats) __builtin_prefetch(t.c_rows[i] + v, 1, 3);
+    for (int i = 0; i < M; ++i) prefetch_lines(t.c_rows[i], t.n);
   // Row-contiguous A (row i at a + i·rs_a) is reached from one pointer per three rows,
   // row 3g + r at ag[g] + r·rs_a (base + index·scale addressing): the loop needs
   // M/3 + 2 registers for A instead of M (12 row pointers beside the loop's others
