@@ -2,7 +2,6 @@
 #pragma once
 #include <algorithm>
 #include <cassert>
-#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -170,11 +169,6 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
   prefetch_rows(src + j0 * ss, ss, n, dim);
   for (idx p0 = 0; p0 < n; p0 += nr)
     kt.pack_a(static_cast<int>(std::min<idx>(nr, n - p0)), dim, src + (j0 + p0) * ss, ss, dst + (p0 / nr) * dim * nr, nr);
-}
-
-// Whether rows at x, row step rs (floats), all start on cache lines (Note [misaligned operands])
-inline bool on_lines(const float* x, idx rs) {
-  return reinterpret_cast<std::uintptr_t>(x) % (kLineFloats * sizeof(float)) == 0 && rs % kLineFloats == 0;
 }
 
 // c(m×n) (+)= alpha · a(m×k) · b(k×n) over micro-tiles, for the small products

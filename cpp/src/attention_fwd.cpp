@@ -134,7 +134,7 @@ void stream_keys(const KernelTable& kt, const detail::Blocks& blk, const float* 
   // P·V micro-tiles (the few-row path streams V once: a copy would read it twice)
   bool tiles = false;
   for (idx s = 0; s < n_rows; ++s) tiles = tiles || !rows[s].few;
-  const bool copy_v = tiles && sc.v_buf.size() > 0 && !detail::on_lines(vrow, vs);
+  const bool copy_v = tiles && sc.v_buf.size() > 0 && !on_lines(vrow, vs);
   for (idx k0 = k_begin; k0 < kmax; k0 += blk.bk) {
     const float* v_blk = vrow + k0 * vs;
     idx v_rs = vs;
