@@ -15,9 +15,10 @@ constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
 // touches two lines (a split load, two of the core's load slots), and a row of n floats
 // spans one line more than n / 16. The micro-tiles stream their vector operand (B) from
 // it k times per tile, so the drivers give them whole lines: the few-row GEMM starts
-// its column strips on B's lines (gemm_small_m), attention forward copies each V block
-// into lines once for all the row blocks of its task (stream_keys), and the tiles
-// prefetch every line C's rows touch. Packed operands (AlignedBuffer) start on lines.
+// its column strips on B's lines, or copies a strip into lines where four or more row
+// tiles read it (gemm_small_m); attention forward copies each V block into lines once
+// for all the row blocks of its task (stream_keys); the tiles prefetch every line C's
+// rows touch. Packed operands (AlignedBuffer) start on lines.
 // One process, old and new taking turns, NumPy arrays, Ice Lake, GFLOP/s on 1 thread:
 // matmul (128, 384, 1152) 83 -> 120, (64, 1024, 4096) 37 -> 51; attention forward (4, 16,
 // 1024, 64) 85 -> 98, (8, 12, 512, 64) 80 -> 83, (1, 16, 2048, 64, causal) 71 -> 76,
