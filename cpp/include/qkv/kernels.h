@@ -24,10 +24,12 @@ constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
 // 1024, 64) 85 -> 98, (8, 12, 512, 64) 80 -> 83, (1, 16, 2048, 64, causal) 71 -> 76,
 // (1, 8, 4096, 128, causal) 91 -> 97; large GEMMs with C's last lines prefetched too
 // (2048, 768, 2304) 93-109 -> 98-116, (4096, 384, 1152) 67-76 -> 74-87.
+
 // Whether rows at x, row step rs (floats), all start on cache lines.
 inline bool on_lines(const float* x, idx rs) {
   return reinterpret_cast<std::uintptr_t>(x) % (kLineFloats * sizeof(float)) == 0 && rs % kLineFloats == 0;
 }
+
 // Rows of a row-major B that the GEMM driver packs at a time, across all its panels;
 // copy_rows prefetches this many rows ahead (the same columns of the next row block)
 constexpr idx kPackRows = 16;
