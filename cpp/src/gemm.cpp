@@ -37,6 +37,18 @@ int team_size(int nt) { return nt <= 1 ? 1 : omp_get_max_threads(); }
 
 namespace {
 
+// Note [workspace]: one buffer of at least n floats for each of the first `team` workers
+// of a parallel region (worker t's at [t]), sized by the calling thread before the
+// region, so that a failed allocation raises in the caller. The workers reach it through
+// the returned reference (inside the region the thread_local would be each worker's own).
+// One set per calling thread, shared by the GEMM paths, which are never alive at once.
+std::vector<AlignedBuffer>& worker_buffers(int team, idx n) {
+  thread_local std::vector<AlignedBuffer> of_caller;
+  if (of_caller.size() < static_cast<size_t>(team)) of_caller.resize(static_cast<size_t>(team));
+  for (int t = 0; t < team; ++t) of_caller[static_cast<size_t>(t)].resize(n);
+  return of_caller;
+}
+
 // Copies the (rows × cols) window of M at (i0, j0) to dst, element (a, c) to
 // dst[a*d_rs + c*d_cs], one uniform-stride rectangle at a time.
 void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst, idx d_rs, idx d_cs) {
@@ -309,8 +321,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   if (!B.packed && C.seg_cols >= N) {
     idx rs, len;
     const auto at = reinterpret_cast<std::uintptr_t>(B.run(0, &rs, &len));
-    if (len >= N && rs % kLineFloats == 0 && at % sizeof(float) == 0)
-      shift = static_cast<idx>(at % 64 / sizeof(float));
+    if (len >= N && rs % kLineFloats == 0) shift = static_cast<idx>(at / sizeof(float) % kLineFloats);
   }
   const idx n_strips = ceil_div(N + shift, nr);
   // Few rows are bound by streaming B, and a second thread adds bandwidth: count
@@ -336,13 +347,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   // tiles the copy cost 8-20% (M = 20-40). Buffers of K × nr per worker, kept by the
   // calling thread (Note [workspace]).
   const bool copy_b = !B.packed && n_row_tiles >= 4;
-  thread_local std::vector<AlignedBuffer> strips_of_caller;
-  std::vector<AlignedBuffer>& strip_buf = strips_of_caller;
-  if (copy_b) {
-    const int team = team_size(nt);
-    if (strip_buf.size() < static_cast<size_t>(team)) strip_buf.resize(static_cast<size_t>(team));
-    for (int t = 0; t < team; ++t) strip_buf[static_cast<size_t>(t)].resize(K * nr);
-  }
+  std::vector<AlignedBuffer>& strip_buf = worker_buffers(copy_b ? team_size(nt) : 0, K * nr);
 #pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx strip = 0; strip < n_strips; ++strip) {
     float* rows[64];
@@ -449,12 +454,7 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
   // Note [workspace]; sized here, in the calling thread, so that a failed
   // allocation raises in the caller instead of terminating a parallel region
   float* const bpack = B.packed ? nullptr : scratch(Scratch::kGemmB, kc_max * nc_max).data();
-  // one A block per worker, kept by the calling thread (the workers reach it through
-  // this reference: inside the region the name would be each worker's own variable)
-  thread_local std::vector<AlignedBuffer> apack_of_caller;
-  std::vector<AlignedBuffer>& apack = apack_of_caller;
-  if (apack.size() < static_cast<size_t>(nt)) apack.resize(static_cast<size_t>(nt));
-  for (int t = 0; t < nt; ++t) apack[static_cast<size_t>(t)].resize(mc_max * kc_max);
+  std::vector<AlignedBuffer>& apack = worker_buffers(nt, mc_max * kc_max);  // one A block per worker
   std::vector<std::vector<idx>> rowoff(static_cast<size_t>(nt), std::vector<idx>(static_cast<size_t>(2 * mc_max)));
 
 #pragma omp parallel num_threads(nt)
