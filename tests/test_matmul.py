@@ -205,6 +205,23 @@ def test_transposed_a_in_place_or_packed(isa, rng, restore_threads, m):
         check(qn.matmul(x, dy, trans_a=True), x, dy, trans_a=True)
 
 
+@pytest.mark.parametrize("trans_b", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("n", [33, 48, 63, 64, 65, 96, 127, 129])
+def test_wide_tiles(isa, rng, n, trans_b):
+    """Note [wide tiles] (kernels.cpp): the packed GEMM (M = 200, past the few-row path)
+    takes 6 x 64 tiles on AVX-512, two panels of B side by side: full, masked, beside a
+    one-panel tail; B packed per call from either orientation and beforehand; beta."""
+    a = randn(rng, 200, 70)
+    b = stored(randn(rng, 70, n), trans_b)
+    check(qn.matmul(a, b, trans_b=trans_b), a, b, trans_b=trans_b)
+    c0 = randn(rng, 200, n)
+    out = c0.copy()
+    qn.matmul(a, b, trans_b=trans_b, alpha=0.5, beta=-1.0, out=out)
+    check(out, a, b, trans_b=trans_b, alpha=0.5, beta=-1.0, c=c0)
+    if not trans_b:
+        check(qn.matmul(a, qn.pack_weight(b)), a, b)
+
+
 @pytest.mark.parametrize("m", [736, 1729])
 def test_m_blocks(isa, rng, restore_threads, m):
     """M is cut into blocks of equal micro-tile counts, as many as the threads or

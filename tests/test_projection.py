@@ -25,6 +25,8 @@ CASES = [
     (1, 5, 520, 6, 2, 24, "qkv"),  # two KC blocks, GQA 3:1
     (1, 7, 17, 8, 8, 96, "qkv"),  # N = 2304 columns > NC: bias offsets past the first panel
     (2, 129, 129, 4, 2, 64, "qk"),  # M = 258 rows > MC, enough work for two threads
+    (1, 200, 40, 3, 1, 80, "qkv"),  # wide tiles (Note [wide tiles]) split by 80-column heads
+    (2, 101, 33, 5, 5, 24, "qk"),  # ... by heads narrower than a panel
 ]
 IDS = [f"b{c[0]}s{c[1]}dm{c[2]}h{c[3]}kv{c[4]}d{c[5]}bias-{c[6] or 'none'}" for c in CASES]
 

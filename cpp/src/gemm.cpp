@@ -86,10 +86,9 @@ void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst
   }
 }
 
-// Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels: ap[panel][p][i],
+// Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels of mr rows: ap[panel][p][i],
 // rows past mc zero-filled.
-void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx kc, float* ap) {
-  const int mr = kt.mr;
+void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
   idx rstep, cstep, rows, cols;
   const float* block = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
   if (rstep == 1 && rows >= mc && cols >= kc) {
@@ -214,21 +213,25 @@ struct Panels {
 // Runs the micro-tiles of one (ic, jr-range) work item against packed panels,
 // splitting each tile at segment boundaries of the output map. rb/rr: the batch
 // and row-in-batch of C's rows ic..ic+mc (precomputed, no division per tile).
+// Tiles of mr × tw (tw = nr, or 2·nr: wide tiles, Note [wide tiles]).
 void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, const idx* rb, const idx* rr, idx mc,
                   idx jc, idx j_begin, idx j_end, idx kc, float alpha, float beta, const MatMap& C,
-                  const float* bias, int act) {
-  const int mr = kt.mr, nr = kt.nr;
+                  const float* bias, int act, int mr, idx tw) {
+  const int nr = kt.nr;
   float* rows[64];
   auto tile = [&](idx ir, idx jr) {
-    const idx n_tile = std::min<idx>(nr, j_end - jr);
-    const float* bpanel = bp.at(jr);
+    const idx n_tile = std::min<idx>(tw, j_end - jr);
     const int m = static_cast<int>(std::min<idx>(mr, mc - ir));
     idx j = 0;
     while (j < n_tile) {  // split [jc+jr, jc+jr+n_tile) at segment boundaries
       const idx gj = jc + jr + j;
       const idx s = gj / C.seg_cols, c = gj - s * C.seg_cols;
       const Segment& g = C.segs[s];
-      const idx n = std::min<idx>(n_tile - j, C.seg_cols - c);
+      idx n = std::min<idx>(n_tile - j, C.seg_cols - c);
+      // two panels in one tile only from the first one's start (the pieces of a tile
+      // that C's segments split elsewhere keep to one panel each)
+      const bool wide = j == 0 && n > nr;
+      if (!wide) n = std::min<idx>(n, nr - j % nr);
       float* col = g.ptr + c * C.cs;
       for (int i = 0; i < m; ++i) rows[i] = col + rb[ir + i] * g.bs + rr[ir + i] * g.rs;
       GemmTile t;
@@ -238,8 +241,9 @@ void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, con
       t.a = ab.ptr + ir * ab.tile_step;
       t.rs_a = ab.rs;
       t.cs_a = ab.cs;
-      t.b = bpanel + j;
+      t.b = bp.at(jr + j);
       t.rs_b = bp.width;
+      t.b_panel = wide ? bp.at(jr + nr) - t.b : 0;
       t.c_rows = rows;
       t.alpha = alpha;
       t.beta = beta;
@@ -251,7 +255,7 @@ void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, con
     }
   };
   // jr outer: one B micro-panel is reused by every A micro-panel of the block
-  for (idx jr = j_begin; jr < j_end; jr += nr)
+  for (idx jr = j_begin; jr < j_end; jr += tw)
     for (idx ir = 0; ir < mc; ir += mr) tile(ir, jr);
 }
 
@@ -406,16 +410,16 @@ bool small_m_ok(const KernelTable& kt, idx M, idx K, const MatMap& A, const BOpe
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
 
-// How many chunks to cut the jr loop into so that the n_ic × chunks work items
+// How many chunks to cut the jr loop (n_tiles column tiles) into so that the n_ic × chunks work items
 // spread evenly over nt threads (a static split: the busiest thread has
 // ceil(items / nt)); the fewest chunks within 2% of the best balance.
-idx split_n(idx n_ic, idx n_panels, int nt) {
+idx split_n(idx n_ic, idx n_tiles, int nt) {
   if (nt <= 1) return 1;
   auto balance = [&](idx chunks) {
     const idx items = n_ic * chunks;
     return static_cast<double>(items) / (static_cast<double>(nt) * ceil_div(items, nt));
   };
-  const idx max_chunks = std::min<idx>(n_panels, std::max<idx>(4, ceil_div(nt, n_ic)));
+  const idx max_chunks = std::min<idx>(n_tiles, std::max<idx>(4, ceil_div(nt, n_ic)));
   double best = 0.0;
   for (idx c = 1; c <= max_chunks; ++c) best = std::max(best, balance(c));
   for (idx c = 1; c <= max_chunks; ++c)
@@ -426,7 +430,7 @@ idx split_n(idx n_ic, idx n_panels, int nt) {
 void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const BOperand& B,
                  float beta, const MatMap& C, const float* bias, int act) {
   if (M <= 0 || N <= 0) return;
-  const int mr = kt.mr, nr = kt.nr;
+  const int nr = kt.nr;
   if (K > 0 && alpha != 0.0f && small_m_ok(kt, M, K, A, B)) {
     gemm_small_m(kt, M, N, K, alpha, A, B, beta, C, bias, act);
     return;
@@ -435,6 +439,9 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
     // C = beta·C + bias, no product to form. Uses a zero-length micro-tile pass.
     K = 0;
   }
+  // micro-tiles of mr × tw: wide ones where the kernel has them (Note [wide tiles])
+  const int mr = kt.wide_mr > 0 ? kt.wide_mr : kt.mr;
+  const idx tw = kt.wide_mr > 0 ? 2 * nr : nr;
   // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
   // blocks of at most that; M and N blocks as the kernel table says.
   const idx n_kb = ceil_div(std::max<idx>(K, 1), kt.kc * 4 / 3);
@@ -464,9 +471,9 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
     idx* const rr = rb + mc_max;
     for (idx jc = 0; jc < N; jc += nc_max) {
       const idx nc = std::min<idx>(nc_max, N - jc);
-      const idx n_panels = ceil_div(nc, nr);
+      const idx n_panels = ceil_div(nc, nr), n_tiles = ceil_div(nc, tw);
       // Split the jr loop too when the M blocks cannot keep every thread busy.
-      const idx n_jchunks = split_n(n_ic, n_panels, nt);
+      const idx n_jchunks = split_n(n_ic, n_tiles, nt);
       for (idx pc = 0; pc < std::max<idx>(K, 1); pc += kc_max) {
         const idx kc = K == 0 ? 0 : std::min<idx>(kc_max, K - pc);
         const bool first = pc == 0, last = pc + kc_max >= K;
@@ -499,18 +506,18 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
           const idx ic = ic_begin(icb), mc = ic_begin(icb + 1) - ic;
           if (packed_ic != ic) {
             if (!a_in_place(A, ic, mc, pc, kc, &ab)) {
-              pack_a(kt, A, ic, mc, pc, kc, ap);
+              pack_a(kt, A, ic, mc, pc, kc, mr, ap);
               ab = {ap, kc, 1, mr};  // panels ap[panel][p][i]
             }
             for (idx i = 0; i < mc; ++i) C.row_offset(ic + i, rb + i, rr + i);
             packed_ic = ic;
           }
-          const idx per = ceil_div(n_panels, n_jchunks);
-          const idx j_begin = std::min<idx>(jcb * per, n_panels) * nr;
-          const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_panels) * nr, nc);
+          const idx per = ceil_div(n_tiles, n_jchunks);
+          const idx j_begin = std::min<idx>(jcb * per, n_tiles) * tw;
+          const idx j_end = std::min<idx>(std::min<idx>((jcb + 1) * per, n_tiles) * tw, nc);
           if (j_begin >= j_end) continue;
           macro_kernel(kt, ab, panels, rb, rr, mc, jc, j_begin, j_end, kc, alpha,
-                       first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0);
+                       first ? beta : 1.0f, C, first ? bias : nullptr, last ? act : 0, mr, tw);
         }
         // (implicit barrier: nobody still reads the B panel when it is repacked)
       }

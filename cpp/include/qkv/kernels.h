@@ -36,10 +36,12 @@ constexpr idx kPackRows = 16;
 constexpr double kLn2 = 0.693147180559945309, kLog2e = 1.44269504088896341;  // ln 2, log2(e)
 
 // One micro-tile of a GEMM (XNNPACK-style: raw pointers, sizes, strides):
-//   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * b[p*rs_b + j] (+ bias[j]) (+ beta * c_rows[i][j])
-// for i < m, j < n <= nr, p < k; m <= mr, or m <= mr_rows when A is read along its
-// rows (cs_a = 1, rs_a != 1). b is contiguous along j (a packed panel has
-// rs_b = nr). beta == 0 never reads C; bias may be null.
+//   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * B(p, j) (+ bias[j]) (+ beta * c_rows[i][j])
+// for i < m, j < n, p < k, with B(p, j) = b[p*rs_b + j] for j < nr (a packed panel
+// has rs_b = nr) and, in a wide tile (nr < n <= 2·nr, Note [wide tiles]), B(p, j) =
+// b[b_panel + p*rs_b + j - nr] for j >= nr: two panels side by side. m <= mr, or
+// m <= mr_rows when A is read along its rows (cs_a = 1, rs_a != 1), or m <= wide_mr
+// in a wide tile. beta == 0 never reads C; bias may be null.
 struct GemmTile {
   idx k;
   int m, n;
@@ -47,6 +49,7 @@ struct GemmTile {
   idx rs_a, cs_a;
   const float* b;
   idx rs_b;
+  idx b_panel = 0;       // a wide tile's columns nr.. start at b + b_panel
   float* const* c_rows;  // m row pointers, each to column 0 of the tile
   float alpha, beta;
   const float* bias;     // (n,) or null
@@ -86,7 +89,8 @@ struct KernelTable {
   const char* isa;
   int mr;              // GEMM micro-tile rows (at most; A read down its columns: packed panels)
   int mr_rows;         // rows at most when A is read along its rows (cs_a = 1): >= mr
-  int nr;              // micro-tile columns
+  int nr;              // micro-tile columns (a panel of B)
+  int wide_mr;         // rows at most of a wide tile (two panels; 0: none), Note [wide tiles]
   int kc, mc, nc;      // GEMM cache blocking (multiples of nr / mr; kc for this CPU)
   void (*gemm_tile)(const GemmTile& t);
   // A panel of m <= width rows of a row-major matrix (row step lda), transposed:

@@ -20,32 +20,58 @@ constexpr int W = V::W;
 #if defined(QKV_ISA_AVX512)
 constexpr int MR = 12, NV = 2;            // 12 x 32 tile: 24 of 32 zmm are accumulators
 constexpr int MR_ROWS = 14;               // 14 x 32: 28 accumulators, 2 for B (A broadcast from memory)
+constexpr int WIDE_MR = 6;                // 6 x 64 (Note [wide tiles]): 24 accumulators, 4 for B
 // KC 1152 (K up to 1536 is one block, gemm_driver): one process, old/new taking turns,
 // Zen 5, against 576 x 144 (KC x MC): (8192, 1024, 3072) +9% on 1 thread, +11% on 2;
 // dY·Wᵀ of it +3-4%, (4096, 1024, 256) +5-8%; other shapes within 2%, Xᵀ·dY (2048, 768,
 // 2304) -1 to -4%. Then against KC 768 (one block up to 1024): the encoder's second
 // feed-forward GEMM (M, 1536, 384) +2-5% on 1 and 2 threads (one pass over C, not two),
 // dY·Wᵀ (4096, 1152, 384) +6% on 1 thread, Xᵀ·dY within noise; encoder +1.5% on 1 thread
-// Note [kc on Intel]: the table's kc is at most 256 on Intel (kc_for_cpu), where the
-// micro-panel of B (kc × 32 floats, 32 KiB at 256) must stay in L1 beside A's panel.
-// One process, KC 1152 / 256 taking turns with NumPy and torch, Xeon Ice Lake (2.8 GHz,
+// Note [kc on Intel]: the table's kc is at most 384 on Intel (kc_for_cpu). With 12 x 32
+// tiles it was 256, the micro-panel of B (kc × 32 floats, 32 KiB) in L1 beside A's panel:
+// one process, KC 1152 / 256 taking turns with NumPy and torch, Xeon Ice Lake (2.8 GHz,
 // 48 KiB L1d, 1.25 MiB L2), GFLOP/s on 1 thread: (2048, 768, 2304) 110-118 -> 125-131,
 // (8192, 1024, 3072) 112-121 -> 129-134, (800, 1536, 384) 114 -> 121, (800, 384, 1536)
 // 112 -> 119, (4096, 384, 1152) 126-129 -> 120-127; 2 threads (8192, 1024, 3072) 205-238 ->
-// 237-250, (2048, 768, 2304) 213-217 -> 194-226 (noisy)
+// 237-250, (2048, 768, 2304) 213-217 -> 194-226 (noisy). The wide tiles (Note [wide
+// tiles]) read two panels per k step and prefer longer K blocks: same machine, one
+// process, wide tiles at kc 128 / 192 / 256 / 384 / 512 / 768 / 1152 taking turns,
+// medians of 5, 1 thread: (2048, 768, 2304) 129 / 137 / 136 / 135-141 / 137 / 130 / 130,
+// (4096, 1152, 384) 135 / 141 / 146 / 148 / 137 / 136 / 134, (8192, 1024, 3072) 126 /
+// 134 / 132 / 136-145 / 138 / 136 / 137, (4096, 384, 1152) (one block from 288) 133 /
+// 141 / 140 / 133-144 / 140 / 141 / 141.
 constexpr int KC = 1152, MC = 96, NC = 2048;
 #elif defined(QKV_ISA_AVX2)
 constexpr int MR = 6, NV = 2;             // 6 x 16 tile: 12 of 16 ymm are accumulators
 constexpr int MR_ROWS = MR;
+constexpr int WIDE_MR = 0;                // no wide tiles (16 ymm / plain floats)
 constexpr int KC = 256, MC = 96, NC = 1024;
 #else
 constexpr int MR = 4, NV = 8;             // 4 x 8 tile of plain floats
 constexpr int MR_ROWS = MR;
+constexpr int WIDE_MR = 0;                // no wide tiles (16 ymm / plain floats)
 constexpr int KC = 256, MC = 64, NC = 512;
 #endif
 constexpr int NR = NV * W;
 
 inline int imin(int a, int b) { return a < b ? a : b; }
+
+// Note [wide tiles]
+// A 12 x 32 tile does 24 FMAs per k step for 2 loads of B and 12 broadcasts of A: 14
+// loads, against the core's 2 per cycle and 2 FMAs. A 6 x 64 tile (two panels of B
+// side by side, GemmTile::b_panel) does the same 24 FMAs for 4 loads and 6 broadcasts.
+// On Ice Lake that is the difference: a standalone harness of the tile alone (operands
+// in L1, k = 256, best of 7, 1 thread) ran 12 x 32 at 150 GFLOP/s (85% of the 176 of
+// the FMA probe), 8 x 48 at 161, 6 x 64 at 166 (94%); in a macro-kernel walking a large C
+// 125-129, 127-136 and 132-135. So the packed GEMM (gemm_driver) takes wide tiles where
+// the kernel has them (AVX-512; AVX2 has 16 registers, no room for 24 + 4). Attention's
+// products and the few-row GEMM keep the 12 x 32 tiles, whose column panels are their
+// block and strip widths. Each C element sums its k terms in the same order in any
+// tile: the same bits. One process, 12 x 32 at kc 256 and 6 x 64 at kc 384 taking turns,
+// Ice Lake, GFLOP/s, medians of 5 (best): 1 thread (2048, 768, 2304) 131 -> 135-141,
+// (4096, 384, 1152) 126 -> 133-144, (8192, 1024, 3072) 128-136 -> 136-145, (4096, 1152,
+// 384) 127-130 -> 148; 2 threads, best of 5 (the medians were noisy): 187 -> 215, 173 ->
+// 201, 178 -> 200, 183 -> 203, (512, 768, 768) 166 -> 188. Not measured on AMD.
 
 // Note [streaming prefetch]
 // Kernels that read an operand once, straight from memory (decode: K and V; one-row
@@ -137,7 +163,7 @@ void gemm_tile_m(const GemmTile& t) {
   }
 
   const float* __restrict b = t.b;
-  const idx rs_a = t.rs_a, rs_a2 = 2 * t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b;
+  const idx rs_a = t.rs_a, rs_a2 = 2 * t.rs_a, cs_a = t.cs_a, rs_b = t.rs_b, b_panel = t.b_panel;
   // the C rows are written at the end: start their lines on the way now (every line
   // of the tile's row, not only its first: out-projection (4259, 384, 384) with the
   // residual read, 1 thread, +3.5-6.5%; plain GEMMs +0.4-2.4%). Not for attention's
@@ -161,9 +187,14 @@ void gemm_tile_m(const GemmTile& t) {
     // Note [streaming prefetch]; a tile that reads A down its columns (a decode's P·V, a
     // transposed small-M product) into L1: one process, old/new and a plain read taking
     // turns, Zen 5, GQA decode 47 -> 50% of the read's rate on 1 thread, 74 -> 77% on 2
-    if (Stream) prefetch_row<ColA ? 3 : 1>(bp, kStreamAhead, rs_b, NR);
-    // (a ragged tile loads every vector masked: a branch here would keep acc in memory)
-    for (int v = 0; v < NV; ++v) bv[v] = FullN ? V::load(bp + v * W) : V::load(bp + v * W, tails[v]);
+    if (Stream)
+      for (int q = 0; q * NR < NV * W; ++q) prefetch_row<ColA ? 3 : 1>(bp + q * b_panel, kStreamAhead, rs_b, NR);
+    // (a ragged tile loads every vector masked: a branch here would keep acc in memory;
+    // a wide tile's second panel at b_panel)
+    for (int v = 0; v < NV; ++v) {
+      const float* src = v * W < NR ? bp + v * W : bp + b_panel + (v * W - NR);
+      bv[v] = FullN ? V::load(src) : V::load(src, tails[v]);
+    }
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
       const float* r = ag[ColA ? 0 : i / 3] + p;
@@ -250,6 +281,15 @@ void gemm_tile(const GemmTile& t) {
   const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
   const bool full_n = t.n == NR;
   const bool narrow = NV > 1 && t.n <= W;  // one vector per row: no FMAs on all-masked lanes
+#if defined(QKV_ISA_AVX512)
+  if (t.n > NR) {  // a wide tile: two panels, Note [wide tiles]
+    using WideSeq = std::make_integer_sequence<int, WIDE_MR>;
+    const bool full = t.n == 2 * NR;
+    if (col_a) full ? run_tile<true, true, 2 * NV>(t, WideSeq{}) : run_tile<true, false, 2 * NV>(t, WideSeq{});
+    else full ? run_tile<false, true, 2 * NV>(t, WideSeq{}) : run_tile<false, false, 2 * NV>(t, WideSeq{});
+    return;
+  }
+#endif
   if (col_a) {
     if (full_n) run_tile<true, true>(t, Seq{});
     else if (narrow) run_tile<true, false, 1>(t, Seq{});
@@ -1137,7 +1177,7 @@ float read_probe(const float* x, idx n) {
 }
 
 // KC, or less where the core needs it (Note [kc on Intel])
-int kc_for_cpu() { return cpu_features().vendor == "GenuineIntel" ? imin(KC, 256) : KC; }
+int kc_for_cpu() { return cpu_features().vendor == "GenuineIntel" ? imin(KC, 384) : KC; }
 
 }  // namespace
 
@@ -1150,7 +1190,7 @@ const KernelTable& kernel_table() {
 #else
       "scalar",
 #endif
-      MR, MR_ROWS, NR, kc_for_cpu(), MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_fwd_rows, softmax_bwd_p, softmax_bwd_ds,
+      MR, MR_ROWS, NR, WIDE_MR, kc_for_cpu(), MC, NC, gemm_tile, pack_a, copy_rows, gemv, dot_rows, softmax_fwd, softmax_fwd_rows, softmax_bwd_p, softmax_bwd_ds,
       scale_rows, all_finite, layernorm_fwd, layernorm_bwd, gelu_fwd, gelu_bwd, xent_row, dropout_fwd, adam_update, sgd_update,
       exp_array, fma_probe, read_probe};
   return table;
