@@ -178,7 +178,7 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 // Note [ragged key limits]: lim (or null) gives the keys of the block each query sees
 // (lim[q] <= 0: none), the queries being c's columns (lim_cols: Sᵀ, rows are keys) or
 // c's rows (P·V, k runs over keys). Keys past the limit of every query of a column
-// panel (of a row tile) are then left out of it: the softmax masks those cells of Sᵀ
+// tile (one or two panels, Note [wide tiles]; of a row tile) are then left out of it: the softmax masks those cells of Sᵀ
 // whatever they hold, and their P is 0. A causal block on the diagonal computes about
 // half its triangle less. col_max (n,) or null: GemmTile::col_max over all m rows.
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
@@ -193,12 +193,15 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
     return std::min<idx>(most, bound);
   };
   float* rows[64];
-  for (idx j0 = 0; j0 < n; j0 += nr) {
+  for (idx j0 = 0, nj = 0; j0 < n; j0 += nj) {
+    // two panels in one tile where two remain (Note [wide tiles]), else one
+    const bool wide = kt.wide_mr > 0 && n - j0 > nr;
+    nj = std::min<idx>(wide ? 2 * nr : nr, n - j0);
     const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
-    const idx nj = std::min<idx>(nr, n - j0);
     const idx mj = lim && lim_cols ? reach(j0, j0 + nj, m) : m;
     // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones
-    const idx tiles = row_tiles(mj, rs_a != 1 && mj % kt.mr != 0 ? kt.mr_rows : kt.mr);
+    const idx tiles = wide ? row_tiles(mj, kt.wide_mr)
+                           : row_tiles(mj, rs_a != 1 && mj % kt.mr != 0 ? kt.mr_rows : kt.mr);
     for (idx tile = 0; tile < tiles; ++tile) {
       const idx i0 = row_tile_begin(tile, tiles, mj);
       const int mt = static_cast<int>(row_tile_begin(tile + 1, tiles, mj) - i0);
@@ -212,6 +215,7 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
       t.cs_a = cs_a;
       t.b = bj;
       t.rs_b = b_packed ? nr : rs_b;
+      t.b_panel = wide ? (b_packed ? k * nr : nr) : 0;
       t.c_rows = rows;
       t.alpha = alpha;
       t.beta = beta;
