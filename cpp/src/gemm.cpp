@@ -315,7 +315,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     }
     return;
   }
-  // Note [misaligned operands]: strip s is the columns [s·nr - shift, (s+1)·nr - shift)
+  // Note [misaligned operands]: strip s is the columns [s·tw - shift, (s+1)·tw - shift)
   // (clipped to [0, N)), so that every strip but the first starts on a cache line of B
   // where B's rows start on lines alike (a row step of whole lines). Only where B and C
   // are one run of columns each: strips that straddled the heads of a projection (64
@@ -327,7 +327,18 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
     const auto at = reinterpret_cast<std::uintptr_t>(B.run(0, &rs, &len));
     if (len >= N && rs % kLineFloats == 0) shift = static_cast<idx>(at / sizeof(float) % kLineFloats);
   }
-  const idx n_strips = ceil_div(N + shift, nr);
+  // (row-contiguous tiles as tall as the kernel allows: 13 rows, a short query's
+  // tokens, stream B once; column-contiguous ones up to mr)
+  const idx n_row_tiles = row_tiles(M, A.trans ? kt.mr : kt.mr_rows);
+  // Strips of one tile's width: two panels where the kernel has wide tiles (Note [wide
+  // tiles]) and M takes three or more tiles of one panel; with fewer, the 6-row wide
+  // tiles would read each strip of B twice as often. One process, old and new taking
+  // turns, Ice Lake, 1 thread, GFLOP/s, medians of 5 (plain / packed B): (100, 1024, 1000)
+  // 49 -> 65 / 85 -> 88, (128, 384, 1152) 78 -> 86 / 91 -> 96, (192, 768, 768) 74 -> 79 /
+  // 91 -> 97, (32, 384, 1536) 65 -> 67 / 86 -> 88, but (13, 384, 1152) 66 -> 61 / 81 -> 70,
+  // (24, 1536, 384) 73 -> 69 / 90 -> 90.
+  const idx tw = kt.wide_mr > 0 && n_row_tiles >= 3 ? 2 * nr : nr;
+  const idx n_strips = ceil_div(N + shift, tw);
   // Few rows are bound by streaming B, and a second thread adds bandwidth: count
   // B's bytes as work too (a 384 × 1536 weight gets both threads even for one row).
   const double work = std::max(2.0 * M * N * K, 8.0 * static_cast<double>(N) * K);
@@ -337,9 +348,6 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   idx astep, alen;
   const float* a0 = A.run(0, 0, &astep, &alen);
   const idx a_rs = A.row_step(0);
-  // (row-contiguous tiles as tall as the kernel allows: 13 rows, a short query's
-  // tokens, stream B once; column-contiguous ones up to mr)
-  const idx n_row_tiles = row_tiles(M, A.trans ? kt.mr : kt.mr_rows);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
   // Note [misaligned operands]: a piece of a strip whose rows of B do not start on lines
@@ -348,31 +356,36 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   // new taking turns, Ice Lake, 1 thread, GFLOP/s: fused projection (128, 384, 1152)
   // 90 -> 110 (NumPy 88), (192, 1024, 3072) 49 -> 102, (128, 768, 2304) 104 -> 106;
   // matmul (100, 1024, 1000) 74 -> 82, (80, 384, 1000) 104 -> 108; with two or three
-  // tiles the copy cost 8-20% (M = 20-40). Buffers of K × nr per worker, kept by the
+  // tiles the copy cost 8-20% (M = 20-40). Buffers of K × tw per worker, kept by the
   // calling thread (Note [workspace]).
   const bool copy_b = !B.packed && n_row_tiles >= 4;
-  std::vector<AlignedBuffer>& strip_buf = worker_buffers(copy_b ? team_size(nt) : 0, K * nr);
+  std::vector<AlignedBuffer>& strip_buf = worker_buffers(copy_b ? team_size(nt) : 0, K * tw);
 #pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx strip = 0; strip < n_strips; ++strip) {
     float* rows[64];
-    const idx j_end = std::min<idx>(N, (strip + 1) * nr - shift);
-    idx j = std::max<idx>(0, strip * nr - shift);
+    const idx j_end = std::min<idx>(N, (strip + 1) * tw - shift);
+    idx j = std::max<idx>(0, strip * tw - shift);
     while (j < j_end) {  // pieces of the strip within one segment of B and of C
       idx rs_b, len;
       const float* bp = B.run(j, &rs_b, &len);
       const idx s = j / C.seg_cols, c = j - s * C.seg_cols;
       const Segment& g = C.segs[s];
-      const idx n = std::min<idx>(std::min<idx>(j_end - j, len), C.seg_cols - c);
+      idx n = std::min<idx>(j_end - j, C.seg_cols - c), b_panel = nr;
+      // packed panels: a wide tile reads the next panel where it is
+      if (B.packed && len == nr && n > nr) b_panel = B.packed->at(0, j + nr) - bp;
+      else n = std::min(n, len);
       const bool copied = copy_b && !on_lines(bp, rs_b);
       if (copied) {
         float* lines = strip_buf[static_cast<size_t>(omp_get_thread_num())].data();
-        kt.copy_rows(K, static_cast<int>(n), bp, rs_b, lines, nr, nr);
+        kt.copy_rows(K, static_cast<int>(n), bp, rs_b, lines, tw, static_cast<int>(tw));
         bp = lines;
-        rs_b = nr;
+        rs_b = tw;
       }
-      for (idx tile = 0; tile < n_row_tiles; ++tile) {  // rows split evenly (row_tiles)
-        const idx i0 = row_tile_begin(tile, n_row_tiles, M);
-        const int m = static_cast<int>(row_tile_begin(tile + 1, n_row_tiles, M) - i0);
+      const bool wide = n > nr;
+      const idx row_tiles_n = wide ? row_tiles(M, kt.wide_mr) : n_row_tiles;
+      for (idx tile = 0; tile < row_tiles_n; ++tile) {  // rows split evenly (row_tiles)
+        const idx i0 = row_tile_begin(tile, row_tiles_n, M);
+        const int m = static_cast<int>(row_tile_begin(tile + 1, row_tiles_n, M) - i0);
         for (int i = 0; i < m; ++i) rows[i] = g.ptr + rb[i0 + i] * g.bs + rr[i0 + i] * g.rs + c * C.cs;
         GemmTile t;
         t.k = K;
@@ -383,6 +396,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.cs_a = astep;
         t.b = bp;
         t.rs_b = rs_b;
+        t.b_panel = wide ? b_panel : 0;
         t.stream_b = tile == 0 && !copied;  // the first row tile reads the strip from memory
         t.c_rows = rows;
         t.alpha = alpha;

@@ -63,10 +63,11 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 // On Ice Lake that is the difference: a standalone harness of the tile alone (operands
 // in L1, k = 256, best of 7, 1 thread) ran 12 x 32 at 150 GFLOP/s (85% of the 176 of
 // the FMA probe), 8 x 48 at 161, 6 x 64 at 166 (94%); in a macro-kernel walking a large C
-// 125-129, 127-136 and 132-135. So the packed GEMM (gemm_driver) and attention's block
-// products (block_gemm) take wide tiles where the kernel has them (AVX-512; AVX2 has 16
-// registers, no room for 24 + 4) and two panels remain; each C element sums its k terms
-// in the same order in any tile: the same bits. One process, old and new taking turns,
+// 125-129, 127-136 and 132-135. So the packed GEMM (gemm_driver), attention's block
+// products (block_gemm) and the few-row GEMM from three row tiles on (gemm_small_m)
+// take wide tiles where the kernel has them (AVX-512; AVX2 has 16 registers, no room for
+// 24 + 4) and two panels remain; each C element sums its k terms in the same order in
+// any tile: the same bits. One process, old and new taking turns,
 // Ice Lake, 1 thread, GFLOP/s, medians of 5 (best): attention forward (4, 16, 1024, 64)
 // 88 -> 103 (109 -> 122), (1, 8, 4096, 128, causal) 110 -> 121 (113 -> 126), (8, 12, 512,
 // 64) 108 -> 118, (32, 12, 128, 32) 72 -> 77; 2 threads (1, 8, 4096, 128, causal) 173 ->
