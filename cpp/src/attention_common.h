@@ -178,8 +178,8 @@ inline void pack_transposed(const KernelTable& kt, const float* src, idx ss, idx
 // Note [ragged key limits]: lim (or null) gives the keys of the block each query sees
 // (lim[q] <= 0: none), the queries being c's columns (lim_cols: Sᵀ, rows are keys) or
 // c's rows (P·V, k runs over keys). Keys past the limit of every query of a column
-// tile (one or two panels, Note [wide tiles]; of a row tile) are then left out of it: the softmax masks those cells of Sᵀ
-// whatever they hold, and their P is 0. A causal block on the diagonal computes about
+// tile (one or two panels, Note [wide tiles]; of a row tile) are then left out of it:
+// the softmax masks those cells of Sᵀ whatever they hold, and their P is 0. A causal block on the diagonal computes about
 // half its triangle less. col_max (n,) or null: GemmTile::col_max over all m rows.
 inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, const float* a, idx rs_a,
                        idx cs_a, const float* b, bool b_packed, idx rs_b, float beta, float* c, idx ldc,

@@ -86,8 +86,8 @@ void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst
   }
 }
 
-// Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels of mr rows: ap[panel][p][i],
-// rows past mc zero-filled.
+// Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels of mr rows:
+// ap[panel][p][i], rows past mc zero-filled.
 void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
   idx rstep, cstep, rows, cols;
   const float* block = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
@@ -424,9 +424,9 @@ bool small_m_ok(const KernelTable& kt, idx M, idx K, const MatMap& A, const BOpe
   return M <= A.rows_per_batch;  // rows i0..i0+m-1 in one batch with a uniform row step
 }
 
-// How many chunks to cut the jr loop (n_tiles column tiles) into so that the n_ic × chunks work items
-// spread evenly over nt threads (a static split: the busiest thread has
-// ceil(items / nt)); the fewest chunks within 2% of the best balance.
+// How many chunks to cut the jr loop (n_tiles column tiles) into so that the n_ic ×
+// chunks work items spread evenly over nt threads (a static split: the busiest thread
+// has ceil(items / nt)); the fewest chunks within 2% of the best balance.
 idx split_n(idx n_ic, idx n_tiles, int nt) {
   if (nt <= 1) return 1;
   auto balance = [&](idx chunks) {

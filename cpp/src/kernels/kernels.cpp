@@ -58,25 +58,27 @@ inline int imin(int a, int b) { return a < b ? a : b; }
 
 // Note [wide tiles]
 // A 12 x 32 tile does 24 FMAs per k step for 2 loads of B and 12 broadcasts of A: 14
-// loads, against the core's 2 per cycle and 2 FMAs. A 6 x 64 tile (two panels of B
-// side by side, GemmTile::b_panel) does the same 24 FMAs for 4 loads and 6 broadcasts.
+// loads, where the core does 2 loads and 2 FMAs per cycle. A 6 x 64 tile (two panels of
+// B side by side, GemmTile::b_panel) does the same 24 FMAs for 4 loads and 6 broadcasts.
 // On Ice Lake that is the difference: a standalone harness of the tile alone (operands
-// in L1, k = 256, best of 7, 1 thread) ran 12 x 32 at 150 GFLOP/s (85% of the 176 of
-// the FMA probe), 8 x 48 at 161, 6 x 64 at 166 (94%); in a macro-kernel walking a large C
+// in L1, k = 256, best of 7, 1 thread) ran 12 x 32 at 150 GFLOP/s (85% of the 176 of the
+// FMA probe), 8 x 48 at 161, 6 x 64 at 166 (94%); in a macro-kernel walking a large C,
 // 125-129, 127-136 and 132-135. So the packed GEMM (gemm_driver), attention's block
 // products (block_gemm) and the few-row GEMM from three row tiles on (gemm_small_m)
-// take wide tiles where the kernel has them (AVX-512; AVX2 has 16 registers, no room for
-// 24 + 4) and two panels remain; each C element sums its k terms in the same order in
-// any tile: the same bits. One process, old and new taking turns,
-// Ice Lake, 1 thread, GFLOP/s, medians of 5 (best): attention forward (4, 16, 1024, 64)
-// 88 -> 103 (109 -> 122), (1, 8, 4096, 128, causal) 110 -> 121 (113 -> 126), (8, 12, 512,
-// 64) 108 -> 118, (32, 12, 128, 32) 72 -> 77; 2 threads (1, 8, 4096, 128, causal) 173 ->
-// 209; backward (4, 16, 1024, 64) 86 -> 104, (8, 12, 512, 64) 76 -> 99, (2, 8, 1024, 96)
-// 100 -> 113, d = 128 unchanged (91 -> 91, 91 -> 95). GEMM, 12 x 32 at kc 256 and 6 x 64 at kc 384 taking turns,
-// Ice Lake, GFLOP/s, medians of 5 (best): 1 thread (2048, 768, 2304) 131 -> 135-141,
-// (4096, 384, 1152) 126 -> 133-144, (8192, 1024, 3072) 128-136 -> 136-145, (4096, 1152,
-// 384) 127-130 -> 148; 2 threads, best of 5 (the medians were noisy): 187 -> 215, 173 ->
-// 201, 178 -> 200, 183 -> 203, (512, 768, 768) 166 -> 188. Not measured on AMD.
+// take wide tiles where the kernel has them (AVX-512; AVX2 has 16 registers, no room
+// for 24 + 4) and two panels remain. Each C element sums its k terms in the same order
+// in any tile: the same bits. One process, old and new taking turns, Ice Lake, GFLOP/s,
+// medians of 5 (best):
+// - GEMM (12 x 32 at kc 256 against 6 x 64 at kc 384), 1 thread: (2048, 768, 2304) 131
+//   -> 135-141, (4096, 384, 1152) 126 -> 133-144, (8192, 1024, 3072) 128-136 -> 136-145,
+//   (4096, 1152, 384) 127-130 -> 148; 2 threads, best of 5 (noisy medians): 187 -> 215,
+//   173 -> 201, 178 -> 200, 183 -> 203, (512, 768, 768) 166 -> 188.
+// - attention forward, 1 thread: (4, 16, 1024, 64) 88 -> 103 (109 -> 122), (1, 8, 4096,
+//   128, causal) 110 -> 121 (113 -> 126), (8, 12, 512, 64) 108 -> 118, (32, 12, 128, 32)
+//   72 -> 77; 2 threads (1, 8, 4096, 128, causal) 173 -> 209. Backward, 1 thread: (4, 16,
+//   1024, 64) 86 -> 104, (8, 12, 512, 64) 76 -> 99, (2, 8, 1024, 96) 100 -> 113, d = 128
+//   unchanged (91 -> 91, 91 -> 95).
+// Not measured on AMD.
 
 // Note [streaming prefetch]
 // Kernels that read an operand once, straight from memory (decode: K and V; one-row
