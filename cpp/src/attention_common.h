@@ -195,8 +195,8 @@ inline void block_gemm(const KernelTable& kt, idx m, idx n, idx k, float alpha, 
   float* rows[64];
   for (idx j0 = 0, nj = 0; j0 < n; j0 += nj) {
     // two panels in one tile where two remain (Note [wide tiles]), else one
-    const bool wide = kt.wide_mr > 0 && n - j0 > nr;
-    nj = std::min<idx>(wide ? 2 * nr : nr, n - j0);
+    nj = std::min<idx>(n - j0 > nr ? tile_cols(kt) : nr, n - j0);
+    const bool wide = nj > nr;
     const float* bj = b_packed ? b + (j0 / nr) * k * nr : b + j0;
     const idx mj = lim && lim_cols ? reach(j0, j0 + nj, m) : m;
     // A read along its rows takes tiles of up to mr_rows where mr would leave ragged ones

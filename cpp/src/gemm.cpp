@@ -337,7 +337,7 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   // 49 -> 65 / 85 -> 88, (128, 384, 1152) 78 -> 86 / 91 -> 96, (192, 768, 768) 74 -> 79 /
   // 91 -> 97, (32, 384, 1536) 65 -> 67 / 86 -> 88, but (13, 384, 1152) 66 -> 61 / 81 -> 70,
   // (24, 1536, 384) 73 -> 69 / 90 -> 90.
-  const idx tw = kt.wide_mr > 0 && n_row_tiles >= 3 ? 2 * nr : nr;
+  const idx tw = n_row_tiles >= 3 ? tile_cols(kt) : nr;
   const idx n_strips = ceil_div(N + shift, tw);
   // Few rows are bound by streaming B, and a second thread adds bandwidth: count
   // B's bytes as work too (a 384 × 1536 weight gets both threads even for one row).
@@ -377,7 +377,8 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
       const bool copied = copy_b && !on_lines(bp, rs_b);
       if (copied) {
         float* lines = strip_buf[static_cast<size_t>(omp_get_thread_num())].data();
-        kt.copy_rows(K, static_cast<int>(n), bp, rs_b, lines, tw, static_cast<int>(tw));
+        // (n columns in rows tw apart, no zeros past them: the tile masks its lanes past n)
+        kt.copy_rows(K, static_cast<int>(n), bp, rs_b, lines, tw, static_cast<int>(n));
         bp = lines;
         rs_b = tw;
       }
@@ -454,8 +455,8 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
     K = 0;
   }
   // micro-tiles of mr × tw: wide ones where the kernel has them (Note [wide tiles])
-  const int mr = kt.wide_mr > 0 ? kt.wide_mr : kt.mr;
-  const idx tw = kt.wide_mr > 0 ? 2 * nr : nr;
+  const idx tw = tile_cols(kt);
+  const int mr = tw > nr ? kt.wide_mr : kt.mr;
   // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
   // blocks of at most that; M and N blocks as the kernel table says.
   const idx n_kb = ceil_div(std::max<idx>(K, 1), kt.kc * 4 / 3);

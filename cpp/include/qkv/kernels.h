@@ -181,6 +181,10 @@ struct KernelTable {
   float (*read_probe)(const float* x, idx n);
 };
 
+// Columns of the widest micro-tile: two panels of B where the kernel has wide tiles
+// (wide_mr rows, Note [wide tiles]), else one.
+inline int tile_cols(const KernelTable& kt) { return kt.wide_mr > 0 ? 2 * kt.nr : kt.nr; }
+
 namespace scalar { const KernelTable& kernel_table(); }
 namespace avx2 { const KernelTable& kernel_table(); }
 namespace avx512 { const KernelTable& kernel_table(); }
