@@ -139,6 +139,29 @@ def test_causal_diagonal_after_non_finite_scores(isa, rng):
     check(o, lse, q[:, :, :150], k, v, dict(causal=True, key_lengths=np.array([250])))
 
 
+def near_the_normal_range(rng, seq_q=3, d=16):
+    """Scores whose probabilities sweep across FLT_MIN (2**-126 ~ e**-87.3): key 0 at 0,
+    keys 1..96 at -80 down to -95 (a bias; q = 0), V there ~1e30 so that each
+    probability still in the normal range moves o by ~1e-5 to 1e-8, far more than the
+    bounds allow to lose, while the underflowing ones are within them (Note [no
+    denormal results]: those flush to 0)."""
+    seq_k = 97
+    q = np.zeros((1, 2, seq_q, d), np.float32)
+    k = randn(rng, 1, 2, seq_k, d)
+    v = randn(rng, 1, 2, seq_k, d)
+    v[:, :, 1:] *= np.float32(1e30)
+    bias = np.concatenate([[0.0], np.linspace(-80.0, -95.0, seq_k - 1)]).astype(np.float32)
+    return q, k, v, np.broadcast_to(bias, (seq_q, seq_k))
+
+
+def test_probabilities_near_the_normal_range(isa, rng):
+    q, k, v, bias = near_the_normal_range(rng)
+    o, lse = qn.attention(q, k, v, bias=bias, return_lse=True)
+    o_ref, _ = check(o, lse, q, k, v, dict(bias=bias))
+    # (the keys in the normal range are what moves o off v[0])
+    assert np.abs(o_ref - v[:, :, :1]).max() > 1e-6
+
+
 def test_all_neg_inf_bias(isa, rng):
     q, k, v = randn(rng, 1, 2, 17, 8), randn(rng, 1, 2, 129, 8), randn(rng, 1, 2, 129, 8)
     o, lse = qn.attention(q, k, v, bias=np.full((17, 129), -np.inf, np.float32), return_lse=True)

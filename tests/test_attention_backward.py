@@ -72,6 +72,14 @@ def test_backward(isa, rng, name):
     run_and_check(q, k, v, kw, rb, rng=rng)
 
 
+def test_probabilities_near_the_normal_range(isa, rng):
+    """The backward's P = exp(s - lse) across FLT_MIN (test_attention.near_the_normal_range)."""
+    from test_attention import near_the_normal_range
+
+    q, k, v, bias = near_the_normal_range(rng)
+    run_and_check(q, k, v, dict(bias=bias), bias, rng=rng)
+
+
 def test_strided_inputs(isa, rng):
     """q, k, v from one packed (batch, seq, heads+2·kv_heads, d_head) buffer (GQA), and
     do / o as (batch, seq, heads, d_v) views."""
