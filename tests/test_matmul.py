@@ -305,6 +305,23 @@ def test_bit_identical_across_thread_counts(isa, rng, restore_threads):
             np.testing.assert_array_equal(r, results[0])
 
 
+@pytest.mark.parametrize("m,n", [(48, 1100), (48, 100), (7, 20), (100, 1000)])
+def test_few_row_strips_split_by_work(isa, rng, restore_threads, m, n):
+    """The few-row GEMM's threads take runs of column strips of about equal work
+    (gemm_small_m): B 4 floats past a line makes a narrow first and last strip; with
+    20 columns some of 3-4 threads get no strip. Every column once, the same bits."""
+    a, b = randn(rng, m, 384), at_line_offset(randn(rng, 384, n), 4)
+    results = []
+    for t in (1, 2, 3, 4):
+        qn.set_num_threads(t)
+        out = np.full((m, n), np.nan, np.float32)
+        qn.matmul(a, b, out=out)
+        check(out, a, b)
+        results.append(out)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
 # Note [misaligned operands]: the few-row path starts its column strips on B's cache
 # lines when B's rows all start alike (a row step of whole lines: ldb 112, 32, 80) and
 # copies pieces of strips off lines into lines when four or more row tiles read them
