@@ -60,6 +60,19 @@ def test_matmul_dtype(mm, dtype):
         qn.matmul(a, b.astype(dtype))
 
 
+def test_scalars_are_real_numbers(mm, att):
+    """Scalar arguments take Python or NumPy real numbers; a string is refused by name,
+    not converted."""
+    a, b = mm
+    q, k, v = att
+    for name in ("alpha", "beta"):
+        with raises(TypeError, name, "real number"):
+            qn.matmul(a, b, **{name: "2"})
+    with raises(TypeError, "scale", "real number"):
+        qn.attention(q, k, v, scale="0.5")
+    np.testing.assert_array_equal(qn.matmul(a, b, alpha=np.float32(2.0)), qn.matmul(a, b, alpha=2))
+
+
 def test_matmul_not_ndarray(mm):
     a, b = mm
     with raises(TypeError, "a"):
@@ -155,6 +168,8 @@ def test_projection_shapes_and_heads(proj):
         qn.qkv_project(x, wq, wk, wv, np.zeros(15, np.float32), num_heads=4, num_kv_heads=2)
     with raises(ValueError, "num_heads"):
         qn.qkv_project(x, wq, wk, wv, num_heads=0)
+    with raises(ValueError, "num_heads"):
+        qn.qkv_project(x, wq, wk, wv, num_heads=2**64)  # past int64: named, not pybind's signature error
     with raises(ValueError, "num_kv_heads"):
         qn.qkv_project(x, wq, wk, wv, num_heads=4, num_kv_heads=-2)
     with raises(TypeError, "num_heads"):

@@ -15,7 +15,7 @@ def randn(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-@pytest.mark.parametrize("rows,d_in,d_out", [(1, 7, 17), (13, 65, 33), (130, 384, 129), (3, 700, 40)])
+@pytest.mark.parametrize("rows,d_in,d_out", [(1, 7, 17), (13, 65, 33), (130, 384, 129), (3, 700, 40), (63, 1, 65)])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear(isa, rng, rows, d_in, d_out, activation, with_bias):

@@ -41,6 +41,13 @@ SHAPES = [
     (29, 40, 500),  # one K block longer than 384 on AVX-512 (a transposed A read in place)
     (1024, 9, 20),  # a transposed A with a 4 KiB row step (packed, not read in place)
     (1024, 5, 1700),  # ... over two K blocks, packed 8 rows of X at a time with a ragged last group
+    # k = 1: A's rows and columns both unit-stepped (an (m, 1) array). Its 13- and 14-row
+    # tiles once went down the column path, which stops at 12 rows (a call through a
+    # table entry past its end: garbage, heap corruption)
+    (63, 65, 1),
+    (14, 2, 1),
+    (300, 65, 1),  # packed path
+    (129, 1, 1),
 ]
 
 

@@ -182,6 +182,31 @@ def test_optimizer_arguments():
         optim.SGD([np.zeros(3, F32)], lr=0.1)
 
 
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        ("SGD", {"lr": float("inf")}),
+        ("SGD", {"weight_decay": float("nan")}),
+        ("SGD", {"momentum": float("nan")}),
+        ("SGD", {"momentum": -0.5}),
+        ("SGD", {"dampening": float("nan")}),
+        ("Adam", {"eps": float("nan")}),
+        ("Adam", {"eps": -1.0}),
+        ("Adam", {"weight_decay": -0.1}),
+        ("AdamW", {"weight_decay": float("inf")}),
+    ],
+)
+def test_hyperparameters_must_be_finite(kind, kw):
+    """NaN, inf or a negative hyperparameter is refused by name (the first step would
+    otherwise make every weight NaN, or, with a negative eps, step uphill)."""
+    (name,) = kw
+    make = getattr(optim, kind)
+    with pytest.raises(ValueError, match=f"^{name} must be a finite number"):
+        make(**{"lr": 0.1, **kw})
+    with pytest.raises(TypeError, match=f"^{name} must be a real number"):
+        make(**{"lr": 0.1, name: "0.1"})
+
+
 # ----------------------------------------------------------------------------
 # the native fused updates: bit-identical to the float32 NumPy formulas
 # ----------------------------------------------------------------------------

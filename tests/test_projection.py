@@ -27,6 +27,7 @@ CASES = [
     (2, 129, 129, 4, 2, 64, "qk"),  # M = 258 rows > MC, enough work for two threads
     (1, 200, 40, 3, 1, 80, "qkv"),  # wide tiles (Note [wide tiles]) split by 80-column heads
     (2, 101, 33, 5, 5, 24, "qk"),  # ... by heads narrower than a panel
+    (1, 63, 1, 2, 1, 16, "qkv"),  # d_model = 1: x's rows and columns both unit-stepped
 ]
 IDS = [f"b{c[0]}s{c[1]}dm{c[2]}h{c[3]}kv{c[4]}d{c[5]}bias-{c[6] or 'none'}" for c in CASES]
 

@@ -267,3 +267,19 @@ def test_digits_reaches_97_percent(capsys):
     pytest.importorskip("sklearn")
     args = _parse(["train", "--no-progress", "--min-accuracy", "0.97"])
     assert args.func(args) == 0, capsys.readouterr()
+
+
+def test_no_samples_and_bad_batch_sizes():
+    x, y = toy_data()
+    trainer = Trainer(small_model(), optimizer=optim.AdamW(lr=1e-3), progress=False)
+    with pytest.raises(ValueError, match="^x holds no samples"):
+        trainer.fit(x[:0], y[:0], epochs=1)
+    with pytest.raises(ValueError, match="^x holds no samples"):
+        trainer.predict(x[:0])
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
+            trainer.fit(x, y, epochs=1, batch_size=bad)
+        with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
+            trainer.predict(x, batch_size=bad)
+        with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
+            trainer.evaluate(x, y, batch_size=bad)

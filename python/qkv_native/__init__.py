@@ -70,7 +70,7 @@ def cpu_info() -> dict:
     Keys: ``vendor``, ``brand``, ``family`` (CPUID display family), ``gemv_prefetch``
     (whether one-row products prefetch their weight rows in software: AMD family 19h;
     ``QKV_NATIVE_GEMV_PREFETCH=0|1`` overrides), ``gemm_kc`` (the active variant's GEMM K
-    block on this CPU: the variant's own, at most 256 on Intel), ``features`` (dict of bools),
+    block on this CPU: the variant's own, at most 384 on Intel), ``features`` (dict of bools),
     ``supported_isas`` (list, best last), ``isa`` (the active variant), ``num_threads``.
     """
     return _core.cpu_info()

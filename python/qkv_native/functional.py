@@ -11,6 +11,7 @@ copied). Views such as ``qkv[:, :, 0].transpose(0, 2, 1, 3)`` are used in place.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -125,7 +126,7 @@ def matmul(
     if out is not None:
         _check_array(out, "out")
         _check_no_overlap(out, "out", a=a, b=b)
-    return _core.matmul(a, b, bool(trans_a), bool(trans_b), float(alpha), float(beta), out)
+    return _core.matmul(a, b, bool(trans_a), bool(trans_b), _real(alpha, "alpha"), _real(beta, "beta"), out)
 
 
 def qkv_project(
@@ -252,7 +253,19 @@ def _positive_int(n, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
     if n <= 0:
         raise ValueError(f"{name} must be positive, got {n}")
+    if n > _INT64_MAX:
+        raise ValueError(f"{name} must be below 2**63, got {n}")
     return int(n)
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _real(x, name: str) -> float:
+    """x as a float: a Python or NumPy real number (not a string, not a bool)."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    return float(x)
 
 
 def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
@@ -274,7 +287,7 @@ def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
         )
     if scale is None:
         scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
-    scale = float(scale)
+    scale = _real(scale, "scale")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if key_lengths is not None:
@@ -426,7 +439,7 @@ def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
     d_head = q.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
-    return float(scale), cu_seqlens_q.astype(np.int64, copy=False), cu_seqlens_k.astype(np.int64, copy=False)
+    return _real(scale, "scale"), cu_seqlens_q.astype(np.int64, copy=False), cu_seqlens_k.astype(np.int64, copy=False)
 
 
 def attention_varlen(
@@ -549,7 +562,7 @@ def layer_norm(
         if out is not x:
             _check_no_overlap(out, "out", x=x, weight=weight, bias=bias)
         out2 = out.reshape(-1, x.shape[-1])
-    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, float(eps), out2)
+    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, _real(eps, "eps"), out2)
     return (out if out is not None else y.reshape(x.shape)), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
@@ -613,7 +626,7 @@ def softmax_cross_entropy(
     if out is not None:
         _check_array(out, "out", 2)
         _check_no_overlap(out, "out", logits=logits)
-    return _core.softmax_cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), out)
+    return _core.softmax_cross_entropy(logits, targets, int(ignore_index), _real(label_smoothing, "label_smoothing"), out)
 
 
 def dropout(x: np.ndarray, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -660,7 +673,7 @@ def adam_update(
     """
     _flat_args(w, g, (("m", m), ("v", v)), offsets, decay)
     b1, b2 = betas
-    wd = float(weight_decay)
+    wd = _real(weight_decay, "weight_decay")
     _core.adam_update(
         w, g, m, v, offsets, decay, b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**step), eps,
         lr / (1.0 - b1**step), (1.0 - lr * wd) if (wd and decoupled) else 1.0, wd if not decoupled else 0.0,

@@ -16,6 +16,7 @@ count (saved in a checkpoint) is the whole schedule position.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -173,6 +174,15 @@ class _FlatParams:
         return flat[self.offsets[i] : self.offsets[i + 1]].reshape(self.params[i].data.shape)
 
 
+def _check_hyper(name: str, value: float, low: Optional[float] = 0.0) -> None:
+    """A hyperparameter must be a finite real number (and >= low unless low is None)."""
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+
+
 class Optimizer:
     """Base: holds the named parameters, per-parameter state slots, the step
     count and the schedule.
@@ -197,10 +207,8 @@ class Optimizer:
         schedule: Optional[Schedule] = None,
         decay: Optional[Callable[[str, Parameter], bool]] = None,
     ):
-        if not (lr >= 0.0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_hyper("lr", lr)
+        _check_hyper("weight_decay", weight_decay)
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.schedule = schedule if schedule is not None else Constant()
         self.decay = decay
@@ -317,8 +325,8 @@ class SGD(Optimizer):
         schedule: Optional[Schedule] = None,
         decay: Optional[Callable[[str, Parameter], bool]] = None,
     ):
-        if momentum < 0.0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        _check_hyper("momentum", momentum)
+        _check_hyper("dampening", dampening, low=None)
         if nesterov and (momentum <= 0.0 or dampening != 0.0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
         self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
@@ -358,6 +366,7 @@ class Adam(Optimizer):
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        _check_hyper("eps", eps)
         self.betas, self.eps = (float(b1), float(b2)), float(eps)
         super().__init__(params, lr=lr, weight_decay=weight_decay, schedule=schedule, decay=decay)
 

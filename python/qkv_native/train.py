@@ -14,6 +14,7 @@ uninterrupted run with the same seed would be.
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -218,9 +219,10 @@ class Trainer:
         y = np.asarray(y)
         if len(y) != len(x):
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        _check_batch_size(batch_size)
         n = len(x)
+        if n == 0:
+            raise ValueError("x holds no samples: nothing to train on")
         if seed is not None:
             self.seed = int(seed)
         self._flat_grads = self._optimizer_owns_model()  # the model may have changed since
@@ -277,6 +279,7 @@ class Trainer:
         y = np.asarray(y)
         if len(y) != len(x):
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        _check_batch_size(batch_size)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -298,6 +301,9 @@ class Trainer:
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model's outputs for x in eval mode, batch by batch, concatenated."""
         x = _check_inputs(x, "x")
+        _check_batch_size(batch_size)
+        if len(x) == 0:
+            raise ValueError("x holds no samples: nothing to predict")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -365,6 +371,11 @@ class Trainer:
                 cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
         self.epoch, self.seed, self.history = epoch, seed, history
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _check_inputs(x, name: str) -> np.ndarray:

@@ -39,9 +39,9 @@ constexpr double kLn2 = 0.693147180559945309, kLog2e = 1.44269504088896341;  // 
 //   c_rows[i][j] = alpha * sum_p a[i*rs_a + p*cs_a] * B(p, j) (+ bias[j]) (+ beta * c_rows[i][j])
 // for i < m, j < n, p < k, with B(p, j) = b[p*rs_b + j] for j < nr (a packed panel
 // has rs_b = nr) and, in a wide tile (nr < n <= 2·nr, Note [wide tiles]), B(p, j) =
-// b[b_panel + p*rs_b + j - nr] for j >= nr: two panels side by side. m <= mr, or
-// m <= mr_rows when A is read along its rows (cs_a = 1, rs_a != 1), or m <= wide_mr
-// in a wide tile. beta == 0 never reads C; bias may be null.
+// b[b_panel + p*rs_b + j - nr] for j >= nr: two panels side by side. A is read along
+// its rows where cs_a = 1 (then m <= mr_rows), else down its columns (rs_a = 1, m <=
+// mr); m <= wide_mr in a wide tile. beta == 0 never reads C; bias may be null.
 struct GemmTile {
   idx k;
   int m, n;

@@ -285,7 +285,10 @@ void gemm_tile(const GemmTile& t) {
   if (t.m <= 0 || t.n <= 0) return;
   using Seq = std::make_integer_sequence<int, MR>;
   using RowSeq = std::make_integer_sequence<int, MR_ROWS>;
-  const bool col_a = t.rs_a == 1 && !(t.m == 1 && t.cs_a == 1);
+  // A down its columns only where its rows are not contiguous: with rs_a = cs_a = 1 (a
+  // K = 1 product, or one row) both readings agree, and the rows' tiles take up to
+  // mr_rows rows, which the column tiles (up to mr) do not
+  const bool col_a = t.rs_a == 1 && t.cs_a != 1;
   const bool full_n = t.n == NR;
   const bool narrow = NV > 1 && t.n <= W;  // one vector per row: no FMAs on all-masked lanes
 #if defined(QKV_ISA_AVX512)
