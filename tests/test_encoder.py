@@ -221,6 +221,12 @@ def test_tiny_bert_without_sentence_transformers_files(tmp_path):
     assert qe.SentenceEncoder.from_pretrained(tmp_path).max_seq_length == MAX_POS
     enc = qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=7, pooling="cls")
     assert enc.max_seq_length == 7 and enc.pooling == ("cls",)
+    # [CLS] ... [SEP] cannot be cut to one token (tokenizers would leave the text whole,
+    # past the position table): refused
+    with pytest.raises(ValueError, match="max_seq_length must be at least the tokenizer's 2 special tokens"):
+        qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=1)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=2)
+    assert [len(e.ids) for e in enc.tokenize(["a b c d", ""])] == [2, 2]
 
 
 def test_do_lower_case(tmp_path):
@@ -477,6 +483,12 @@ def test_embed_cli_streams_a_file(tmp_path, capsys):
 
     rc = embed_cli.main(["--model", str(tmp_path / "nowhere"), "--input", str(src), "--output", str(dst)])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
+    (tmp_path / "a_dir").mkdir()
+    rc = embed_cli.main(["--model", str(model), "--input", str(src), "--output", str(tmp_path / "a_dir"),
+                         "--no-progress"])
+    assert rc == 2 and "a_dir" in capsys.readouterr().err  # an error line, not a traceback
+    rc = embed_cli.main(["--model", str(model), "--input", str(src), "--output", str(dst), "--threads", "100000"])
+    assert rc == 2 and "--threads" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------

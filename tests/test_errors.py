@@ -6,6 +6,7 @@ a bad out= (shape, non-writeable, overlapping an input), absurd sizes.
 The private qkv_native._core functions check what memory safety depends on.
 """
 
+import pickle
 import re
 
 import numpy as np
@@ -503,5 +504,61 @@ def test_core_misc_direct():
         _core.exp(np.zeros(8, np.float32)[::2])
     with raises(ValueError, "n"):
         _core.set_num_threads(0)
+    with raises(ValueError, "n", "1024"):  # past it, thread creation could fail inside a region: an abort
+        _core.set_num_threads(_core.MAX_THREADS + 1)
+    for bad in (0, _core.MAX_THREADS + 1, 10**30):
+        with raises(ValueError, "set_num_threads"):
+            qn.set_num_threads(bad)
+    for bad in (2.0, True, "2"):
+        with raises(TypeError, "set_num_threads"):
+            qn.set_num_threads(bad)
+
+
+def test_core_optimizer_buffers_not_none():
+    """Only sgd's momentum buffer may be None: a None w, g, m or v was a null pointer."""
+    n = 8
+    w, g, m, v, buf = (np.zeros(n, np.float32) for _ in range(5))
+    offsets, decay = np.array([0, n]), np.array([True])
+    for name, args in [("w", (None, g, m, v)), ("g", (w, None, m, v)), ("m", (w, g, None, v)), ("v", (w, g, m, None))]:
+        with raises(TypeError, name, "None"):
+            _core.adam_update(*args, offsets, decay, 0.9, 0.1, 0.999, 0.001, 1.0, 1e-8, 1e-3, 1.0, 0.0)
+        with raises(TypeError, name):
+            qn.functional.adam_update(*args, offsets, decay, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=0.0, decoupled=True, step=1)
+    for name, args in [("w", (None, g, buf)), ("g", (w, None, buf))]:
+        with raises(TypeError, name, "None"):
+            _core.sgd_update(*args, offsets, decay, 0.0, 0.9, 1.0, 0.1, True, False)
+        with raises(TypeError, name):
+            qn.functional.sgd_update(*args, offsets, decay, lr=0.1, momentum=0.9, dampening=0.0,
+                                     nesterov=False, weight_decay=0.0, first=True)
+    _core.sgd_update(w, g, None, offsets, decay, 0.0, 0.0, 1.0, 0.1, True, False)  # no momentum: fine
+
+
+def test_core_packed_weight_not_initialised():
+    """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
+    lazily), refused by every use instead of read as sizes and pointers."""
+    for _ in range(3):  # a freed PackedWeight's memory, reused, is not taken for a live one
+        assert _core.PackedWeight(np.ones((3, 40), np.float32)).shape == (3, 40)  # made and freed
+        pw = _core.PackedWeight.__new__(_core.PackedWeight)
+        assert "not initialised" in repr(pw)
+        for use in (lambda: pw.shape, lambda: pw.nbytes, pw.to_array, lambda: pickle.dumps(pw),
+                    lambda: _core.matmul(np.ones((2, 3), np.float32), pw, False, False, 1.0, 0.0, None)):
+            with raises(TypeError, "not initialised"):
+                use()
+
+
+def test_core_projection_head_count_bounded():
+    """One map segment per head, even of an empty operand: 2**30 heads of zero rows
+    would allocate 77 GB of them."""
+    heads = 2**30
+    x = np.zeros((0, 1, 0), np.float32)
+    w = np.lib.stride_tricks.as_strided(np.zeros(4, np.float32), (0, heads), (0, 0))
+    with raises(ValueError, "num_heads", "2**20"):
+        _core.qkv_project(x, w, w, w, None, None, None, heads, heads, None, None, None)
+
+
+def test_layer_norm_needs_a_feature():
+    with raises(ValueError, "x", "feature"):
+        qn.layer_norm(np.zeros((3, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     with raises(ValueError, "bogus"):
         _core.set_isa("bogus")

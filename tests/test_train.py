@@ -262,6 +262,28 @@ def test_train_subcommand_quick(tmp_path, capsys):
     assert args.func(args) == 2
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--threads", "0"], "set_num_threads"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--d-model", "0"], "--d-model must be positive"),
+        (["--epochs", "-1"], "--epochs must be positive"),
+        (["--num-heads", "0"], "--num-heads must be positive"),
+        (["--test-fraction", "2"], "--test-fraction must lie in (0, 1)"),
+        (["--dropout", "1.5"], "p must lie in [0, 1)"),
+        (["--checkpoint", "/nonexistent-dir/ck.npz"], "its directory does not exist"),
+    ],
+)
+def test_train_subcommand_option_errors_exit_2(flags, message, capsys):
+    """Bad option values end in a one-line error and status 2, before any training."""
+    pytest.importorskip("sklearn")
+    args = _parse(["train", "--no-progress", *flags])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native train: error:") and message in err
+
+
 @pytest.mark.slow
 def test_digits_reaches_97_percent(capsys):
     pytest.importorskip("sklearn")

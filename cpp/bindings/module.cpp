@@ -187,13 +187,18 @@ qkv::Tensor4 tensor4(const Arr& a) {
 }
 
 std::atomic<int> g_num_threads{0};
+// The most threads an op starts, whatever set_num_threads or OMP_NUM_THREADS say
+// (thread creation failing inside a parallel region would abort the process)
+constexpr int kMaxThreads = 1024;
 
 // The threads the next op started from this thread may use: set_num_threads'
-// ceiling, lowered by this thread's OpenMP limit (threadpoolctl, OMP_NUM_THREADS).
-int effective_threads() {
-  const int n = g_num_threads.load(), omp = omp_get_max_threads();
-  return n > 0 && n < omp ? n : omp;
+// ceiling (or kMaxThreads), lowered by this thread's OpenMP limit (threadpoolctl,
+// OMP_NUM_THREADS).
+int thread_ceiling() {
+  const int n = g_num_threads.load();
+  return n > 0 ? n : kMaxThreads;
 }
+int effective_threads() { return std::min(thread_ceiling(), omp_get_max_threads()); }
 
 const qkv::KernelTable& active_kernels() {
   try {
@@ -206,11 +211,11 @@ const qkv::KernelTable& active_kernels() {
 // Runs f with the GIL released, under this thread's OpenMP limit and set_num_threads.
 template <class F>
 void run_native(F&& f) {
-  const int n = g_num_threads.load();
+  const int n = thread_ceiling();
   py::gil_scoped_release release;
   // set_num_threads is a ceiling for every calling thread; a lower limit already in
   // force in this thread (threadpoolctl, omp_set_num_threads) is kept.
-  if (n > 0 && n < omp_get_max_threads()) omp_set_num_threads(n);
+  if (n < omp_get_max_threads()) omp_set_num_threads(n);
   f();
 }
 
@@ -219,11 +224,25 @@ void run_native(F&& f) {
 // Several weights packed together (pack_weights) share one buffer, so that a model's
 // weights fill whole huge pages (Note [huge pages]); each holds it alive.
 struct PackedWeight {
+  // Set by every constructor, cleared by the destructor: PackedWeight.__new__ without
+  // __init__ hands the methods raw memory (pybind11 allocates the value lazily),
+  // which checked() refuses instead of reading garbage sizes and pointers
+  static constexpr std::uint64_t kLive = 0x21576b6361507671;
+  std::uint64_t live = kLive;
   idx K = 0, N = 0;
   std::shared_ptr<qkv::AlignedBuffer> buf;
   idx offset = 0;  // floats into *buf
 
   PackedWeight() = default;
+  PackedWeight(const PackedWeight&) = default;
+  PackedWeight(PackedWeight&&) = default;
+  PackedWeight& operator=(const PackedWeight&) = default;
+  PackedWeight& operator=(PackedWeight&&) = default;
+  ~PackedWeight() { *static_cast<volatile std::uint64_t*>(&live) = 0; }
+  const PackedWeight& checked() const {
+    if (live != kLive) type_error("PackedWeight is not initialised: construct it with PackedWeight(w)");
+    return *this;
+  }
   PackedWeight(const py::object& w_obj, bool trans) {
     *this = std::move(pack_all({w_obj}, trans)[0]);
   }
@@ -267,7 +286,7 @@ struct PackedWeight {
 
 const PackedWeight* as_packed(const py::handle& obj) {
   if (py::isinstance<py::array>(obj)) return nullptr;  // the common case, and a cheaper test
-  return py::isinstance<PackedWeight>(obj) ? obj.cast<const PackedWeight*>() : nullptr;
+  return py::isinstance<PackedWeight>(obj) ? &obj.cast<const PackedWeight&>().checked() : nullptr;
 }
 
 // ---------------------------------------------------------------------------
@@ -356,6 +375,7 @@ py::tuple layer_norm(const py::object& x_obj, const py::object& g_obj, const py:
   const auto& kt = active_kernels();
   Arr x = as_f32(x_obj, "x", 2), g = as_f32(g_obj, "weight", 1), b = as_f32(b_obj, "bias", 1);
   const idx rows = x.shape[0], n = x.shape[1];
+  if (n == 0) value_error("x must have at least one feature to normalise (its last axis is empty)");
   expect_shape(g, "weight", {n});
   expect_shape(b, "bias", {n});
   if (!(eps > 0.0f)) value_error("eps must be positive");
@@ -446,7 +466,12 @@ py::tuple dropout(const py::object& x_obj, std::uint64_t seed, std::uint32_t thr
 }
 
 // The flat buffers and parameter table shared by the optimizer updates: every buffer
-// is 1-D contiguous float32 of offsets[-1] elements.
+// is 1-D contiguous float32 of offsets[-1] elements (only an optional one may be None).
+struct FlatBuffer {
+  const char* name;
+  const py::object* obj;
+  bool optional = false;
+};
 struct FlatParams {
   std::vector<std::int64_t> offsets;
   std::vector<std::uint8_t> decay;
@@ -454,7 +479,7 @@ struct FlatParams {
 };
 
 FlatParams flat_params(const py::object& offsets_obj, const py::object& decay_obj,
-                       std::initializer_list<std::pair<const char*, const py::object*>> buffers) {
+                       std::initializer_list<FlatBuffer> buffers) {
   FlatParams f;
   if (!py::isinstance<py::array>(offsets_obj)) type_error("offsets must be a numpy array of integers");
   const idx n_off = py::reinterpret_borrow<py::array>(offsets_obj).ndim() == 1
@@ -472,8 +497,11 @@ FlatParams flat_params(const py::object& offsets_obj, const py::object& decay_ob
   f.decay.resize(static_cast<size_t>(f.n_params));
   for (idx p = 0; p < f.n_params; ++p) f.decay[p] = *(static_cast<const char*>(d.data()) + p * d.strides(0)) != 0;
   const idx total = f.offsets.back();
-  for (const auto& [name, obj] : buffers) {
-    if (obj->is_none()) continue;
+  for (const auto& [name, obj, optional] : buffers) {
+    if (obj->is_none()) {
+      if (optional) continue;
+      type_error(std::string(name) + " must be a float32 numpy array, got None");
+    }
     Arr a = as_f32(*obj, name, 1, true);
     expect_shape(a, name, {total});
   }
@@ -506,7 +534,7 @@ void sgd_update(const py::object& w, const py::object& g, const py::object& buf,
                 const py::object& decay, float wd, float momentum, float one_minus_dampening, float lr, bool first,
                 bool nesterov) {
   const auto& kt = active_kernels();
-  FlatParams f = flat_params(offsets, decay, {{"w", &w}, {"g", &g}, {"buf", &buf}});
+  FlatParams f = flat_params(offsets, decay, {{"w", &w}, {"g", &g}, {"buf", &buf, true}});
   qkv::SgdStep plain{0.0f, momentum, one_minus_dampening, lr, false, !buf.is_none(), first, nesterov};
   qkv::SgdStep decayed = plain;
   decayed.wd = wd;
@@ -571,6 +599,11 @@ void check_heads(idx num_heads, idx num_kv_heads) {
   if (num_kv_heads <= 0) value_error("num_kv_heads must be positive, got " + std::to_string(num_kv_heads));
   if (num_heads % num_kv_heads != 0)
     value_error("num_kv_heads must divide num_heads, got num_heads=" + std::to_string(num_heads) +
+                ", num_kv_heads=" + std::to_string(num_kv_heads));
+  // the maps keep a segment (24 bytes) per head of every operand, even an empty one
+  constexpr idx kMaxHeads = idx{1} << 20;
+  if (num_heads > kMaxHeads || num_kv_heads > kMaxHeads)
+    value_error("num_heads and num_kv_heads must be at most 2**20, got num_heads=" + std::to_string(num_heads) +
                 ", num_kv_heads=" + std::to_string(num_kv_heads));
 }
 
@@ -644,6 +677,7 @@ py::tuple qkv_project_packed(const py::object& x_obj, const PackedWeight& w, con
                              idx num_heads, idx num_kv_heads, const py::object& q_out, const py::object& k_out,
                              const py::object& v_out) {
   const auto& kt = active_kernels();
+  w.checked();
   Arr x = as_f32(x_obj, "x", 3);
   check_heads(num_heads, num_kv_heads);
   const idx heads = num_heads + 2 * num_kv_heads;
@@ -990,13 +1024,16 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PackedWeight>(m, "PackedWeight",
                            "A weight packed once for many products (see qkv_native.pack_weight).")
       .def(py::init<const py::object&, bool>(), py::arg("w"), py::arg("trans") = false)
-      .def_property_readonly("shape", [](const PackedWeight& w) { return py::make_tuple(w.K, w.N); })
+      .def_property_readonly("shape", [](const PackedWeight& w) { return py::make_tuple(w.checked().K, w.N); })
       .def_property_readonly("nbytes", [](const PackedWeight& w) {
-        return static_cast<idx>(sizeof(float)) * qkv::packed_b_size(w.K, w.N);
+        return static_cast<idx>(sizeof(float)) * qkv::packed_b_size(w.checked().K, w.N);
       })
-      .def("to_array", &PackedWeight::to_array)
-      .def("__repr__", [](const PackedWeight& w) { return "PackedWeight(shape=" + shape_str({w.K, w.N}) + ")"; })
-      .def(py::pickle([](const PackedWeight& w) { return py::make_tuple(w.to_array()); },
+      .def("to_array", [](const PackedWeight& w) { return w.checked().to_array(); })
+      .def("__repr__", [](const PackedWeight& w) {
+        return w.live == PackedWeight::kLive ? "PackedWeight(shape=" + shape_str({w.K, w.N}) + ")"
+                                             : std::string("PackedWeight(<not initialised>)");
+      })
+      .def(py::pickle([](const PackedWeight& w) { return py::make_tuple(w.checked().to_array()); },
                       [](const py::tuple& t) {
                         if (t.size() != 1) value_error("PackedWeight: bad pickle state");
                         return PackedWeight(t[0], false);
@@ -1046,11 +1083,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("nesterov"));
   m.def("cpu_info", &cpu_info);
   m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+    if (n < 1 || n > kMaxThreads)
+      throw py::value_error("set_num_threads: n must lie in [1, " + std::to_string(kMaxThreads) + "], got " +
+                            std::to_string(n));
     g_num_threads.store(n);
     omp_set_num_threads(n);
   });
   m.def("get_num_threads", &effective_threads);
+  m.attr("MAX_THREADS") = kMaxThreads;
   m.def("set_cache_limit", [](long long limit) {
     if (limit < 0) throw py::value_error("set_cache_limit: nbytes must be >= 0, got " + std::to_string(limit));
     return static_cast<long long>(qkv::ArrayCache::instance().set_limit(static_cast<std::size_t>(limit)));

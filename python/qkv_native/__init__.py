@@ -8,6 +8,7 @@ The native core (``qkv_native._core``) is compiled once per instruction set
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator
 
 from . import _core, nn, optim, train
@@ -99,7 +100,12 @@ def cache_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Limit the OpenMP threads every native op uses (default: OMP_NUM_THREADS or all cores)."""
+    """Limit the OpenMP threads every native op uses (default: OMP_NUM_THREADS or all
+    cores; at most ``_core.MAX_THREADS`` = 1024 either way). n: an int in [1, 1024]."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if not 1 <= n <= _core.MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must lie in [1, {_core.MAX_THREADS}], got {n}")
     _core.set_num_threads(int(n))
 
 

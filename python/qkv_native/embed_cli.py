@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             return fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads is not None:
-        if args.threads < 1:
-            return fail(f"--threads must be positive, got {args.threads}")
-        qkv_native.set_num_threads(args.threads)
+        try:
+            qkv_native.set_num_threads(args.threads)
+        except ValueError as e:
+            return fail(f"--threads: {e}")
     src, dst = Path(args.input), Path(args.output)
     if not src.is_file():
         return fail(f"{src}: input file not found")
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if tmp.exists():
                 tmp.unlink()
-    except (FileNotFoundError, CheckpointError, ValueError, RuntimeError) as e:
+    except (OSError, CheckpointError, ValueError, RuntimeError) as e:  # OSError: the output is a directory, ...
         return fail(str(e))
     return 0
 

@@ -501,6 +501,13 @@ class SentenceEncoder:
         self.max_seq_length = int(max_seq_length)
         self.pooling = tuple(pooling)
         self.normalize_module = bool(normalize_module)
+        # tokenizers cannot cut below the special tokens ([CLS] ... [SEP]) and then
+        # leaves a text whole: longer than the position table kept below
+        post = tokenizer.post_processor
+        n_special = post.num_special_tokens_to_add(False) if post is not None else 0
+        if max_seq_length < n_special:
+            raise ValueError(f"max_seq_length must be at least the tokenizer's {n_special} special tokens, "
+                             f"got {max_seq_length}")
         self.tokenizer = tokenizer
         self._tokenizer_path = str(tokenizer_path)
         tokenizer.no_padding()
@@ -632,8 +639,14 @@ class SentenceEncoder:
         busy, waits for them.
         """
         if _core.get_num_threads() == 1 or len(texts) < 8:
-            return [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
-        return self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+            encs = [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+        else:
+            encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        for e in encs:  # (the position table holds max_seq_length rows)
+            if len(e.ids) > self.max_seq_length:
+                raise ValueError(f"the tokenizer returned {len(e.ids)} tokens for a text, more than "
+                                 f"max_seq_length={self.max_seq_length} (is its truncation overridden?)")
+        return encs
 
     def encode(self, texts: Union[str, Iterable[str]], batch_size: int = 32, normalize: bool = True,
                show_progress_bar: bool = False) -> np.ndarray:

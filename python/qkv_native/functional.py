@@ -649,9 +649,9 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 2.0**32)), 2**32 - 1)
 
 
-def _flat_args(w, g, state, offsets, decay):
+def _flat_args(w, g, state, offsets, decay, optional=()):
     for name, a in (("w", w), ("g", g), *state):
-        if a is not None:
+        if a is not None or name not in optional:
             _check_array(a, name, 1)
     if not isinstance(decay, np.ndarray) or decay.dtype != np.bool_:
         raise TypeError("decay must be a numpy bool array, one entry per parameter")
@@ -690,6 +690,6 @@ def sgd_update(
     d = d + momentum·buf (Nesterov) or buf; w -= lr·d. buf: (n,) float32, or None
     without momentum.
     """
-    _flat_args(w, g, (("buf", buf),), offsets, decay)
+    _flat_args(w, g, (("buf", buf),), offsets, decay, optional=("buf",))
     _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, bool(first),
                      bool(nesterov))

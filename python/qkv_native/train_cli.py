@@ -74,35 +74,47 @@ def run(args: argparse.Namespace) -> int:
     from qkv_native.data import load_digits_tokens
     from qkv_native.train import ModelCheckpoint, Trainer, attention_classifier
 
+    def fail(msg: str) -> int:
+        print(f"qkv-native train: error: {msg}", file=sys.stderr)
+        return 2
+
     if args.resume and not args.checkpoint:
-        print("error: --resume needs --checkpoint", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        qn.set_num_threads(args.threads)
+        return fail("--resume needs --checkpoint")
+    for name in ("d_model", "num_heads", "num_layers", "d_ff", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            return fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 < args.test_fraction < 1.0:
+        return fail(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
+    if not 0.0 <= args.warmup <= 1.0:
+        return fail(f"--warmup must lie in [0, 1], got {args.warmup}")
+    if args.checkpoint and not os.path.isdir(os.path.dirname(os.path.abspath(args.checkpoint))):
+        return fail(f"--checkpoint {args.checkpoint}: its directory does not exist")
     try:
+        if args.threads is not None:
+            qn.set_num_threads(args.threads)
         x_train, y_train, x_test, y_test = load_digits_tokens(args.tokens, args.test_fraction, args.seed)
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model = attention_classifier(
-        x_train.shape[2], x_train.shape[1], 10,
-        d_model=args.d_model, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-        num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout, pool=args.pool,
-        norm_first=not args.post_norm, rng=args.seed,
-    )
-    steps = args.epochs * -(-len(x_train) // args.batch_size)
-    warmup = int(args.warmup * steps)
-    schedule = optim.LinearWarmup(warmup, optim.Cosine(max(steps - warmup, 1)))
-    if args.optimizer == "adamw":
-        opt = optim.AdamW(lr=args.lr, weight_decay=args.weight_decay, schedule=schedule, decay=optim.decay_matrices_only)
-    else:
-        opt = optim.SGD(lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
-                        weight_decay=args.weight_decay, schedule=schedule, decay=optim.decay_matrices_only)
-    callbacks = [ModelCheckpoint(args.checkpoint)] if args.checkpoint else []
-    trainer = Trainer(
-        model, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), opt,
-        clip_grad_norm=args.clip_grad_norm, callbacks=callbacks, progress=not args.no_progress,
-    )
+        model = attention_classifier(
+            x_train.shape[2], x_train.shape[1], 10,
+            d_model=args.d_model, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+            num_layers=args.num_layers, d_ff=args.d_ff, dropout=args.dropout, pool=args.pool,
+            norm_first=not args.post_norm, rng=args.seed,
+        )
+        steps = args.epochs * -(-len(x_train) // args.batch_size)
+        warmup = int(args.warmup * steps)
+        schedule = optim.LinearWarmup(warmup, optim.Cosine(max(steps - warmup, 1)))
+        if args.optimizer == "adamw":
+            opt = optim.AdamW(lr=args.lr, weight_decay=args.weight_decay, schedule=schedule,
+                              decay=optim.decay_matrices_only)
+        else:
+            opt = optim.SGD(lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
+                            weight_decay=args.weight_decay, schedule=schedule, decay=optim.decay_matrices_only)
+        callbacks = [ModelCheckpoint(args.checkpoint)] if args.checkpoint else []
+        trainer = Trainer(
+            model, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), opt,
+            clip_grad_norm=args.clip_grad_norm, callbacks=callbacks, progress=not args.no_progress,
+        )
+    except (ImportError, ValueError, TypeError) as e:  # an option the model, optimizer or data refuse
+        return fail(str(e))
     if args.resume and os.path.exists(args.checkpoint):
         trainer.load(args.checkpoint)
         print(f"resumed from {args.checkpoint} at epoch {trainer.epoch}")
