@@ -512,6 +512,11 @@ def test_core_misc_direct():
     for bad in (2.0, True, "2"):
         with raises(TypeError, "set_num_threads"):
             qn.set_num_threads(bad)
+        with raises(TypeError, "set_cache_limit", "nbytes"):
+            qn.set_cache_limit(bad)
+    for bad in (-1, 2**63):
+        with raises(ValueError, "set_cache_limit", "nbytes"):
+            qn.set_cache_limit(bad)
 
 
 def test_core_optimizer_buffers_not_none():

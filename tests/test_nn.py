@@ -174,6 +174,12 @@ def test_mean_pool_ignores_padding():
     x[1, 2:] = 100.0  # padding positions
     y = nn.MeanPool().forward(x, key_lengths=np.array([4, 2]))
     np.testing.assert_allclose(y, 1.0)
+    for bad in ([10, 4], [-1, 4]):  # a length past seq gave 0.4 for a mean of ones
+        with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, seq=4\]"):
+            nn.MeanPool().forward(x, key_lengths=np.array(bad))
+    np.testing.assert_array_equal(nn.MeanPool().forward(np.ones((2, 0, 3), F32)), 0.0)  # a mean of nothing
+    with pytest.raises(ValueError, match="seq >= 1"):
+        nn.ClsPool().forward(np.ones((2, 0, 3), F32))
 
 
 # ----------------------------------------------------------------------------

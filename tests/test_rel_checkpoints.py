@@ -199,7 +199,46 @@ MISMATCHED = {
     "header_lists_other_arrays": lambda f: _rewrite(f, lambda h: h["arrays"].update(extra={"shape": [1],
                                                                                            "dtype": "float32"})),
     "checksum_mismatch": lambda f: _rewrite(f, lambda h: h.update(sha256="0" * 64)),
+    "meta_not_an_object": lambda f: _rewrite(f, lambda h: h.update(meta=None)),
+    "arrays_listed_as_a_list": lambda f: _rewrite(f, lambda h: h.update(arrays=list(h["arrays"]))),
+    # a member's .npy header claiming 2**40 floats: refused before numpy allocates 4 TiB
+    "forged_member_shape": lambda f: _forge_first_member_shape(f, (2**40,)),
+    # well formed (the checksum matches) but a parameter holds strings: nothing is copied
+    "string_parameter": lambda f: _string_parameter(f),
 }
+
+
+def _forge_first_member_shape(data, shape):
+    """The checkpoint with its first array's .npy header claiming `shape` (same data)."""
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    forged = False
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            raw = src.read(info)
+            if not forged and info.filename != "__header__.npy":
+                m = io.BytesIO(raw)
+                assert np.lib.format.read_magic(m) == (1, 0)
+                _, fortran, dtype = np.lib.format.read_array_header_1_0(m)
+                h = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    h, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran, "shape": shape})
+                raw, forged = h.getvalue() + raw[m.tell():], True
+            dst.writestr(info.filename, raw)
+    return out.getvalue()
+
+
+def _string_parameter(data):
+    """The checkpoint with its first parameter as a string array, listed and checksummed."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {n: z[n] for n in z.files}
+    header = json.loads(arrays.pop("__header__").tobytes().decode())
+    n = next(k for k in sorted(arrays) if k.startswith(("param/", "model/")))
+    arrays[n] = np.full(arrays[n].shape, "1", dtype="<U1")
+    header["arrays"][n] = {"shape": list(arrays[n].shape), "dtype": str(arrays[n].dtype)}
+    _resum(header, arrays)
+    return _npz(__header__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
 
 
 def _npz(**arrays):
@@ -270,7 +309,8 @@ def test_missing_file_and_directory(tmp_path):
         m.load(str(tmp_path))
 
 
-@pytest.mark.parametrize("edit", ["epoch_missing", "epoch_not_int", "history_not_a_dict", "rng_for_no_layer"])
+@pytest.mark.parametrize("edit", ["epoch_missing", "epoch_not_int", "history_not_a_dict", "rng_for_no_layer",
+                                  "epoch_negative", "epoch_infinite", "step_count_infinite", "step_count_negative"])
 def test_trainer_meta_mismatch_loads_nothing(tmp_path, files, edit):
     """A checkpoint whose arrays are intact (valid sha256) but whose metadata does not fit this
     trainer (another version or tool wrote it). Bug: the trainer's meta fields are read after
@@ -284,8 +324,12 @@ def test_trainer_meta_mismatch_loads_nothing(tmp_path, files, edit):
             meta["epoch"] = "three"
         elif edit == "history_not_a_dict":
             meta["history"] = [1, 2]
-        else:
+        elif edit == "rng_for_no_layer":
             meta["rng"] = {"no.such.layer": {}}
+        elif edit.startswith("epoch"):  # (json writes inf as Infinity; int() of it overflowed)
+            meta["epoch"] = -3 if edit.endswith("negative") else float("inf")
+        else:
+            meta["optimizer"]["step_count"] = -5 if edit.endswith("negative") else float("inf")
 
     p = tmp_path / "f.npz"
     p.write_bytes(_rewrite(files["trainer"], change))
@@ -294,6 +338,21 @@ def test_trainer_meta_mismatch_loads_nothing(tmp_path, files, edit):
     with pytest.raises(CheckpointError):
         t.load(str(p))
     assert_trainer_unchanged(t, before, edit)
+
+
+def test_bad_random_state_sets_none():
+    """set_rng_states is all or nothing: a state numpy refuses (after others were set) left
+    some dropout layers restored and others not."""
+    m = attention_classifier(4, 6, 3, d_model=16, num_heads=2, num_layers=2, d_ff=32, dropout=0.1, rng=0)
+    good = m.rng_states()
+    assert len(good) >= 2
+    bad = json.loads(json.dumps(good))
+    for st in bad.values():
+        st["state"]["state"] += 1
+    bad[sorted(bad)[-1]]["state"]["state"] = -1
+    with pytest.raises(ValueError, match="bad random state"):
+        m.set_rng_states(bad)
+    assert json.dumps(m.rng_states(), sort_keys=True) == json.dumps(good, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------

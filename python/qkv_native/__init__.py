@@ -90,6 +90,10 @@ def set_cache_limit(nbytes: int) -> int:
     block now and keeps none from then on. Such arrays have a capsule as ``.base``
     (they are not views of another array) and cannot be resized in place.
     """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral):
+        raise TypeError(f"set_cache_limit: nbytes must be an int, got {type(nbytes).__name__}")
+    if not 0 <= nbytes < 2**63:
+        raise ValueError(f"set_cache_limit: nbytes must lie in [0, 2**63), got {nbytes}")
     return int(_core.set_cache_limit(int(nbytes)))
 
 

@@ -310,8 +310,12 @@ class Module:
         ]
         if bad:
             raise ValueError("parameter shapes differ: " + "; ".join(bad))
+        not_real = [f"{n}: {np.asarray(state[n]).dtype}" for n in params if np.asarray(state[n]).dtype.kind not in "fiu"]
+        if not_real:
+            raise ValueError("parameters must hold real numbers: " + "; ".join(not_real))
+        values = {n: np.asarray(state[n], dtype=F32) for n in params}  # all converted before any is copied
         for n, p in params.items():
-            np.copyto(p.data, np.asarray(state[n], dtype=F32))
+            np.copyto(p.data, values[n])
 
     def rng_states(self) -> Dict[str, dict]:
         """The states of the random generators inside (dropout), by module path."""
@@ -324,9 +328,13 @@ class Module:
     def set_rng_states(self, states: Dict[str, dict]) -> None:
         """Restore :meth:`rng_states` (all or nothing: the paths are checked first)."""
         mods = dict(_named_modules(self))
-        for path in states:
+        for path, st in states.items():
             if path not in mods or not isinstance(mods[path], Dropout):
                 raise ValueError(f"no Dropout layer named {path!r} to restore the random state of")
+            try:  # tried on a scratch generator of the same kind first
+                type(mods[path].rng.bit_generator)().state = st
+            except (TypeError, ValueError, KeyError, OverflowError) as e:
+                raise ValueError(f"bad random state for {path!r}: {type(e).__name__}: {e}") from None
         for path, st in states.items():
             mods[path].rng.bit_generator.state = st
 
@@ -436,6 +444,8 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             if _HEADER_KEY not in z.files:
                 raise CheckpointError(f"{path}: not a qkv_native checkpoint (no {_HEADER_KEY})")
+            for info in z.zip.infolist():  # before numpy allocates what a member's header claims
+                _check_member_size(z.zip, info, path)
             header = json.loads(z[_HEADER_KEY].tobytes().decode("utf-8"))
             arrays = {n: z[n] for n in z.files if n != _HEADER_KEY}
     except CheckpointError:
@@ -449,7 +459,9 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
         raise CheckpointError(f"{path}: not a qkv_native checkpoint (format {fmt!r})")
     if header.get("version") != 1:
         raise CheckpointError(f"{path}: unsupported checkpoint version {header.get('version')!r}")
-    listed = header.get("arrays", {})
+    listed, meta = header.get("arrays", {}), header.get("meta", {})
+    if not isinstance(listed, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: malformed header (arrays and meta must be objects)")
     if set(listed) != set(arrays):
         raise CheckpointError(f"{path}: header lists {sorted(listed)} but the file holds {sorted(arrays)}")
     for n, spec in listed.items():
@@ -458,7 +470,21 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
             raise CheckpointError(f"{path}: array {n!r} is {a.dtype}{a.shape}, header says {spec}")
     if _checksum(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
-    return arrays, header.get("meta", {})
+    return arrays, meta
+
+
+def _check_member_size(zf, info, path: str) -> None:
+    """A member's .npy header must not claim more data than the member holds (a forged
+    shape would have numpy allocate it, terabytes, before any CRC or checksum)."""
+    with zf.open(info) as m:
+        version = np.lib.format.read_magic(m)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(m)
+        data_start = m.tell()
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > info.file_size - data_start:
+        raise CheckpointError(f"{path}: member {info.filename!r} claims {claimed} bytes of data but holds "
+                              f"{info.file_size - data_start}: the file is corrupt")
 
 
 # ----------------------------------------------------------------------------
@@ -474,12 +500,15 @@ def _as_f32(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _key_lengths(key_lengths, batch: int):
+def _key_lengths(key_lengths, batch: int, seq: Optional[int] = None):
+    """key_lengths as int64 (batch,), each in [0, seq] when seq is given (attention checks its own)."""
     if key_lengths is None:
         return None
     kl = np.asarray(key_lengths)
     if kl.dtype.kind not in "iu" or kl.shape != (batch,):
         raise ValueError(f"key_lengths must be an int array of shape (batch={batch},), got {kl.dtype}{kl.shape}")
+    if seq is not None and batch and (kl.min() < 0 or kl.max() > seq):
+        raise ValueError(f"key_lengths must lie in [0, seq={seq}], got {kl.tolist()}")
     return kl.astype(np.int64, copy=False)
 
 
@@ -975,9 +1004,9 @@ class MeanPool(Module):
         if x.ndim != 3:
             raise ValueError(f"x must have shape (batch, seq, d_model), got {x.shape}")
         batch, seq, _ = x.shape
-        kl = _key_lengths(key_lengths, batch)
+        kl = _key_lengths(key_lengths, batch, seq)
         if kl is None:
-            w = np.full((batch, seq), F32(1.0 / seq), F32)
+            w = np.full((batch, seq), F32(1.0 / max(seq, 1)), F32)  # (seq 0: a mean of nothing, 0)
         else:
             valid = np.arange(seq)[None, :] < kl[:, None]
             w = valid.astype(F32) / np.maximum(kl, 1).astype(F32)[:, None]  # (batch, seq)
@@ -1018,6 +1047,8 @@ class ClsPool(Module):
 
     def forward(self, x):
         x = _as_f32(x, "x")
+        if x.ndim != 3 or x.shape[1] == 0:
+            raise ValueError(f"x must have shape (batch, seq >= 1, d_model), got {x.shape}")
         self._shape = x.shape
         return x[:, 0].copy()
 

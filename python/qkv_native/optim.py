@@ -303,9 +303,13 @@ class Optimizer:
         bad = [f"{k}: expected {want[k].shape}, got {arrays[k].shape}" for k in want if want[k].shape != arrays[k].shape]
         if bad:
             raise ValueError("optimizer state shapes differ: " + "; ".join(bad))
+        step_count = meta.get("step_count")
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"optimizer step_count must be an integer >= 0, got {step_count!r}")
+        values = {k: np.asarray(arrays[k], dtype=F32) for k in want}  # all converted before any is copied
         for k, a in want.items():
-            np.copyto(a, arrays[k].astype(F32, copy=False))
-        self.step_count = int(meta["step_count"])
+            np.copyto(a, values[k])
+        self.step_count = step_count
 
 
 class SGD(Optimizer):

@@ -341,14 +341,16 @@ class Trainer:
             raise CheckpointError(f"{path}: not a trainer checkpoint (kind {meta.get('kind')!r})")
         # Every field is read and checked before anything is changed.
         try:
-            epoch = int(meta["epoch"])
-            seed = int(meta.get("seed", 0))
+            epoch, seed = meta["epoch"], meta.get("seed", 0)
+            for name, v in (("epoch", epoch), ("seed", seed)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
             history = {str(k): [float(x) for x in v] for k, v in dict(meta.get("history", {})).items()}
             saved_cbs = list(meta.get("callbacks", []))
             cb_types = [c["type"] for c in saved_cbs]
             optimizer_meta = meta["optimizer"]
             rng_states = meta.get("rng", {})
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
             raise CheckpointError(f"{path}: malformed trainer metadata ({type(err).__name__}: {err})") from None
         model_state = {n[len("model/") :]: a for n, a in arrays.items() if n.startswith("model/")}
         opt_state = {n[len("optim/") :]: a for n, a in arrays.items() if n.startswith("optim/")}
@@ -363,7 +365,7 @@ class Trainer:
             if cb_types == [type(cb).__name__ for cb in self.callbacks]:
                 for cb, c in zip(self.callbacks, saved_cbs):
                     cb.load_state(c["state"])
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
             self.model.load_state_dict(backup_model)
             self.optimizer.load_state_dict(*backup_opt)
             self.model.set_rng_states(backup_rng)
