@@ -49,6 +49,12 @@ def test_no_command_prints_help(capsys):
         (["--only", "nope"], "unknown group"),
         (["--threads", "x"], "--threads"),
         (["--budget", "0"], "--budget"),
+        (["--threads", "1,2000"], "--threads needs integers in [1, 1024]"),
+        # output paths are checked before the run, not after it
+        (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+        (["--json", ""], "--json needs a file name"),
+        (["--json", "."], "is a directory"),
+        (["--plot", "x.svg"], "must end in .png"),
     ],
 )
 def test_bench_option_errors_exit_2(args, message, capsys):

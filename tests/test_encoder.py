@@ -225,6 +225,10 @@ def test_tiny_bert_without_sentence_transformers_files(tmp_path):
     # past the position table): refused
     with pytest.raises(ValueError, match="max_seq_length must be at least the tokenizer's 2 special tokens"):
         qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=1)
+    with pytest.raises(ValueError, match="pooling must name at least one mode"):
+        qe.SentenceEncoder.from_pretrained(tmp_path, pooling=[])
+    with pytest.raises(TypeError, match="pooling must be a sequence"):
+        qe.SentenceEncoder.from_pretrained(tmp_path, pooling=5)
     enc = qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=2)
     assert [len(e.ids) for e in enc.tokenize(["a b c d", ""])] == [2, 2]
 
@@ -378,6 +382,8 @@ def _edit_json(path, **changes):
     "no_dir", "no_config", "no_weights", "no_tokenizer", "bad_json", "missing_tensor", "wrong_shape",
     "too_many_layers", "bad_activation", "bad_model_type", "pooling_dim", "unknown_module", "bad_pooling_mode",
     "vocab_too_small", "max_len_too_long", "not_safetensors",
+    "layers_missing", "two_models", "huge_eps", "index_not_file_names", "token_id_past_vocab",
+    "max_len_below_specials",
 ])
 def test_loading_errors_name_the_file(tmp_path, case):
     from safetensors.numpy import save_file
@@ -438,6 +444,28 @@ def test_loading_errors_name_the_file(tmp_path, case):
     elif case == "not_safetensors":
         (model / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
         file = "model.safetensors"
+    elif case == "layers_missing":  # named at once, not after listing 16e9 tensor shapes
+        _edit_json(model / "config.json", num_hidden_layers=10**9)
+        file = "bert.encoder.layer.2.* is missing"
+    elif case == "two_models":  # which one would depend on the hash seed
+        save_file({p + k: v for k, v in sd.items() for p in ("aaaa.", "bbbb.")}, str(model / "model.safetensors"))
+        file = "several models"
+    elif case == "huge_eps":  # an int past float range: OverflowError before
+        _edit_json(model / "config.json", layer_norm_eps=10**400)
+        file = "config.json"
+    elif case == "index_not_file_names":
+        (model / "model.safetensors").unlink()
+        names = {stored_name(k, "bert_prefix"): None for k in sd}
+        (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": names}))
+        file = "model.safetensors.index.json"
+    elif case == "token_id_past_vocab":  # as many tokens as vocab_size allows, one id far past it
+        tok = json.loads((model / "tokenizer.json").read_text())
+        tok["model"]["vocab"]["cat"] = 5000
+        (model / "tokenizer.json").write_text(json.dumps(tok))
+        file = "tokenizer.json"
+    elif case == "max_len_below_specials":  # [CLS] ... [SEP] cannot be cut to 1
+        _edit_json(model / "sentence_bert_config.json", max_seq_length=1)
+        file = "sentence_bert_config.json"
     with pytest.raises(error) as info:
         qe.SentenceEncoder.from_pretrained(model)
     assert file in str(info.value)

@@ -169,6 +169,14 @@ def test_attention_mask_matches_key_lengths_and_grads_view():
     assert mha.grads["w_q"] is mha.w_q.grad
 
 
+def test_sequential_refuses_a_layer_twice():
+    """A layer keeps one input for its backward: used twice, its weight gradient would
+    silently miss the first use."""
+    lin = nn.Linear(6, 6, rng=0)
+    with pytest.raises(ValueError, match="layer 1 appears twice"):
+        nn.Sequential(lin, lin)
+
+
 def test_mean_pool_ignores_padding():
     x = np.ones((2, 4, 3), F32)
     x[1, 2:] = 100.0  # padding positions

@@ -1395,9 +1395,25 @@ def parse_threads(text: Optional[str]) -> Optional[List[int]]:
         threads = [int(s) for s in items]
     except ValueError:
         raise BenchError(f"--threads needs positive integers like 1,2,4, got {text!r}") from None
-    if any(n <= 0 for n in threads):
-        raise BenchError(f"--threads needs positive integers, got {text!r}")
+    if any(not 1 <= n <= _core.MAX_THREADS for n in threads):
+        raise BenchError(f"--threads needs integers in [1, {_core.MAX_THREADS}], got {text!r}")
     return threads
+
+
+def check_output_path(path: Optional[str], flag: str, suffix: Optional[str] = None) -> None:
+    """Fail before running when ``path`` (an output file) cannot be written: empty, a
+    directory, in a directory that does not exist, or without ``suffix``."""
+    if path is None:
+        return
+    if not path:
+        raise BenchError(f"{flag} needs a file name")
+    if os.path.isdir(path):
+        raise BenchError(f"{flag} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BenchError(f"{flag} {path}: the directory {parent} does not exist")
+    if suffix and not path.lower().endswith(suffix):
+        raise BenchError(f"{flag} {path}: the file name must end in {suffix}")
 
 
 def select_cases(mode: str = "quick", only: Optional[Sequence[str]] = None,

@@ -73,6 +73,8 @@ def _bench(args, argv: Sequence[str]) -> int:
 
     only = bench.parse_list(args.only, "only")
     threads = bench.parse_threads(args.threads)
+    bench.check_output_path(args.json, "--json")
+    bench.check_output_path(args.plot, "--plot", ".png")
     if args.plot:
         bench.require_matplotlib()  # fail before running, not after
     budget = None
@@ -84,7 +86,7 @@ def _bench(args, argv: Sequence[str]) -> int:
     report = bench.run_bench(mode=args.mode, only=only, threads=threads, budget=budget,
                              progress=args.progress, argv=list(argv))
     print(bench.format_report(report), flush=True)
-    if args.json:
+    if args.json is not None:
         bench.write_json(report, args.json)
         print(f"\nwrote {args.json}")
     if args.plot:

@@ -167,14 +167,20 @@ class BertConfig:
                 raise CheckpointError(f"{path}: {name} must be a positive integer, got {v!r}")
             fields[name] = v
         eps = d.get("layer_norm_eps", 1e-12)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise CheckpointError(f"{path}: layer_norm_eps must be a positive number, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1e30:  # (an int past floats)
+            raise CheckpointError(f"{path}: layer_norm_eps must be a positive number below 1e30, got {repr(eps)[:40]}")
         cfg = cls(layer_norm_eps=float(eps), hidden_act=act, **fields)
         if cfg.hidden_size % cfg.num_attention_heads:
             raise CheckpointError(
                 f"{path}: hidden_size={cfg.hidden_size} is not a multiple of "
                 f"num_attention_heads={cfg.num_attention_heads}")
         return cfg
+
+
+def _special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer adds to one text ([CLS] ... [SEP]: 2)."""
+    post = tokenizer.post_processor
+    return post.num_special_tokens_to_add(False) if post is not None else 0
 
 
 def bert_tensor_shapes(config: BertConfig) -> Dict[str, Tuple[int, ...]]:
@@ -279,6 +285,8 @@ def _open_weights(model_dir: Path) -> Dict[str, "_SafetensorsFile"]:
         files: Dict[str, _SafetensorsFile] = {}
         out = {}
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name, got {shard!r}")
             if shard not in files:
                 shard_path = model_dir / shard
                 if not shard_path.is_file():
@@ -306,10 +314,13 @@ def load_state_dict(model_dir: Union[str, Path], config: BertConfig) -> Dict[str
     model_dir = Path(model_dir)
     where = _open_weights(model_dir)
     anchor = "embeddings.word_embeddings.weight"
-    prefixes = sorted({k[: -len(anchor)] for k in where if k.endswith(anchor)}, key=len)
+    prefixes = sorted({k[: -len(anchor)] for k in where if k.endswith(anchor)}, key=lambda p: (len(p), p))
     some_file = next(iter(where.values())).path if where else model_dir / "model.safetensors"
     if not prefixes:
         raise CheckpointError(f"{some_file}: no tensor named '[prefix]{anchor}' (is this a BERT checkpoint?)")
+    if len(prefixes) > 1 and len(prefixes[1]) == len(prefixes[0]):  # (a longer one: a head's copy, ignored)
+        raise CheckpointError(f"{some_file}: several models in one checkpoint, under the prefixes "
+                              f"{[p for p in prefixes if len(p) == len(prefixes[0])]}")
     prefix = prefixes[0]
     cfg_path = model_dir / "config.json"
     layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.")
@@ -318,6 +329,10 @@ def load_state_dict(model_dir: Union[str, Path], config: BertConfig) -> Dict[str
         raise CheckpointError(
             f"{some_file}: has encoder layers 0..{max(layers)} but {cfg_path} says "
             f"num_hidden_layers={config.num_hidden_layers}")
+    if len(layers) < config.num_hidden_layers:  # (before listing the tensors of every layer config.json names)
+        missing = next(n for n in range(config.num_hidden_layers) if n not in layers)
+        raise CheckpointError(f"{some_file}: tensor {prefix}encoder.layer.{missing}.* is missing "
+                              f"({cfg_path} says num_hidden_layers={config.num_hidden_layers})")
     out = {}
     for name, shape in bert_tensor_shapes(config).items():
         stored = next((n for n in _stored_names(name, prefix) if n in where), None)
@@ -494,6 +509,11 @@ class SentenceEncoder:
         if not 1 <= max_seq_length <= config.max_position_embeddings:
             raise ValueError(f"max_seq_length must lie in [1, max_position_embeddings="
                              f"{config.max_position_embeddings}], got {max_seq_length}")
+        if isinstance(pooling, str) or not isinstance(pooling, Iterable):
+            raise TypeError(f"pooling must be a sequence of mode names, got {pooling!r}")
+        pooling = tuple(pooling)
+        if not pooling:
+            raise ValueError(f"pooling must name at least one mode (from: {', '.join(POOLING_MODES)})")
         for m in pooling:
             if m not in POOLING_MODES:
                 raise ValueError(f"unknown pooling mode {m!r} (supported: {', '.join(POOLING_MODES)})")
@@ -503,8 +523,7 @@ class SentenceEncoder:
         self.normalize_module = bool(normalize_module)
         # tokenizers cannot cut below the special tokens ([CLS] ... [SEP]) and then
         # leaves a text whole: longer than the position table kept below
-        post = tokenizer.post_processor
-        n_special = post.num_special_tokens_to_add(False) if post is not None else 0
+        n_special = _special_tokens(tokenizer)
         if max_seq_length < n_special:
             raise ValueError(f"max_seq_length must be at least the tokenizer's {n_special} special tokens, "
                              f"got {max_seq_length}")
@@ -577,10 +596,10 @@ class SentenceEncoder:
             tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise CheckpointError(f"{tok_path}: not a readable tokenizers file ({e})") from None
-        if tokenizer.get_vocab_size(with_added_tokens=True) > config.vocab_size:
-            raise CheckpointError(
-                f"{tok_path}: the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens "
-                f"but {config_path} has vocab_size={config.vocab_size}")
+        top_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top_id >= config.vocab_size:
+            raise CheckpointError(f"{tok_path}: the tokenizer has token ids up to {top_id} "
+                                  f"but {config_path} has vocab_size={config.vocab_size}")
 
         st_cfg_path = tdir / "sentence_bert_config.json"
         st_cfg = _read_json(st_cfg_path, "") if st_cfg_path.is_file() else {}
@@ -594,9 +613,12 @@ class SentenceEncoder:
             if not 1 <= max_seq_length <= config.max_position_embeddings:
                 raise CheckpointError(f"{source}: max length {max_seq_length} is outside [1, "
                                       f"max_position_embeddings={config.max_position_embeddings}] of {config_path}")
+            if max_seq_length < _special_tokens(tokenizer):
+                raise CheckpointError(f"{source}: max length {max_seq_length} is below the "
+                                      f"{_special_tokens(tokenizer)} special tokens of {tok_path}")
 
         if pooling is not None:
-            modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+            modes = (pooling,) if isinstance(pooling, str) else pooling  # (checked by the constructor)
         elif pool_path is not None:
             modes = _pooling_modes(_read_json(pool_path, "the pooling configuration"), pool_path,
                                    config.hidden_size)

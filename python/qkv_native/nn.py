@@ -524,6 +524,9 @@ class Sequential(Module):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layer {i} must be a qkv_native.nn.Module, got {type(layer).__name__}")
+            if any(layer is other for other in layers[:i]):  # its backward would see only its last input
+                raise ValueError(f"layer {i} appears twice: a layer keeps one input for its backward, "
+                                 f"so its weight gradient would miss the first use (use two layers)")
             setattr(self, str(i), layer)
             self.layers.append(layer)
 
