@@ -135,6 +135,20 @@ def test_softmax_cross_entropy(isa, rng, c, label_smoothing):
         assert loss == 0.0 and not grad.any()  # one class: probability 1, no loss
 
 
+@pytest.mark.parametrize("logits,target,want", [
+    ([1.0, 2.0, -np.inf], 0, 1.0 + np.log1p(np.exp(-1.0))),  # a -inf logit of weight 0 adds nothing
+    ([1.0, 2.0, -np.inf], 2, np.inf),                          # the target's probability is 0
+    ([3e38, -3e38], 0, 0.0),                                   # the shifted logits' sum overflows
+])
+def test_softmax_cross_entropy_without_smoothing_extremes(isa, logits, target, want):
+    """Without smoothing the loss is -log p[target] alone: its mean-logit term, -inf or NaN
+    here, once entered as 0·inf = NaN. (torch gives the same values.)"""
+    x = np.array([logits], np.float32)
+    loss, _ = qn.softmax_cross_entropy(x, np.array([target]))
+    want_ref, _ = ref.softmax_cross_entropy(x, np.array([target]))
+    assert loss == pytest.approx(want, rel=1e-6) and want_ref == pytest.approx(want, rel=1e-12)
+
+
 def test_softmax_cross_entropy_edge_cases(rng, restore_threads):
     logits = randn(rng, 3000, 17)
     targets = rng.integers(0, 17, 3000).astype(np.int32)

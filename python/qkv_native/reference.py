@@ -383,7 +383,8 @@ def attention(q, k, v, *, causal=False, key_lengths=None, bias=None, scale=None)
     row_sum = np.where(row_any, e.sum(axis=-1), 1.0)         # >= 1 on live rows
     lse = np.where(row_any, row_max + np.log(row_sum), -np.inf)
 
-    p = _probabilities(s, allowed, lse)
+    # e / row_sum, not exp(s - lse): at |lse| ~ 1e37, lse = max + log(sum) rounds back to max
+    p = np.where(allowed, e / row_sum[..., None], 0.0)
     o = np.einsum("bhij,bhjd->bhid", p, _expand_kv(v, num_heads))
     return o, lse
 
@@ -567,7 +568,8 @@ def softmax_cross_entropy(logits, targets, *, label_smoothing=0.0, ignore_index=
     logp = x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))  # (N, C) log-softmax
     eps = float(label_smoothing)
     target = (1.0 - eps) * np.eye(c)[safe_t] + eps / c  # (N, C)
-    row = -(target * logp).sum(axis=1)
+    terms = np.multiply(target, logp, out=np.zeros_like(logp), where=target > 0)  # a -inf logit of weight 0 adds 0
+    row = -terms.sum(axis=1)
     denom = max(int(valid.sum()), 1)
     loss = float(row[valid].sum() / denom)
     grad = (np.exp(logp) - target) * (valid[:, None] / denom)

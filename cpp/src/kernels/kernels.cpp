@@ -1095,7 +1095,10 @@ float xent_row(const float* x, idx c, idx t, float eps, float grad_scale, float*
   for (i = 0; i + W <= c; i += W) V::store(dx + i, V::mul(V::sub(V::mul(V::load(dx + i), inv), offv), sc));
   for (; i < c; ++i) dx[i] = (dx[i] * (1.0f / sum_e) - off) * grad_scale;
   dx[t] -= (1.0f - eps) * grad_scale;
-  return (1.0f - eps) * (log_sum - (x[t] - m)) + eps * (log_sum - sum_d / static_cast<float>(c));
+  // (without smoothing the mean term is left out, not multiplied by 0: it is -inf or NaN
+  // where a logit is -inf or the shifted logits overflow their sum, and 0·inf = NaN)
+  const float nll = log_sum - (x[t] - m);
+  return eps == 0.0f ? nll : (1.0f - eps) * nll + eps * (log_sum - sum_d / static_cast<float>(c));
 }
 
 // ---------------------------------------------------------------------------
