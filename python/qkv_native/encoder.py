@@ -519,7 +519,7 @@ class SentenceEncoder:
                 raise ValueError(f"unknown pooling mode {m!r} (supported: {', '.join(POOLING_MODES)})")
         self.config = config
         self.max_seq_length = int(max_seq_length)
-        self.pooling = tuple(pooling)
+        self.pooling = pooling
         self.normalize_module = bool(normalize_module)
         # tokenizers cannot cut below the special tokens ([CLS] ... [SEP]) and then
         # leaves a text whole: longer than the position table kept below
@@ -613,9 +613,10 @@ class SentenceEncoder:
             if not 1 <= max_seq_length <= config.max_position_embeddings:
                 raise CheckpointError(f"{source}: max length {max_seq_length} is outside [1, "
                                       f"max_position_embeddings={config.max_position_embeddings}] of {config_path}")
-            if max_seq_length < _special_tokens(tokenizer):
+            n_special = _special_tokens(tokenizer)
+            if max_seq_length < n_special:  # (the constructor would name the argument, not the file)
                 raise CheckpointError(f"{source}: max length {max_seq_length} is below the "
-                                      f"{_special_tokens(tokenizer)} special tokens of {tok_path}")
+                                      f"{n_special} special tokens of {tok_path}")
 
         if pooling is not None:
             modes = (pooling,) if isinstance(pooling, str) else pooling  # (checked by the constructor)

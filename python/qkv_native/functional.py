@@ -248,6 +248,9 @@ def qkv_project_backward(
     return _core.qkv_project_backward(x, w_q, w_k, w_v, dq, dk, dv, num_heads, num_kv_heads, True, True, True)
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _positive_int(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
@@ -257,8 +260,6 @@ def _positive_int(n, name: str) -> int:
         raise ValueError(f"{name} must be below 2**63, got {n}")
     return int(n)
 
-
-_INT64_MAX = 2**63 - 1
 
 
 def _real(x, name: str) -> float:

@@ -310,12 +310,12 @@ class Module:
         ]
         if bad:
             raise ValueError("parameter shapes differ: " + "; ".join(bad))
-        not_real = [f"{n}: {np.asarray(state[n]).dtype}" for n in params if np.asarray(state[n]).dtype.kind not in "fiu"]
-        if not_real:
+        values = {n: np.asarray(state[n]) for n in params}
+        not_real = [f"{n}: {a.dtype}" for n, a in values.items() if a.dtype.kind not in "fiu"]
+        if not_real:  # (checked for all first: no copy below can fail halfway)
             raise ValueError("parameters must hold real numbers: " + "; ".join(not_real))
-        values = {n: np.asarray(state[n], dtype=F32) for n in params}  # all converted before any is copied
         for n, p in params.items():
-            np.copyto(p.data, values[n])
+            np.copyto(p.data, values[n], casting="unsafe")
 
     def rng_states(self) -> Dict[str, dict]:
         """The states of the random generators inside (dropout), by module path."""

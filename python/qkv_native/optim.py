@@ -16,7 +16,6 @@ count (saved in a checkpoint) is the whole schedule position.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -176,8 +175,7 @@ class _FlatParams:
 
 def _check_hyper(name: str, value: float, low: Optional[float] = 0.0) -> None:
     """A hyperparameter must be a finite real number (and >= low unless low is None)."""
-    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = _F._real(value, name)
     if not math.isfinite(value) or (low is not None and value < low):
         bound = "" if low is None else f" >= {low:g}"
         raise ValueError(f"{name} must be a finite number{bound}, got {value}")
