@@ -1,9 +1,9 @@
 """Threads and processes: concurrent calls give the serial results, the GIL is released
 inside every op, and the ops run in a spawn-started multiprocessing pool.
 
-fork(): a child forked after the OpenMP pool has started may hang in its first op (GNU
-libgomp keeps no thread pool across fork); the README says to use "spawn" or
-"forkserver", and that is what is tested here.
+fork(): GNU libgomp keeps no thread pool across fork, so a child forked after qkv_native
+ran an op on several threads runs its ops on one thread (Note [fork]); a child forked
+before keeps its threads. Pools with several threads per worker use "spawn", tested here.
 """
 
 from __future__ import annotations
@@ -273,6 +273,72 @@ def test_arrays_sent_to_a_spawn_pool(spawn_pool, rng):
     a, b = rng.standard_normal((33, 17)).astype(F32), rng.standard_normal((17, 9)).astype(F32)
     got = spawn_pool.map(_worker_with_arrays, [(a, b)])[0]
     np.testing.assert_array_equal(got, qn.matmul(a, b))
+
+
+def _run_forking(code):
+    """Runs ``code`` in a fresh interpreter (a hang ends at the timeout); returns the result."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_child_forked_after_threads_ran_runs_on_one_thread():
+    """Note [fork]. Bug: after a 2-thread matmul in the parent, the same matmul in a forked
+    child (a multiprocessing 'fork' pool worker) waited forever for the parent's OpenMP
+    workers, which fork() does not copy."""
+    code = """
+        import os, sys
+        import numpy as np
+        import qkv_native as qn
+        qn.set_num_threads(2)
+        a = (np.arange(256 * 256, dtype=np.float32).reshape(256, 256) % 97) / 97
+        q = (np.arange(2 * 4 * 200 * 32, dtype=np.float32).reshape(2, 4, 200, 32) % 13) / 13
+        want, want_o = qn.matmul(a, a), qn.attention(q, q, q, causal=True)  # teams of 2 threads
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            if not (np.array_equal(qn.matmul(a, a), want) and np.array_equal(qn.attention(q, q, q, causal=True), want_o)):
+                code = 3
+            if qn.get_num_threads() != 1:
+                code = 4
+            try:
+                qn.set_num_threads(2)
+                code = 5
+            except RuntimeError as e:
+                if "spawn" not in str(e):
+                    code = 6
+            qn.set_num_threads(1)  # allowed
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert qn.get_num_threads() == 2, "the parent keeps its threads"
+        assert np.array_equal(qn.matmul(a, a), want)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """
+    r = _run_forking(code)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_child_forked_before_threads_ran_keeps_them():
+    """Note [fork]: a parent that ran its ops on one thread has no OpenMP pool to lose, so
+    its forked child may use several threads."""
+    code = """
+        import os, sys
+        import numpy as np
+        import qkv_native as qn
+        qn.set_num_threads(1)
+        a = (np.arange(256 * 256, dtype=np.float32).reshape(256, 256) % 97) / 97
+        want = qn.matmul(a, a)
+        pid = os.fork()
+        if pid == 0:
+            qn.set_num_threads(2)
+            ok = qn.get_num_threads() == 2 and np.array_equal(qn.matmul(a, a), want)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """
+    r = _run_forking(code)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 
 
 def test_readme_says_how_to_fork():

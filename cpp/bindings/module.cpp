@@ -3,6 +3,10 @@
 // (python/qkv_native/functional.py) owns defaults and most user-facing checks; the
 // checks here are the ones memory safety depends on, so a direct call cannot crash.
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define QKV_HAVE_PTHREAD_ATFORK 1
+#endif
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -199,6 +203,25 @@ int thread_ceiling() {
   return n > 0 ? n : kMaxThreads;
 }
 int effective_threads() { return std::min(thread_ceiling(), omp_get_max_threads()); }
+
+// Note [fork]
+// GNU OpenMP keeps its worker threads in a pool that fork() does not copy. In a child
+// forked after the parent ran a team of several threads (multiprocessing's 'fork'
+// start method, the default on Linux before Python 3.14; a server that preloads and
+// forks workers), the next parallel region waits forever for workers that do not
+// exist: a matmul in a multiprocessing.Pool worker hung. So such a child runs every
+// op on one thread (set at the fork, in the child only; the parent keeps its
+// threads), and set_num_threads refuses more there with a RuntimeError that names
+// the way out: the 'spawn' or 'forkserver' start method. A child forked before any
+// team started (or from a parent that ran on one thread) keeps its threads. A team
+// started by another library on the same OpenMP runtime is not seen here.
+std::atomic<bool> g_forked_single{false};
+void after_fork_in_child() {  // a pthread_atfork child handler: atomics only
+  if (qkv::teams_started()) {
+    g_num_threads.store(1);
+    g_forked_single.store(true);
+  }
+}
 
 const qkv::KernelTable& active_kernels() {
   try {
@@ -1020,6 +1043,10 @@ py::dict cpu_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "qkv_native native core (private; use the qkv_native package)";
+#ifdef QKV_HAVE_PTHREAD_ATFORK
+  if (pthread_atfork(nullptr, nullptr, &after_fork_in_child) != 0)  // Note [fork]
+    throw std::runtime_error("qkv_native: pthread_atfork failed");
+#endif
   m.def("pack_weights", &PackedWeight::pack_all, py::arg("ws"), py::arg("trans") = false);
   py::class_<PackedWeight>(m, "PackedWeight",
                            "A weight packed once for many products (see qkv_native.pack_weight).")
@@ -1086,6 +1113,11 @@ PYBIND11_MODULE(_core, m) {
     if (n < 1 || n > kMaxThreads)
       throw py::value_error("set_num_threads: n must lie in [1, " + std::to_string(kMaxThreads) + "], got " +
                             std::to_string(n));
+    if (n > 1 && g_forked_single.load())  // Note [fork]
+      throw std::runtime_error(
+          "set_num_threads: this process was forked after qkv_native ran on several threads; OpenMP cannot "
+          "start threads in such a child (they would hang), so ops here run on 1 thread. For workers with "
+          "several threads each, use the 'spawn' or 'forkserver' start method (multiprocessing.get_context)");
     g_num_threads.store(n);
     omp_set_num_threads(n);
   });

@@ -13,6 +13,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <numeric>
 #include <vector>
@@ -33,7 +34,18 @@ int threads_for(double work, double min_work) {
   return t >= max_t ? max_t : static_cast<int>(t);
 }
 
-int team_size(int nt) { return nt <= 1 ? 1 : omp_get_max_threads(); }
+namespace {
+std::atomic<bool> g_teams_started{false};
+}  // namespace
+
+int team_size(int nt) {
+  if (nt <= 1) return 1;
+  const int n = omp_get_max_threads();
+  if (n > 1 && !g_teams_started.load(std::memory_order_relaxed)) g_teams_started.store(true);
+  return n;
+}
+
+bool teams_started() { return g_teams_started.load(); }
 
 namespace {
 

@@ -105,7 +105,11 @@ def cache_info() -> dict:
 
 def set_num_threads(n: int) -> None:
     """Limit the OpenMP threads every native op uses (default: OMP_NUM_THREADS or all
-    cores; at most ``_core.MAX_THREADS`` = 1024 either way). n: an int in [1, 1024]."""
+    cores; at most ``_core.MAX_THREADS`` = 1024 either way). n: an int in [1, 1024].
+
+    In a process forked after qkv_native ran an op on several threads, ops run on one
+    thread and n > 1 raises RuntimeError: OpenMP's threads do not survive ``fork()``
+    (use the ``spawn`` or ``forkserver`` start method for multi-threaded workers)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     if not 1 <= n <= _core.MAX_THREADS:

@@ -96,4 +96,9 @@ int threads_for(double work, double min_work);
 // Per-thread scratch is sized by the team.
 int team_size(int nt);
 
+// True once team_size has sized a team of more than one thread in this process (the
+// OpenMP runtime may then hold worker threads that fork() does not copy: Note [fork]
+// in cpp/bindings/module.cpp).
+bool teams_started();
+
 }  // namespace qkv
