@@ -205,9 +205,14 @@ def test_projection_out(proj):
     buf = np.zeros((2, 3, 8 + 16), np.float32)
     x_view = buf[:, :, :8]
     x_view[...] = x
-    q_alias = buf[:, :, 8:].reshape(2, 3, 4, 4).transpose(0, 2, 1, 3)
+    q_alias = buf[:, :, :16].reshape(2, 3, 4, 4).transpose(0, 2, 1, 3)  # its first 8 columns are x's
     with raises(ValueError, "out[0]", "overlap", "x"):
         qn.qkv_project(x_view, wq, wk, wv, out=(q_alias, k, v), **kw)
+    # beside x in the same rows (no element shared: the exact test) is fine
+    q_beside = buf[:, :, 8:].reshape(2, 3, 4, 4).transpose(0, 2, 1, 3)
+    want = qn.qkv_project(x, wq, wk, wv, **kw)[0]
+    assert qn.qkv_project(x_view, wq, wk, wv, out=(q_beside, k, v), **kw)[0] is q_beside
+    np.testing.assert_array_equal(q_beside, want)
     w_buf = np.zeros(64, np.float32)
     w_buf[:] = wk.ravel()
     k_alias = w_buf[16:].reshape(2, 2, 3, 4)  # shares memory with w_k
@@ -567,3 +572,80 @@ def test_layer_norm_needs_a_feature():
         qn.layer_norm(np.zeros((3, 0), np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32))
     with raises(ValueError, "bogus"):
         _core.set_isa("bogus")
+
+
+def misaligned(a):
+    """a's values in a view at an odd byte offset (flags.aligned is False)."""
+    r = np.zeros(a.nbytes + 1, np.uint8)[1:].view(a.dtype).reshape(a.shape)
+    r[...] = a
+    return r
+
+
+def test_misaligned_bias_and_integer_arrays(att, rng):
+    """Bug: a bias at an odd byte offset was read through a misaligned float pointer, and
+    key_lengths, cu_seqlens and the optimizers' offsets through misaligned integer ones
+    (undefined behaviour), where every other float argument raised. Now the bias raises
+    like the others, and the integer arrays (small) are read by copy: the same results."""
+    q, k, v = att
+    bias = misaligned(randn(rng, 2, 4, 5, 6))
+    assert not bias.flags.aligned
+    with raises(ValueError, "bias", "aligned"):
+        qn.attention(q, k, v, bias=bias)
+    kl = np.array([6, 3], np.int64)
+    np.testing.assert_array_equal(qn.attention(q, k, v, key_lengths=misaligned(kl)),
+                                  qn.attention(q, k, v, key_lengths=kl))
+    qp, kp, vp = randn(rng, 5, 4, 8), randn(rng, 6, 2, 8), randn(rng, 6, 2, 3)
+    for dt in (np.int32, np.int64):
+        cu_q, cu_k = np.array([0, 2, 5], dt), np.array([0, 3, 6], dt)
+        want = qn.attention_varlen(qp, kp, vp, cu_q, cu_k, causal=True)
+        got = qn.attention_varlen(qp, kp, vp, misaligned(cu_q), misaligned(cu_k), causal=True)
+        np.testing.assert_array_equal(got, want)
+    w, g = randn(rng, 6), randn(rng, 6)
+    outs = []
+    for offsets in (np.array([0, 2, 6]), misaligned(np.array([0, 2, 6]))):
+        w1, m, vv = w.copy(), np.zeros(6, np.float32), np.zeros(6, np.float32)
+        qn.functional.adam_update(w1, g, m, vv, offsets, np.array([True, False]), lr=0.1, betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=0.1, decoupled=True, step=1)
+        outs.append(w1)
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_rows_of_nd_inputs_need_a_contiguous_last_axis(rng):
+    """Bug: linear, gelu and layer_norm reshaped an N-D x whose last axis is strided into a
+    silent copy, where the same x as a 2-D array raised (as the README says)."""
+    x = np.asfortranarray(randn(rng, 4, 6, 7))
+    w = randn(rng, 7, 3)
+    with raises(ValueError, "x", "contiguous in its last axis"):
+        qn.linear(x, w)
+    with raises(ValueError, "x", "contiguous in its last axis"):
+        qn.gelu(x)
+    with raises(ValueError, "x", "contiguous in its last axis"):
+        qn.layer_norm(x, np.ones(7, np.float32), np.zeros(7, np.float32))
+    # leading axes that cannot be merged are fine (their rows are read as given)
+    x2 = randn(rng, 4, 12, 7)[:, ::2]
+    np.testing.assert_allclose(qn.linear(x2, w), x2.astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_out_interleaved_with_the_inputs_is_not_an_overlap(rng):
+    """Bug: q, k, v and out as slots of one token-major buffer share an address range but
+    no element; the overlap check compared ranges and refused them ('out must not
+    overlap the input q')."""
+    b, s, h, d = 2, 5, 3, 8
+    buf = randn(rng, b, s, 4, h, d)
+    q, k, v, o = (buf[:, :, i].transpose(0, 2, 1, 3) for i in range(4))
+    want = qn.attention(q.copy(), k.copy(), v.copy(), causal=True)
+    got = qn.attention(q, k, v, causal=True, out=o)
+    assert got is o
+    np.testing.assert_array_equal(buf[:, :, 3].transpose(0, 2, 1, 3), want)
+
+
+def test_messages_name_what_was_passed(rng):
+    """A NumPy scalar is named as one (was: 'must be a numpy.ndarray of float32, got
+    float32'); a packed weight with a strided last axis is named w_qkv (was: w_q, an
+    internal slice of it)."""
+    w = randn(rng, 1, 3)
+    with raises(TypeError, "x", "numpy.float32"):
+        qn.linear(np.float32(1.0), w)
+    x = randn(rng, 2, 3, 8)
+    with raises(ValueError, "w_qkv", "contiguous"):
+        qn.qkv_project_packed(x, np.asfortranarray(randn(rng, 8, 24)), num_heads=2, num_kv_heads=2)

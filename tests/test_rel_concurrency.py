@@ -341,6 +341,63 @@ def test_child_forked_before_threads_ran_keeps_them():
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("probe", ["fma_probe(0.05)", "stream_read(np.ones(1 << 20, np.float32))"])
+def test_child_forked_after_a_probe_runs(probe):
+    """Note [fork]. Bug: the bench's probes opened their parallel regions without going
+    through team_size, so a child forked after them alone believed no team had run and
+    hung in its first op."""
+    code = f"""
+        import os, sys
+        import numpy as np
+        import qkv_native as qn
+        from qkv_native import _core
+        qn.set_num_threads(2)
+        _core.{probe}
+        a = np.ones((256, 256), np.float32)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if qn.get_num_threads() == 1 and qn.matmul(a, a)[0, 0] == 256 else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """
+    r = _run_forking(code)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exit_while_a_daemon_thread_is_inside_an_op(threads):
+    """Note [exit during an op]. Bug: the interpreter ending a daemon thread that was
+    inside an op (as it asked for the GIL back) unwound through the GIL guard's
+    destructor: std::terminate, and the process aborted at exit (SIGABRT, 'terminate
+    called without an active exception') instead of exiting with status 0."""
+    code = f"""
+        import threading, time
+        import numpy as np
+        import qkv_native as qn
+        qn.set_num_threads({threads})
+        a = np.ones((400, 400), np.float32)
+        q = np.ones((1, 4, 700, 64), np.float32)
+        started = threading.Event()
+
+        def loop():
+            while True:
+                qn.matmul(a, a)
+                o, lse = qn.attention(q, q, q, return_lse=True)
+                started.set()
+                qn.attention_backward(o, q, q, q, o, lse)
+
+        for _ in range(2):
+            threading.Thread(target=loop, daemon=True).start()
+        started.wait(60)
+        time.sleep(0.05)
+        print("exiting", flush=True)
+    """
+    for _ in range(3):  # the abort was certain; the timing of the exit varies
+        r = _run_forking(code)
+        assert r.returncode == 0 and "exiting" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 def test_readme_says_how_to_fork():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert "fork" in readme and "spawn" in readme

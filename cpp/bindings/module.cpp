@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -96,6 +97,20 @@ Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = fa
 void expect_shape(const Arr& a, const char* name, const std::vector<idx>& shape) {
   if (a.shape != shape)
     value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_str(a.shape));
+}
+
+// Element i of a 1-D int64 (i64) or int32 array, read by copy: a view at an odd byte
+// offset is not aligned for the integer type, and dereferencing it would be undefined.
+idx read_int(const py::array& a, py::ssize_t i, bool i64) {
+  const char* p = static_cast<const char*>(a.data()) + i * a.strides(0);
+  if (i64) {
+    std::int64_t v;
+    std::memcpy(&v, p, sizeof v);
+    return static_cast<idx>(v);
+  }
+  std::int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return static_cast<idx>(v);
 }
 
 // Checked product of sizes: a ValueError, not an overflow, for absurd shapes.
@@ -232,14 +247,25 @@ const qkv::KernelTable& active_kernels() {
 }
 
 // Runs f with the GIL released, under this thread's OpenMP limit and set_num_threads.
+// Note [exit during an op]: the GIL is taken back by a plain call, not by a guard's
+// destructor. A daemon thread still inside an op when the interpreter exits is ended
+// by CPython as it asks for the GIL back (pthread_exit, which unwinds the stack); from
+// a destructor (noexcept) that unwinding called std::terminate, and the whole process
+// aborted at exit ("terminate called without an active exception", SIGABRT).
 template <class F>
 void run_native(F&& f) {
   const int n = thread_ceiling();
-  py::gil_scoped_release release;
-  // set_num_threads is a ceiling for every calling thread; a lower limit already in
-  // force in this thread (threadpoolctl, omp_set_num_threads) is kept.
-  if (n < omp_get_max_threads()) omp_set_num_threads(n);
-  f();
+  PyThreadState* const state = PyEval_SaveThread();
+  try {
+    // set_num_threads is a ceiling for every calling thread; a lower limit already in
+    // force in this thread (threadpoolctl, omp_set_num_threads) is kept.
+    if (n < omp_get_max_threads()) omp_set_num_threads(n);
+    f();
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+  PyEval_RestoreThread(state);
 }
 
 // A right operand packed once (Note [packed weights] in qkv/gemm.h): w (K, N), or
@@ -444,8 +470,7 @@ std::vector<std::int64_t> int64_vector(const py::object& obj, const char* name, 
                 shape_str(std::vector<idx>(a.shape(), a.shape() + a.ndim())));
   std::vector<std::int64_t> out(static_cast<size_t>(n));
   for (idx i = 0; i < n; ++i) {
-    const char* p = static_cast<const char*>(a.data()) + i * a.strides(0);
-    out[static_cast<size_t>(i)] = i8 ? *reinterpret_cast<const std::int64_t*>(p) : *reinterpret_cast<const std::int32_t*>(p);
+    out[static_cast<size_t>(i)] = read_int(a, i, i8);
   }
   return out;
 }
@@ -784,6 +809,7 @@ py::tuple qkv_project_backward(const py::object& x_obj, const py::object& wq_obj
   return py::make_tuple(dx, dwq, dwk, dwv, dbq, dbk, dbv);
 }
 
+
 // The shared checks of attention forward and backward; fills args (not o, lse).
 void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const Arr& v, bool causal,
                     const py::object& key_lengths, const py::object& bias, float scale,
@@ -816,9 +842,7 @@ void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const 
       value_error("key_lengths must have shape (batch=" + std::to_string(B) + ",)");
     lengths_store.resize(static_cast<size_t>(B));
     for (idx b = 0; b < B; ++b) {
-      const char* p = static_cast<const char*>(kl.data()) + b * kl.strides(0);
-      const idx len = is_dtype(kl.dtype(), 'i', 8) ? *reinterpret_cast<const int64_t*>(p)
-                                                               : *reinterpret_cast<const int32_t*>(p);
+      const idx len = read_int(kl, b, is_dtype(kl.dtype(), 'i', 8));
       if (len < 0 || len > Sk)
         value_error("key_lengths[" + std::to_string(b) + "] = " + std::to_string(len) + " is outside [0, seq_k=" +
                     std::to_string(Sk) + "]");
@@ -836,6 +860,8 @@ void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const 
     std::vector<idx> shape(ba.shape(), ba.shape() + 4);
     expect_shape(Arr{nullptr, shape, {}}, "bias", {B, H, Sq, Sk});
     args.bias = static_cast<const float*>(ba.data());
+    if (ba.size() > 0 && reinterpret_cast<std::uintptr_t>(args.bias) % alignof(float) != 0)
+      value_error("bias is not aligned to 4 bytes (a view at an odd byte offset); pass a copy");
     idx st[4];
     for (int i = 0; i < 4; ++i) {
       if (ba.strides(i) % 4 != 0) value_error("bias has a stride that is not a multiple of 4 bytes");
@@ -871,8 +897,7 @@ std::vector<idx> read_offsets(const py::object& obj, const char* name, idx total
   if (a.ndim() != 1 || a.shape(0) < 1) value_error(std::string(name) + " must have shape (batch + 1,)");
   std::vector<idx> cu(static_cast<size_t>(a.shape(0)));
   for (py::ssize_t i = 0; i < a.shape(0); ++i) {
-    const char* p = static_cast<const char*>(a.data()) + i * a.strides(0);
-    cu[static_cast<size_t>(i)] = i64 ? *reinterpret_cast<const int64_t*>(p) : *reinterpret_cast<const int32_t*>(p);
+    cu[static_cast<size_t>(i)] = read_int(a, i, i64);
     if ((i == 0 && cu[0] != 0) || (i > 0 && cu[static_cast<size_t>(i)] < cu[static_cast<size_t>(i) - 1]))
       value_error(std::string(name) + " must start at 0 and be non-decreasing");
   }
@@ -1159,7 +1184,7 @@ PYBIND11_MODULE(_core, m) {
     const auto& kt = active_kernels();
     double gflops = 0.0;
     run_native([&] {
-      const int nt = omp_get_max_threads();
+      const int nt = qkv::team_size(omp_get_max_threads());  // (a team: Note [fork])
       double total = 0.0;
       const double t0 = omp_get_wtime();
       const qkv::idx iters = 1 << 20;
@@ -1181,7 +1206,7 @@ PYBIND11_MODULE(_core, m) {
     const idx n = x.shape[0];
     float sum = 0.0f;
     run_native([&] {
-      const int nt = omp_get_max_threads();
+      const int nt = qkv::team_size(omp_get_max_threads());  // (a team: Note [fork])
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : sum)
       for (int t = 0; t < nt; ++t) {
         const idx lo = n * t / nt, hi = n * (t + 1) / nt;

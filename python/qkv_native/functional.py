@@ -44,9 +44,15 @@ __all__ = [
 ]
 
 
+def _type_name(x) -> str:
+    """x's type as a user reads it: ``list``, ``numpy.float32`` (a scalar, not an array)."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _check_array(x, name: str, ndim=None) -> np.ndarray:
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {_type_name(x)}")
     if x.dtype != np.float32:
         raise TypeError(
             f"{name} must have dtype float32, got {x.dtype} (convert explicitly with .astype(np.float32))"
@@ -60,7 +66,9 @@ def _check_no_overlap(out: Optional[np.ndarray], out_name: str, **inputs) -> Non
     if out is None:
         return
     for name, arr in inputs.items():
-        if arr is not None and isinstance(arr, np.ndarray) and np.may_share_memory(out, arr):
+        # the exact test: views of one buffer that interleave (q, k, v and out as slots of
+        # one token-major array) share an address range but no element
+        if arr is not None and isinstance(arr, np.ndarray) and np.shares_memory(out, arr):
             raise ValueError(f"{out_name} must not overlap the input {name}")
 
 
@@ -202,6 +210,7 @@ def qkv_project_packed(
     if isinstance(w_qkv, PackedWeight):
         return _core.qkv_project_packed(x, w_qkv, b_qkv, num_heads, num_kv_heads, *_check_outs(out, 4, x=x, b_qkv=b_qkv))
     _check_array(w_qkv, "w_qkv", 2)
+    _check_unit_last(w_qkv, "w_qkv")  # (its slices would be blamed as w_q, w_k, w_v)
     n = w_qkv.shape[1]
     heads = num_heads + 2 * num_kv_heads
     if n % heads != 0:
@@ -384,7 +393,8 @@ def attention_backward(
     """Gradients of :func:`attention` with respect to q, k and v (and the bias).
 
     do, o: (batch, num_heads, seq_q, d_v); lse: (batch, num_heads, seq_q) from
-    ``attention(..., return_lse=True)``; the masking arguments must be those of
+    ``attention(..., return_lse=True)``, C-contiguous as it returns it (unlike q, k, v,
+    do and o, lse is not read through strides); the masking arguments must be those of
     the forward. Returns (dq, dk, dv) with the shapes of q, k, v (for grouped-query
     attention dk/dv sum over the query heads of each group). Fully masked rows
     get zero gradients. Results do not depend on the thread count. ``out = (dq, dk, dv)``:
@@ -489,7 +499,8 @@ def attention_varlen_backward(
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of :func:`attention_varlen`: (dq, dk, dv) with the shapes of q, k, v.
 
-    do, o: (total_q, num_heads, d_v); lse: (num_heads, total_q) from the forward.
+    do, o: (total_q, num_heads, d_v); lse: (num_heads, total_q) from the forward,
+    C-contiguous as it returns it.
     """
     scale, cu_q, cu_k = _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
     _check_array(do, "do", 3)
@@ -498,10 +509,22 @@ def attention_varlen_backward(
     return _core.attention_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, bool(causal), scale)
 
 
+def _check_unit_last(x: np.ndarray, name: str) -> None:
+    """Refuses an array whose last axis is not contiguous, as the native ops do (before a
+    reshape would copy it silently)."""
+    if x.ndim and x.shape[-1] > 1 and x.size and x.strides[-1] != x.itemsize:
+        raise ValueError(
+            f"{name} must be contiguous in its last axis (stride 1), got a stride of {x.strides[-1]} bytes; "
+            f"pass np.ascontiguousarray({name})"
+        )
+
+
 def _rows(x: np.ndarray, name: str) -> np.ndarray:
-    """(..., n) -> (rows, n) view (a copy only when the leading axes cannot be merged)."""
+    """(..., n) -> (rows, n) view (a copy only when the leading axes cannot be merged;
+    the last axis must be contiguous, as for 2-D arrays)."""
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
+    _check_unit_last(x, name)
     return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
 
 
@@ -675,6 +698,7 @@ def adam_update(
     _flat_args(w, g, (("m", m), ("v", v)), offsets, decay)
     b1, b2 = betas
     wd = _real(weight_decay, "weight_decay")
+    step = _positive_int(step, "step")  # (t = 0 would divide by 1 - β^0 = 0)
     _core.adam_update(
         w, g, m, v, offsets, decay, b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**step), eps,
         lr / (1.0 - b1**step), (1.0 - lr * wd) if (wd and decoupled) else 1.0, wd if not decoupled else 0.0,
