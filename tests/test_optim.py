@@ -334,3 +334,101 @@ def test_native_update_errors_name_the_argument():
     with pytest.raises(ValueError, match="^buf must have shape"):
         F.sgd_update(w, g, np.zeros(6, F32), off, decay, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
                      weight_decay=0.0, first=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls, kw", [(optim.SGD, {"lr": 0.1, "momentum": 0.9}), (optim.AdamW, {"lr": 0.01})])
+def test_copied_optimizer_trains_like_the_original(how, cls, kw):
+    """Note [flat parameters]. Bug: a deepcopy or pickle of (model, optimizer) held the
+    parameters as standalone arrays, no longer views of the flat buffers, and its steps
+    updated the buffers alone: the copy's weights never moved (a copied Trainer printed
+    the same loss every epoch); its state_dict kept the state of the copying moment."""
+    import copy
+    import pickle
+
+    model = nn.Linear(4, 3, rng=np.random.default_rng(0))
+    opt = cls(model, **kw)
+    rng = np.random.default_rng(1)
+    gs = [[rng.standard_normal(p.data.shape).astype(F32) for p in model.parameters()] for _ in range(3)]
+    run_steps(opt, list(model.parameters()), gs[:1])  # state that is not zero
+    m2, o2 = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    want = run_steps(opt, list(model.parameters()), gs[1:])
+    got = run_steps(o2, list(m2.parameters()), gs[1:])
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g, w)
+    a1, meta1 = opt.state_dict()
+    a2, meta2 = o2.state_dict()
+    assert meta1["step_count"] == meta2["step_count"] == 3
+    for k in a1:
+        np.testing.assert_array_equal(a2[k], a1[k])
+
+
+def test_schedule_parameters_are_checked():
+    """Bug: NaN/inf/negative factors and fractional step counts were taken: NaN or -inf
+    weights, or a negative learning rate that climbed the loss."""
+    for make in (lambda: optim.StepDecay(1, gamma=math.nan), lambda: optim.StepDecay(1, gamma=-1.0),
+                 lambda: optim.StepDecay(1, gamma=math.inf), lambda: optim.Cosine(5, min_factor=math.nan),
+                 lambda: optim.Cosine(5, min_factor=-3.0), lambda: optim.Cosine(0), lambda: optim.StepDecay(0),
+                 lambda: optim.LinearWarmup(-1)):
+        with pytest.raises(ValueError):
+            make()
+    for make in (lambda: optim.StepDecay(1.5), lambda: optim.Cosine(2.5), lambda: optim.LinearWarmup(2.5),
+                 lambda: optim.StepDecay(True), lambda: optim.LinearWarmup(2, after="cosine")):
+        with pytest.raises(TypeError):
+            make()
+
+
+def test_learning_rate_from_a_schedule_is_checked_before_the_update():
+    """A schedule whose factor overflows or is not finite raises ValueError at step(),
+    before any weight changes (gamma 1e200: the lr was -inf, then an OverflowError)."""
+
+    class Bad(optim.Schedule):
+        def factor(self, step):
+            return math.nan
+
+    ps, grads = make_params()
+    before = [p.data.copy() for p in ps]
+    for sched in (Bad(), optim.StepDecay(1, gamma=1e200)):
+        opt = optim.SGD(ps, lr=0.1, schedule=sched)
+        opt.step_count = 5
+        with pytest.raises(ValueError, match="learning rate"):
+            opt.step()
+        for p, b in zip(ps, before):
+            np.testing.assert_array_equal(p.data, b)
+
+
+def test_parameter_names_must_be_unique():
+    """Bug: two Parameters under one name were taken, and the state of one was lost in
+    state_dict (keyed by name)."""
+    p1, p2 = nn.Parameter(np.ones(2, F32)), nn.Parameter(np.ones(2, F32))
+    with pytest.raises(ValueError, match="'w'"):
+        optim.SGD([("w", p1), ("w", p2)], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="'0'"):
+        optim.SGD([p1, ("0", p2)], lr=0.1)
+
+
+def test_clip_grad_norm_max_norm_is_checked():
+    """Bug: max_norm = -1 flipped the gradients' signs, NaN disabled clipping silently."""
+    ps, grads = make_params()
+    for p, g in zip(ps, grads[0]):
+        p.grad[...] = g
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="max_norm"):
+            optim.clip_grad_norm(ps, bad)
+    with pytest.raises(TypeError, match="max_norm"):
+        optim.clip_grad_norm(ps, "1")
+    before = [p.grad.copy() for p in ps]
+    optim.clip_grad_norm(ps, math.inf)  # no clipping
+    for p, b in zip(ps, before):
+        np.testing.assert_array_equal(p.grad, b)
+
+
+def test_adam_update_step_must_be_positive():
+    """Bug: step = 0 divided by 1 - beta**0 = 0 (ZeroDivisionError)."""
+    from qkv_native import functional as F
+
+    w, g, m, v = (np.zeros(3, F32) for _ in range(4))
+    args = (w, g, m, v, np.array([0, 3]), np.array([True]))
+    for step, err in ((0, ValueError), (-1, ValueError), (1.0, TypeError)):
+        with pytest.raises(err, match="step"):
+            F.adam_update(*args, lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=True, step=step)

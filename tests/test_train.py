@@ -305,3 +305,125 @@ def test_no_samples_and_bad_batch_sizes():
             trainer.predict(x, batch_size=bad)
         with pytest.raises(ValueError, match="^batch_size must be a positive integer"):
             trainer.evaluate(x, y, batch_size=bad)
+
+
+def _ce_reference(logits, y, ignore_index=-100, eps=0.0):
+    """float64 mean over the non-ignored rows of torch's label-smoothed cross-entropy."""
+    z = logits.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    valid = y != ignore_index
+    rows = np.arange(len(y))[valid]
+    per_row = (1 - eps) * (lse[valid] - z[rows, y[valid]]) + eps * (lse[valid] - z[valid].mean(1))
+    return float(per_row.mean()) if len(rows) else 0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_losses_with_ignore_index_do_not_depend_on_batch_size(eps):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 4)).astype(F32)
+    y = np.array([0, 1, -100, -100, -100, 2, 1, -100, 0, 2])
+    loss = nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=eps)
+    trainer = Trainer(nn.Linear(4, 3), loss=loss, optimizer=optim.SGD(lr=0.0), progress=False)
+    want = _ce_reference(trainer.predict(x), y, eps=eps)
+    for bs in (1, 2, 3, 4, 10):
+        assert trainer.evaluate(x, y, batch_size=bs)["loss"] == pytest.approx(want, rel=1e-6)
+    # lr = 0: the epoch loss is the loss of the whole data set as one batch, whatever the batches
+    for bs in (1, 3, 10):
+        hist = Trainer(trainer.model, loss=loss, optimizer=optim.SGD(lr=0.0), progress=False).fit(
+            x, y, epochs=1, batch_size=bs, seed=3)
+        assert hist["loss"][0] == pytest.approx(want, rel=1e-6)
+    # every target ignored: a mean of nothing, 0 (as the loss itself)
+    assert trainer.evaluate(x, np.full(10, -100), batch_size=3)["loss"] == 0.0
+
+
+def test_mse_losses_unchanged_by_batch_size():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 3)).astype(F32)
+    y = rng.standard_normal((7, 2)).astype(F32)
+    trainer = Trainer(nn.Linear(3, 2), loss="mse", optimizer=optim.SGD(lr=0.0), progress=False)
+    want = float(np.mean((trainer.predict(x).astype(np.float64) - y) ** 2))
+    for bs in (1, 2, 7):
+        assert trainer.evaluate(x, y, batch_size=bs)["loss"] == pytest.approx(want, rel=1e-6)
+    assert trainer.fit(x, y, epochs=1, batch_size=3)["loss"][0] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"loss": 3}, TypeError, "^loss must be one of"),
+    ({"loss": "hinge"}, ValueError, "^loss must be one of"),
+    ({"optimizer": "adam"}, TypeError, "^optimizer must be a qkv_native.optim.Optimizer"),
+    ({"clip_grad_norm": -1.0}, ValueError, "^clip_grad_norm must be a number >= 0"),
+    ({"clip_grad_norm": float("nan")}, ValueError, "^clip_grad_norm must be a number >= 0"),
+    ({"clip_grad_norm": "1"}, TypeError, "^clip_grad_norm must be a real number"),
+    ({"clip_grad_norm": True}, TypeError, "^clip_grad_norm must be a real number"),
+])
+def test_trainer_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(nn.Linear(3, 2), progress=False, **kwargs)
+
+
+def test_trainer_accepts_good_arguments():
+    for clip in (0, 0.5, np.float32(2.0), float("inf")):
+        Trainer(nn.Linear(3, 2), progress=False, clip_grad_norm=clip)
+    x, y = toy_data(n=8)
+    trainer = Trainer(small_model(), progress=False)
+    trainer.fit(x, y, epochs=np.int64(1), batch_size=np.int32(4), seed=np.uint8(2))
+    assert trainer.epoch == 1 and trainer.seed == 2
+    assert trainer.fit(x, y, epochs=0)["loss"] == trainer.history["loss"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 2.5}, "^epochs must be an integer >= 0, got 2.5"),
+    ({"epochs": "3"}, "^epochs must be an integer >= 0, got '3'"),
+    ({"epochs": True}, "^epochs must be an integer >= 0"),
+    ({"epochs": -1}, "^epochs must be an integer >= 0"),
+    ({"epochs": 1, "seed": -1}, "^seed must be an integer >= 0, got -1"),
+    ({"epochs": 1, "seed": 1.0}, "^seed must be an integer >= 0"),
+    ({"epochs": 1, "seed": False}, "^seed must be an integer >= 0"),
+])
+def test_fit_rejects_bad_epochs_and_seed_before_training(kwargs, message):
+    x, y = toy_data(n=8)
+    trainer = Trainer(small_model(), progress=False)
+    w0 = trainer.model.state_dict()
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(x, y, **kwargs)
+    assert trainer.epoch == 0 and trainer.seed == 0 and trainer.history == {}
+    assert all(np.array_equal(a, trainer.model.state_dict()[k]) for k, a in w0.items())
+
+
+def test_evaluate_rejects_no_samples():
+    x, y = toy_data()
+    trainer = Trainer(small_model(), progress=False)
+    with pytest.raises(ValueError, match="^x holds no samples"):
+        trainer.evaluate(x[:0], y[:0])
+
+
+def test_callback_arguments_are_checked_at_construction(tmp_path):
+    for every in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="^every must be a positive integer"):
+            ModelCheckpoint(str(tmp_path / "a.npz"), every=every)
+    ModelCheckpoint(str(tmp_path / "a.npz"), every=np.int64(2))
+    for patience in (-1, 2.5, None):
+        with pytest.raises(ValueError, match="^patience must be an integer >= 0"):
+            EarlyStopping(patience=patience)
+    for min_delta, error, says in ((float("nan"), ValueError, "a finite number >= 0"),
+                                   (-0.1, ValueError, "a finite number >= 0"),
+                                   (float("inf"), ValueError, "a finite number >= 0"), ("0", TypeError, "a real number")):
+        with pytest.raises(error, match=f"^min_delta must be {says}"):
+            EarlyStopping(min_delta=min_delta)
+    EarlyStopping(patience=0, min_delta=0)
+
+
+def test_early_stopping_restores_best_only_when_stopped_early():
+    # mode "max" on a falling loss: the best epoch is the first one
+    x, y = toy_data(n=32)
+
+    def run(patience):
+        es = EarlyStopping("loss", mode="max", patience=patience)
+        trainer = Trainer(small_model(), optimizer=optim.SGD(lr=0.5), progress=False, callbacks=[es])
+        trainer.fit(x, y, epochs=4, batch_size=8)
+        best = es._best_weights
+        now = trainer.model.state_dict()
+        return trainer.epoch, es.best_epoch, all(np.array_equal(best[k], now[k]) for k in best)
+
+    assert run(patience=1) == (2, 0, True)  # stopped early: the best epoch's weights are back
+    assert run(patience=100) == (4, 0, False)  # the epochs ran out: the last epoch's weights stay

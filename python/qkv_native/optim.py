@@ -63,12 +63,13 @@ class Constant(Schedule):
 
 
 class StepDecay(Schedule):
-    """factor = gamma ** (step // step_size) (torch's StepLR, counted in steps)."""
+    """factor = gamma ** (step // step_size) (torch's StepLR, counted in steps).
+    step_size: a positive int; gamma: a finite number >= 0."""
 
     def __init__(self, step_size: int, gamma: float = 0.1):
-        if step_size <= 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
-        self.step_size, self.gamma = int(step_size), float(gamma)
+        self.step_size = _F._positive_int(step_size, "step_size")
+        _check_hyper("gamma", gamma)
+        self.gamma = float(gamma)
 
     def factor(self, step: int) -> float:
         return self.gamma ** (step // self.step_size)
@@ -79,9 +80,9 @@ class Cosine(Schedule):
     factor = min + (1 - min) · (1 + cos(π · min(step, total) / total)) / 2."""
 
     def __init__(self, total_steps: int, min_factor: float = 0.0):
-        if total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {total_steps}")
-        self.total_steps, self.min_factor = int(total_steps), float(min_factor)
+        self.total_steps = _F._positive_int(total_steps, "total_steps")
+        _check_hyper("min_factor", min_factor)
+        self.min_factor = float(min_factor)
 
     def factor(self, step: int) -> float:
         t = min(step, self.total_steps) / self.total_steps
@@ -93,8 +94,12 @@ class LinearWarmup(Schedule):
     steps, then ``after`` (default constant) counted from the end of the warmup."""
 
     def __init__(self, warmup_steps: int, after: Optional[Schedule] = None):
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
+            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if after is not None and not isinstance(after, Schedule):
+            raise TypeError(f"after must be a Schedule or None, got {type(after).__name__}")
         self.warmup_steps, self.after = int(warmup_steps), after if after is not None else Constant()
 
     def factor(self, step: int) -> float:
@@ -113,12 +118,14 @@ def clip_grad_norm(params: Union[Iterable[Parameter], "Optimizer"], max_norm: fl
     norm over every parameter (torch.nn.utils.clip_grad_norm_). Returns ‖g‖
     before clipping. ``params`` may be an :class:`Optimizer`: then its flat
     gradient buffer is used (two whole-buffer operations, no per-parameter loop)."""
+    _check_hyper("max_norm", max_norm, allow_inf=True)  # (inf: no clipping, as in torch)
+    max_norm = float(max_norm)
     if isinstance(params, Optimizer):
         grads = [params.flat_grad()]
     else:
         grads = [p.grad.ravel() for p in params]
     total = math.sqrt(sum(float(np.dot(g, g)) for g in grads))
-    coef = min(1.0, float(max_norm) / (total + 1e-6))
+    coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
         for g in grads:
             g *= F32(coef)
@@ -173,12 +180,13 @@ class _FlatParams:
         return flat[self.offsets[i] : self.offsets[i + 1]].reshape(self.params[i].data.shape)
 
 
-def _check_hyper(name: str, value: float, low: Optional[float] = 0.0) -> None:
-    """A hyperparameter must be a finite real number (and >= low unless low is None)."""
+def _check_hyper(name: str, value: float, low: Optional[float] = 0.0, *, allow_inf: bool = False) -> None:
+    """A hyperparameter must be a real number, not NaN, >= low unless low is None, and
+    finite unless allow_inf (TypeError / ValueError naming it)."""
     value = _F._real(value, name)
-    if not math.isfinite(value) or (low is not None and value < low):
-        bound = "" if low is None else f" >= {low:g}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf) or (low is not None and value < low):
+        what = ("a number" if allow_inf else "a finite number") + ("" if low is None else f" >= {low:g}")
+        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 class Optimizer:
@@ -238,6 +246,10 @@ class Optimizer:
             raise ValueError("params is empty: nothing to optimize")
         if len({id(p) for _, p in named}) != len(named):
             raise ValueError("params lists the same Parameter twice")
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):  # (state and checkpoints are keyed by name)
+            dups = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"params names two Parameters alike: {dups}")
         self.params = named
         self._decay_mask = np.array([self.decay is None or bool(self.decay(n, p)) for n, p in named], np.bool_)
         self._flat = _FlatParams([p for _, p in named])
@@ -247,6 +259,19 @@ class Optimizer:
         }
         self.step_count = 0
         return self
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, pickle: a spawn worker, a saved Trainer) holds each
+        # parameter's data/grad and each state slot as standalone arrays, no longer views
+        # of its flat buffers: an update would have gone to the buffers alone, and the
+        # copy never trained. Bind them again (Note [flat parameters]).
+        self.__dict__.update(state)
+        if self.params:
+            self._flat = _FlatParams(self._flat.params)
+            self.state = {
+                name: {s: self._flat.view(self.flat_state[s], i) for s in self.slots}
+                for i, (name, _) in enumerate(self.params)
+            }
 
     def _ready(self) -> _FlatParams:
         """The flat buffers, rebuilt first if a parameter's arrays were replaced."""
@@ -261,8 +286,15 @@ class Optimizer:
         return self._ready().g
 
     def current_lr(self) -> float:
-        """The learning rate the next :meth:`step` uses."""
-        return self.lr * self.schedule.factor(self.step_count)
+        """The learning rate the next :meth:`step` uses (a finite number >= 0: a
+        schedule that gives anything else raises ValueError here, before any update)."""
+        try:
+            lr = self.lr * float(self.schedule.factor(self.step_count))
+        except OverflowError:
+            lr = math.inf
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"the schedule {self.schedule.config()} gives the learning rate {lr} at step {self.step_count}")
+        return lr
 
     def zero_grad(self) -> None:
         self._ready().g.fill(0.0)

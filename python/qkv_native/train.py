@@ -23,7 +23,7 @@ import numpy as np
 
 from . import nn as qnn
 from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
-from .optim import AdamW, Optimizer, clip_grad_norm
+from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm
 
 __all__ = [
     "Trainer",
@@ -65,8 +65,15 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` (a key of the epoch logs, e.g. "val_loss",
     "val_accuracy") has not improved by more than ``min_delta`` for ``patience``
     epochs. mode "min"/"max" ("auto": max for names containing "acc").
-    ``restore_best`` puts back the best epoch's weights at the end (the best
-    weights live in memory, not in checkpoints)."""
+    patience: an integer >= 0; min_delta: a finite number >= 0.
+
+    ``restore_best``: when training stops early (``trainer.stop_training`` set at the
+    end of :meth:`Trainer.fit`, by this or another callback), put back the weights of
+    the best epoch seen in this process. When ``fit`` ends because its ``epochs`` ran
+    out, the last epoch's weights stay (as Keras' ``restore_best_weights``), so that
+    ``fit(epochs=3)`` then ``fit(epochs=6)`` trains exactly as ``fit(epochs=6)``.
+    The best weights live in memory, not in checkpoints: after :meth:`Trainer.load`
+    there is nothing to restore until an epoch improves on the restored ``best``."""
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 5, min_delta: float = 0.0,
                  mode: str = "auto", restore_best: bool = True):
@@ -74,6 +81,8 @@ class EarlyStopping(Callback):
             mode = "max" if "acc" in monitor else "min"
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
+        _check_int(patience, "patience", 0)
+        _check_hyper("min_delta", min_delta)
         self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
         self.mode, self.restore_best = mode, bool(restore_best)
         self.best: Optional[float] = None
@@ -111,9 +120,10 @@ class EarlyStopping(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """Save the trainer to ``path`` every ``every`` epochs (atomic writes)."""
+    """Save the trainer to ``path`` every ``every`` epochs (atomic writes); every: an integer >= 1."""
 
     def __init__(self, path: str, every: int = 1):
+        _check_int(every, "every", 1)
         self.path, self.every = path, int(every)
 
     def on_epoch_end(self, trainer, epoch, logs):
@@ -135,9 +145,10 @@ class Trainer:
     """Mini-batch training of ``model`` (a :class:`qkv_native.nn.Module`).
 
     loss: "cross_entropy", "mse" or a loss object (``forward(pred, target) -> float``,
-    ``backward() -> dpred``). optimizer: an :class:`qkv_native.optim.Optimizer`
+    ``backward() -> dpred``); the reported losses are means over what the loss
+    averages (see :meth:`evaluate`). optimizer: an :class:`qkv_native.optim.Optimizer`
     (attached to the model's parameters here if it is not yet); default AdamW(lr=1e-3).
-    clip_grad_norm: clip the global gradient norm to this before each step.
+    clip_grad_norm: clip the global gradient norm to this (a number >= 0) before each step.
     progress: per-epoch progress (tqdm when installed, else one printed line per epoch).
     """
 
@@ -157,6 +168,13 @@ class Trainer:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)} or a loss object, got {loss!r}")
             loss = _LOSSES[loss]()
+        elif not (callable(getattr(loss, "forward", None)) and callable(getattr(loss, "backward", None))):
+            raise TypeError(f"loss must be one of {sorted(_LOSSES)} or a loss object with forward(pred, target) "
+                            f"and backward() methods, got {type(loss).__name__}")
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a qkv_native.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if clip_grad_norm is not None:
+            _check_hyper("clip_grad_norm", clip_grad_norm, allow_inf=True)
         self.model, self.loss = model, loss
         self.optimizer = optimizer if optimizer is not None else AdamW(lr=1e-3)
         if not self.optimizer.attached:
@@ -197,6 +215,16 @@ class Trainer:
         valid = yb != self.loss.ignore_index
         return int(np.sum((out.argmax(axis=-1) == yb) & valid)), int(valid.sum())
 
+    def _loss_count(self, out: np.ndarray, yb: np.ndarray) -> int:
+        """How many terms the loss of this batch is the mean of, so that batch losses
+        weighted by it sum to the loss of the whole data as one batch: the targets
+        that are not ``ignore_index`` (cross-entropy), the elements (MSE), else the samples."""
+        if isinstance(self.loss, CrossEntropyLoss):
+            return int(np.count_nonzero(np.asarray(yb) != self.loss.ignore_index))
+        if isinstance(self.loss, MSELoss):
+            return int(np.size(out))
+        return len(yb)
+
     # -- fit / evaluate / predict -----------------------------------------------
     def fit(
         self,
@@ -213,13 +241,19 @@ class Trainer:
         :meth:`load` continues from its checkpoint's epoch). x: (n, ...) float32
         inputs, y: (n, ...) targets. Returns the history: per-epoch lists of
         "loss", "accuracy" (classification), "val_loss", "val_accuracy",
-        "time" (s), "samples_per_s", "lr". seed: the batch order (default: the
+        "time" (s), "samples_per_s", "lr". "loss" is the mean of the batch losses
+        weighted by what each averages (non-ignored targets for cross-entropy, see
+        :meth:`evaluate`), so it does not depend on how the data is cut into batches.
+        epochs: an integer >= 0; seed: an integer >= 0, the batch order (default: the
         trainer's, 0 or the one restored by :meth:`load`)."""
         x = _check_inputs(x, "x")
         y = np.asarray(y)
         if len(y) != len(x):
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-        _check_batch_size(batch_size)
+        _check_int(epochs, "epochs", 0)
+        _check_int(batch_size, "batch_size", 1)
+        if seed is not None:
+            _check_int(seed, "seed", 0)
         n = len(x)
         if n == 0:
             raise ValueError("x holds no samples: nothing to train on")
@@ -236,12 +270,13 @@ class Trainer:
             lr = self.optimizer.current_lr()
             bar = _progress_bar(n, f"epoch {e + 1}/{epochs}") if self.progress else None
             t0 = time.perf_counter()
-            loss_sum, correct, counted = 0.0, 0, 0
+            loss_sum, loss_count, correct, counted = 0.0, 0, 0, 0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 yb = y[idx]
                 loss, out = self.train_step(x[idx], yb)
-                loss_sum += loss * len(idx)
+                terms = self._loss_count(out, yb)
+                loss_sum, loss_count = loss_sum + float(loss) * terms, loss_count + terms
                 if self._classifies:
                     c, k = self._correct(out, yb)
                     correct, counted = correct + c, counted + k
@@ -253,7 +288,7 @@ class Trainer:
                     bar.update(len(idx))
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             dt = time.perf_counter() - t0
-            logs = {"loss": loss_sum / n}
+            logs = {"loss": loss_sum / max(loss_count, 1)}
             if self._classifies:
                 logs["accuracy"] = correct / max(counted, 1)
             if validation is not None:
@@ -274,26 +309,34 @@ class Trainer:
         return self.history
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Dict[str, float]:
-        """Mean loss (and accuracy for classification) in eval mode (no dropout)."""
+        """Mean loss (and accuracy for classification) in eval mode (no dropout).
+
+        The loss is that of all of x, y as one batch, whatever ``batch_size``: each
+        batch's loss is weighted by how many terms it averages (for cross-entropy the
+        targets that are not ``ignore_index``; all ignored: 0). x: (n, ...) with n >= 1."""
         x = _check_inputs(x, "x")
         y = np.asarray(y)
         if len(y) != len(x):
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-        _check_batch_size(batch_size)
+        _check_int(batch_size, "batch_size", 1)
+        if len(x) == 0:
+            raise ValueError("x holds no samples: nothing to evaluate")
         was_training = self.model.training
         self.model.eval()
         try:
-            loss_sum, correct, counted = 0.0, 0, 0
+            loss_sum, loss_count, correct, counted = 0.0, 0, 0, 0
             for start in range(0, len(x), batch_size):
                 xb, yb = x[start : start + batch_size], y[start : start + batch_size]
                 out = self.model.forward(xb)
-                loss_sum += self.loss.forward(out, yb) * len(xb)
+                loss = float(self.loss.forward(out, yb))
+                terms = self._loss_count(out, yb)
+                loss_sum, loss_count = loss_sum + loss * terms, loss_count + terms
                 if self._classifies:
                     c, k = self._correct(out, yb)
                     correct, counted = correct + c, counted + k
         finally:
             self.model.train(was_training)
-        result = {"loss": loss_sum / max(len(x), 1)}
+        result = {"loss": loss_sum / max(loss_count, 1)}
         if self._classifies:
             result["accuracy"] = correct / max(counted, 1)
         return result
@@ -301,7 +344,7 @@ class Trainer:
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The model's outputs for x in eval mode, batch by batch, concatenated."""
         x = _check_inputs(x, "x")
-        _check_batch_size(batch_size)
+        _check_int(batch_size, "batch_size", 1)
         if len(x) == 0:
             raise ValueError("x holds no samples: nothing to predict")
         was_training = self.model.training
@@ -375,9 +418,11 @@ class Trainer:
         self.epoch, self.seed, self.history = epoch, seed, history
 
 
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def _check_int(value, name: str, minimum: int) -> None:
+    """A Python or NumPy integer (not bool, not a float) >= minimum, else ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _check_inputs(x, name: str) -> np.ndarray:
