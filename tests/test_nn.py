@@ -379,6 +379,117 @@ def test_arguments_are_checked():
         nn.Embedding(5, 2).forward(np.array([[5]]))
 
 
+# every layer: a factory and its forward inputs (x is (batch=2, seq=3, d=4): distinct sizes, so
+# a permuted dy has the right size but not the right shape)
+_X = (2, 3, 4)
+_LAYERS = {
+    "Linear": (lambda: nn.Linear(4, 5), lambda r: [randn(r, *_X)], {}),
+    "Embedding": (lambda: nn.Embedding(7, 4), lambda r: [r.integers(0, 7, (2, 3))], {}),
+    "LearnedPositionalEmbedding": (lambda: nn.LearnedPositionalEmbedding(5, 4), lambda r: [randn(r, *_X)], {}),
+    "SinusoidalPositionalEncoding": (lambda: nn.SinusoidalPositionalEncoding(5, 4), lambda r: [randn(r, *_X)], {}),
+    "LayerNorm": (lambda: nn.LayerNorm(4), lambda r: [randn(r, *_X)], {}),
+    "GELU": (lambda: nn.GELU(), lambda r: [randn(r, *_X)], {}),
+    "GELU-tanh": (lambda: nn.GELU("tanh"), lambda r: [randn(r, *_X)], {}),
+    "ReLU": (lambda: nn.ReLU(), lambda r: [randn(r, *_X)], {}),
+    "Dropout": (lambda: nn.Dropout(0.5), lambda r: [randn(r, *_X)], {}),
+    "Dropout-eval": (lambda: nn.Dropout(0.5).eval(), lambda r: [randn(r, *_X)], {}),
+    "MultiHeadAttention": (lambda: nn.MultiHeadAttention(4, 2), lambda r: [randn(r, *_X)], {}),
+    "MultiHeadAttention-cross": (
+        lambda: nn.MultiHeadAttention(4, 2), lambda r: [randn(r, *_X), randn(r, 2, 5, 4)], {}
+    ),
+    "FeedForward": (lambda: nn.FeedForward(4, 8), lambda r: [randn(r, *_X)], {}),
+    "TransformerEncoderBlock": (
+        lambda: nn.TransformerEncoderBlock(4, 2, 8), lambda r: [randn(r, *_X)], {"key_lengths": np.array([3, 2])}
+    ),
+    "MeanPool": (lambda: nn.MeanPool(), lambda r: [randn(r, *_X)], {}),
+    "ClsToken": (lambda: nn.ClsToken(4), lambda r: [randn(r, *_X)], {}),
+    "ClsPool": (lambda: nn.ClsPool(), lambda r: [randn(r, *_X)], {}),
+    "Sequential": (
+        lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.MeanPool(), nn.Linear(6, 2)),
+        lambda r: [randn(r, *_X)], {},
+    ),
+}
+
+
+def _wrong_shapes(shape):
+    """Shapes a wrong dy could have: permuted (same size), broadcastable (1, ...), other last axis."""
+    cands = [shape[::-1], (1,) + shape[1:], shape[:-1] + (shape[-1] + 1,), shape + (1,)]
+    return [s for i, s in enumerate(cands) if s != shape and s not in cands[:i]]
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_backward_checks_dy(name):
+    """backward must refuse a dy that is not float32 of the forward output's shape (it used
+    to reshape, broadcast or convert it silently: wrong gradients, dx of a wrong shape) and
+    say plainly when there is no forward to differentiate."""
+    make, inputs, kwargs = _LAYERS[name]
+    rng = np.random.default_rng(0)
+    with pytest.raises(RuntimeError, match="call forward before backward"):
+        make().backward(np.ones(_X, F32))
+    layer = make()
+    y = layer.forward(*inputs(rng), **kwargs)
+    grads = {n: g.copy() for n, g in layer.grads.items()}
+    for shape in _wrong_shapes(y.shape):
+        with pytest.raises(ValueError, match=rf"dy must have the shape of {type(layer).__name__}'s forward "
+                                             rf"output \({y.shape[0]}, .*got \({shape[0]},"):
+            layer.backward(np.ones(shape, F32))
+    with pytest.raises(TypeError, match="dy must have dtype float32, got float64"):
+        layer.backward(np.ones(y.shape))
+    with pytest.raises(TypeError, match="dy must be a numpy.ndarray of float32, got list"):
+        layer.backward(np.ones(y.shape, F32).tolist())
+    for n, g in layer.grads.items():  # a refused dy accumulates nothing
+        np.testing.assert_array_equal(g, grads[n], err_msg=n)
+    out = layer.backward(randn(rng, *y.shape))  # the right dy still works
+    dx = out[0] if isinstance(out, tuple) else out
+    assert dx is None if name == "Embedding" else (dx.shape == _X and dx.dtype == F32)
+
+
+def test_losses_backward_needs_forward_and_scalar_dloss():
+    rng = np.random.default_rng(0)
+    logits, t = randn(rng, 3, 4), np.array([0, 3, 1])
+    for loss, args in ((nn.CrossEntropyLoss(), (logits, t)), (nn.MSELoss(), (logits, randn(rng, 3, 4)))):
+        with pytest.raises(RuntimeError, match=rf"{type(loss).__name__}.backward.*call forward before backward"):
+            loss.backward()
+        loss.forward(*args)
+        g = loss.backward()
+        np.testing.assert_allclose(loss.backward(np.float32(2.0)), 2 * g, rtol=1e-6)
+        with pytest.raises(TypeError, match="dloss must be a real scalar"):
+            loss.backward(np.ones((3, 1), F32))  # used to broadcast into the gradient
+
+
+@pytest.mark.parametrize(
+    "make,arg",
+    [
+        (lambda: nn.MultiHeadAttention(8, 2, d_head=0), "d_head"),
+        (lambda: nn.MultiHeadAttention(8, 2, d_head=-4), "d_head"),
+        (lambda: nn.MultiHeadAttention(0, 2), "d_model"),
+        (lambda: nn.MultiHeadAttention(8, 0), "num_heads"),
+        (lambda: nn.MultiHeadAttention(8, 2, num_kv_heads=0), "num_kv_heads"),
+        (lambda: nn.Linear(0, 3), "d_in"),
+        (lambda: nn.Linear(3, -1), "d_out"),
+        (lambda: nn.Embedding(0, 4), "num_embeddings"),
+        (lambda: nn.Embedding(5, 0), "d_model"),
+        (lambda: nn.LearnedPositionalEmbedding(0, 4), "max_seq"),
+        (lambda: nn.SinusoidalPositionalEncoding(4, 0), "d_model"),
+        (lambda: nn.LayerNorm(0), "d_model"),
+        (lambda: nn.ClsToken(-1), "d_model"),
+        (lambda: nn.FeedForward(4, 0), "d_ff"),
+        (lambda: nn.TransformerEncoderBlock(8, 2, 0), "d_ff"),
+    ],
+)
+def test_sizes_must_be_positive(make, arg):
+    with pytest.raises(ValueError, match=rf"^{arg} must be a positive int"):
+        make()
+
+
+def test_sizes_must_be_ints():
+    with pytest.raises(TypeError, match="d_head must be a positive int, got float"):
+        nn.MultiHeadAttention(8, 2, d_head=2.5)  # was truncated to 2
+    with pytest.raises(TypeError, match="d_in must be a positive int, got bool"):
+        nn.Linear(True, 3)
+    assert nn.Linear(np.int64(3), 2).d_in == 3
+
+
 # ----------------------------------------------------------------------------
 # against torch autograd, same weights
 # ----------------------------------------------------------------------------

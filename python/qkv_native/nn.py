@@ -4,6 +4,8 @@ Every layer is a :class:`Module` with ``forward(x) -> y`` and ``backward(dy) -> 
 ``forward`` keeps what ``backward`` needs (the cache of the *last* forward call);
 ``backward`` *accumulates* (``+=``) into each parameter's ``grad`` and returns the
 gradient of the input. Gradients keep accumulating until :meth:`Module.zero_grad`.
+``backward`` takes a float32 ``dy`` of exactly the shape of the last ``forward``'s
+output (TypeError, ValueError otherwise; RuntimeError before any ``forward``).
 
 Shapes use the project's names: ``batch``, ``seq`` (``seq_q``/``seq_k``),
 ``d_model``, ``num_heads``, ``num_kv_heads``, ``d_head``, ``d_ff``. Everything is
@@ -235,6 +237,7 @@ class Module:
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_out_shape", None)  # set by _output, checked by _check_dy
 
     def __setattr__(self, name, value):
         if "_params" not in self.__dict__:
@@ -254,6 +257,17 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
+
+    def _output(self, y: np.ndarray) -> np.ndarray:
+        """forward's last step: remember the shape of the output y (the shape backward's
+        dy must have) and return y."""
+        object.__setattr__(self, "_out_shape", y.shape)
+        return y
+
+    def _check_dy(self, dy) -> np.ndarray:
+        """backward's first step: dy must be a float32 ndarray of the shape of the last
+        forward's output (see :func:`_check_grad`). Returns dy, C-contiguous."""
+        return _check_grad(dy, self._out_shape, self)
 
     # -- parameters ----------------------------------------------------------
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
@@ -500,6 +514,35 @@ def _as_f32(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _require_forward(saved, owner) -> None:
+    """RuntimeError unless ``owner`` (a layer or loss) holds a forward to differentiate
+    (``saved``: what its forward kept, None before the first forward)."""
+    if saved is None:
+        raise RuntimeError(f"{type(owner).__name__}.backward: no saved forward (call forward before backward)")
+
+
+def _check_grad(dy, out_shape: Optional[Tuple[int, ...]], owner) -> np.ndarray:
+    """The check of every backward's incoming gradient: the forward ran (out_shape, the
+    shape of its output, is not None), dy is a float32 ndarray (no silent conversion)
+    and has exactly that shape (no reshape, no broadcast). Returns dy, C-contiguous."""
+    _require_forward(out_shape, owner)
+    dy = _as_f32(dy, "dy")
+    if dy.shape != out_shape:
+        raise ValueError(
+            f"dy must have the shape of {type(owner).__name__}'s forward output {out_shape}, got {dy.shape}"
+        )
+    return dy
+
+
+def _size(value, name: str) -> int:
+    """A layer size (d_model, num_heads, ...): an integer >= 1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
 def _key_lengths(key_lengths, batch: int, seq: Optional[int] = None):
     """key_lengths as int64 (batch,), each in [0, seq] when seq is given (attention checks its own)."""
     if key_lengths is None:
@@ -533,9 +576,10 @@ class Sequential(Module):
     def forward(self, x, key_lengths=None):
         for layer in self.layers:
             x = layer.forward(x, key_lengths=key_lengths) if layer.uses_key_lengths else layer.forward(x)
-        return x
+        return self._output(x)
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
         return dy
@@ -557,7 +601,7 @@ class Linear(Module):
     def __init__(self, d_in: int, d_out: int, *, bias: bool = True, init: str = "xavier_uniform", rng: RngLike = 0):
         super().__init__()
         g = _rng(rng)
-        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.d_in, self.d_out = _size(d_in, "d_in"), _size(d_out, "d_out")
         self.weight = Parameter(_init(init, g, (self.d_in, self.d_out), self.d_in, self.d_out))
         self.bias = Parameter(np.zeros(self.d_out, F32)) if bias else None
         self._x = None
@@ -572,11 +616,12 @@ class Linear(Module):
         x2 = x.reshape(-1, self.d_in)  # (N, d_in)
         self._x = x2
         y = linear(x2, self.weight.data, self.bias.data if self.bias is not None else None)  # (N, d_out)
-        return y.reshape(*x.shape[:-1], self.d_out)
+        return self._output(y.reshape(*x.shape[:-1], self.d_out))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (..., d_out)
         x2 = self._x  # (N, d_in)
-        dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_out)  # (N, d_out)
+        dy2 = dy.reshape(-1, self.d_out)  # (N, d_out)
         # forward: y = x · W + b
         matmul(x2, dy2, trans_a=True, beta=1.0, out=self.weight.grad)  # dW += xᵀ · dy
         if self.bias is not None:
@@ -591,7 +636,7 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, d_model: int, *, init: str = "normal", rng: RngLike = 0):
         super().__init__()
-        self.num_embeddings, self.d_model = int(num_embeddings), int(d_model)
+        self.num_embeddings, self.d_model = _size(num_embeddings, "num_embeddings"), _size(d_model, "d_model")
         self.weight = Parameter(_init(init, _rng(rng), (self.num_embeddings, self.d_model), 1, self.d_model))
         self._ids = None
 
@@ -605,9 +650,10 @@ class Embedding(Module):
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
             raise ValueError(f"ids must lie in [0, num_embeddings={self.num_embeddings}), got [{ids.min()}, {ids.max()}]")
         self._ids = ids
-        return self.weight.data[ids]
+        return self._output(self.weight.data[ids])
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (*ids.shape, d_model)
         # forward: y[b, s] = W[ids[b, s]]  ->  dW[ids[b, s]] += dy[b, s] (repeated ids add up)
         np.add.at(self.weight.grad, self._ids.reshape(-1), dy.reshape(-1, self.d_model))
         return None
@@ -618,7 +664,7 @@ class LearnedPositionalEmbedding(Module):
 
     def __init__(self, max_seq: int, d_model: int, *, init: str = "normal", rng: RngLike = 0):
         super().__init__()
-        self.max_seq, self.d_model = int(max_seq), int(d_model)
+        self.max_seq, self.d_model = _size(max_seq, "max_seq"), _size(d_model, "d_model")
         self.weight = Parameter(_init(init, _rng(rng), (self.max_seq, self.d_model), 1, self.d_model))
         self._seq = 0
 
@@ -627,9 +673,10 @@ class LearnedPositionalEmbedding(Module):
         if x.ndim != 3 or x.shape[1] > self.max_seq or x.shape[2] != self.d_model:
             raise ValueError(f"x must have shape (batch, seq <= {self.max_seq}, d_model={self.d_model}), got {x.shape}")
         self._seq = x.shape[1]
-        return x + self.weight.data[: self._seq]
+        return self._output(x + self.weight.data[: self._seq])
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (batch, seq, d_model)
         # forward: y = x + P[:seq]
         self.weight.grad[: self._seq] += dy.sum(axis=0)
         return dy
@@ -651,17 +698,17 @@ class SinusoidalPositionalEncoding(Module):
 
     def __init__(self, max_seq: int, d_model: int):
         super().__init__()
-        self.max_seq, self.d_model = int(max_seq), int(d_model)
+        self.max_seq, self.d_model = _size(max_seq, "max_seq"), _size(d_model, "d_model")
         self.table = sinusoidal_table(self.max_seq, self.d_model)
 
     def forward(self, x):
         x = _as_f32(x, "x")
         if x.ndim != 3 or x.shape[1] > self.max_seq or x.shape[2] != self.d_model:
             raise ValueError(f"x must have shape (batch, seq <= {self.max_seq}, d_model={self.d_model}), got {x.shape}")
-        return x + self.table[: x.shape[1]]
+        return self._output(x + self.table[: x.shape[1]])
 
     def backward(self, dy):
-        return dy  # forward: y = x + PE
+        return self._check_dy(dy)  # forward: y = x + PE
 
 
 class LayerNorm(Module):
@@ -669,7 +716,7 @@ class LayerNorm(Module):
 
     def __init__(self, d_model: int, *, eps: float = 1e-5):
         super().__init__()
-        self.d_model, self.eps = int(d_model), float(eps)
+        self.d_model, self.eps = _size(d_model, "d_model"), float(eps)
         self.weight = Parameter(np.ones(self.d_model, F32))
         self.bias = Parameter(np.zeros(self.d_model, F32))
         self._cache = None
@@ -684,9 +731,10 @@ class LayerNorm(Module):
         x2 = x.reshape(-1, self.d_model)
         out, mean, rstd = layernorm_forward(x2, self.weight.data, self.bias.data, self.eps)
         self._cache = (x2, mean, rstd)
-        return out.reshape(x.shape)
+        return self._output(out.reshape(x.shape))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (..., d_model)
         x2, mean, rstd = self._cache
         dx = layernorm_backward(
             dy.reshape(-1, self.d_model), x2, mean, rstd, self.weight.data, self.weight.grad, self.bias.grad
@@ -706,10 +754,10 @@ class GELU(Module):
 
     def forward(self, x):
         self._x = _as_f32(x, "x")
-        return gelu_forward(self._x, self.approximate)
+        return self._output(gelu_forward(self._x, self.approximate))
 
     def backward(self, dy):
-        return gelu_backward(dy, self._x, self.approximate)
+        return gelu_backward(self._check_dy(dy), self._x, self.approximate)
 
 
 class ReLU(Module):
@@ -722,9 +770,10 @@ class ReLU(Module):
     def forward(self, x):
         x = _as_f32(x, "x")
         self._pos = x > 0
-        return np.where(self._pos, x, F32(0.0))
+        return self._output(np.where(self._pos, x, F32(0.0)))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return np.where(self._pos, dy, F32(0.0))  # forward: y = x if x > 0 else 0
 
 
@@ -749,12 +798,13 @@ class Dropout(Module):
         x = _as_f32(x, "x")
         if not self.training or self.p == 0.0:
             self._mask = None
-            return x
+            return self._output(x)
         # one draw from the checkpointed generator seeds the native counter-based bits
         y, self._mask = dropout(x, self.p, int(self.rng.integers(0, 2**63)))
-        return y
+        return self._output(y)
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return dy if self._mask is None else dy * self._mask  # forward: y = x * mask
 
 
@@ -787,17 +837,15 @@ class MultiHeadAttention(Module):
         rng: RngLike = 0,
     ):
         super().__init__()
-        self.d_model, self.num_heads = int(d_model), int(num_heads)
-        self.num_kv_heads = self.num_heads if num_kv_heads is None else int(num_kv_heads)
-        if self.num_heads <= 0 or self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads ({self.num_kv_heads}) must be positive and divide num_heads ({self.num_heads})"
-            )
+        self.d_model, self.num_heads = _size(d_model, "d_model"), _size(num_heads, "num_heads")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else _size(num_kv_heads, "num_kv_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
         if d_head is None:
             if self.d_model % self.num_heads:
                 raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}), or pass d_head")
             d_head = self.d_model // self.num_heads
-        self.d_head, self.causal = int(d_head), bool(causal)
+        self.d_head, self.causal = _size(d_head, "d_head"), bool(causal)
         d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
         g = _rng(rng)
         self.w_q = Parameter(_init(init, g, (self.d_model, d_q), self.d_model, d_q))
@@ -867,14 +915,16 @@ class MultiHeadAttention(Module):
         o2 = o_buf.reshape(batch * seq_q, self.num_heads * self.d_head)  # (B·Sq, H·D), no copy
         y = linear(o2, self.w_o.data, self.b_o.data if self.has_bias else None)  # (B·Sq, d_model)
         self._cache = (projections, q, k, v, o, lse, o2, kl, mask, context)
-        return y.reshape(batch, seq_q, self.d_model)
+        return self._output(y.reshape(batch, seq_q, self.d_model))
 
     def backward(self, dy):
-        """Accumulates into all weights; returns dx, or (dx, dcontext) for cross-attention."""
+        """dy: (batch, seq_q, d_model). Accumulates into all weights; returns dx, or
+        (dx, dcontext) for cross-attention."""
+        dy = self._check_dy(dy)
         projections, q, k, v, o, lse, o2, kl, mask, context = self._cache
         batch, _, seq_q, _ = q.shape
         seq_k = k.shape[2]
-        dy2 = np.ascontiguousarray(dy, dtype=F32).reshape(-1, self.d_model)  # (B·Sq, d_model)
+        dy2 = dy.reshape(-1, self.d_model)  # (B·Sq, d_model)
         # forward: y = o2 · W_O + b_O
         matmul(o2, dy2, trans_a=True, beta=1.0, out=self.w_o.grad)  # dW_O += o2ᵀ · dy
         if self.has_bias:
@@ -916,6 +966,7 @@ class FeedForward(Module):
         init: str = "xavier_uniform", rng: RngLike = 0,
     ):
         super().__init__()
+        d_model, d_ff = _size(d_model, "d_model"), _size(d_ff, "d_ff")  # named as such, not as fc1's d_in/d_out
         g = _rng(rng)
         acts = {"gelu": lambda: GELU(), "gelu_tanh": lambda: GELU("tanh"), "relu": ReLU}
         if activation not in acts:
@@ -926,9 +977,10 @@ class FeedForward(Module):
         self.fc2 = Linear(d_ff, d_model, init=init, rng=g)
 
     def forward(self, x):
-        return self.fc2.forward(self.drop.forward(self.act.forward(self.fc1.forward(x))))
+        return self._output(self.fc2.forward(self.drop.forward(self.act.forward(self.fc1.forward(x)))))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)
         return self.fc1.backward(self.act.backward(self.drop.backward(self.fc2.backward(dy))))
 
 
@@ -973,11 +1025,12 @@ class TransformerEncoderBlock(Module):
     def forward(self, x, key_lengths=None):
         if self.norm_first:
             h = x + self.drop1.forward(self.attn.forward(self.ln1.forward(x), key_lengths=key_lengths))
-            return h + self.drop2.forward(self.ff.forward(self.ln2.forward(h)))
+            return self._output(h + self.drop2.forward(self.ff.forward(self.ln2.forward(h))))
         h = self.ln1.forward(x + self.drop1.forward(self.attn.forward(x, key_lengths=key_lengths)))
-        return self.ln2.forward(h + self.drop2.forward(self.ff.forward(h)))
+        return self._output(self.ln2.forward(h + self.drop2.forward(self.ff.forward(h))))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (batch, seq, d_model)
         if self.norm_first:
             # forward: y = h + drop2(ff(ln2(h)))
             dh = dy + self.ln2.backward(self.ff.backward(self.drop2.backward(dy)))
@@ -1014,9 +1067,10 @@ class MeanPool(Module):
             valid = np.arange(seq)[None, :] < kl[:, None]
             w = valid.astype(F32) / np.maximum(kl, 1).astype(F32)[:, None]  # (batch, seq)
         self._w = w
-        return np.einsum("bs,bsd->bd", w, x)
+        return self._output(np.einsum("bs,bsd->bd", w, x))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (batch, d_model)
         return self._w[:, :, None] * dy[:, None, :]  # forward: y[b] = Σ_s w[b, s] x[b, s]
 
 
@@ -1026,7 +1080,7 @@ class ClsToken(Module):
 
     def __init__(self, d_model: int, *, init: str = "normal", rng: RngLike = 0):
         super().__init__()
-        self.d_model = int(d_model)
+        self.d_model = _size(d_model, "d_model")
         self.token = Parameter(_init(init, _rng(rng), (self.d_model,), 1, self.d_model))
 
     def forward(self, x):
@@ -1034,9 +1088,10 @@ class ClsToken(Module):
         if x.ndim != 3 or x.shape[2] != self.d_model:
             raise ValueError(f"x must have shape (batch, seq, d_model={self.d_model}), got {x.shape}")
         tok = np.broadcast_to(self.token.data, (x.shape[0], 1, self.d_model))
-        return np.concatenate([tok, x], axis=1)
+        return self._output(np.concatenate([tok, x], axis=1))
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (batch, 1 + seq, d_model)
         self.token.grad += dy[:, 0].sum(axis=0)  # forward: y[:, 0] = token
         return dy[:, 1:]
 
@@ -1053,9 +1108,10 @@ class ClsPool(Module):
         if x.ndim != 3 or x.shape[1] == 0:
             raise ValueError(f"x must have shape (batch, seq >= 1, d_model), got {x.shape}")
         self._shape = x.shape
-        return x[:, 0].copy()
+        return self._output(x[:, 0].copy())
 
     def backward(self, dy):
+        dy = self._check_dy(dy)  # (batch, d_model)
         dx = np.zeros(self._shape, F32)
         dx[:, 0] = dy  # forward: y = x[:, 0]
         return dx
@@ -1064,6 +1120,14 @@ class ClsPool(Module):
 # ----------------------------------------------------------------------------
 # Losses: forward(prediction, target) -> float; backward() -> d loss / d prediction
 # ----------------------------------------------------------------------------
+
+
+def _dloss(dloss) -> float:
+    """A loss's backward seed: a real scalar (an array would broadcast into the gradient)."""
+    d = np.asarray(dloss)
+    if d.ndim != 0 or d.dtype.kind not in "fiu":
+        raise TypeError(f"dloss must be a real scalar, got {type(dloss).__name__} {d.dtype}{d.shape}")
+    return float(d)
 
 
 class CrossEntropyLoss:
@@ -1094,6 +1158,9 @@ class CrossEntropyLoss:
     __call__ = forward
 
     def backward(self, dloss: float = 1.0) -> np.ndarray:
+        """d (dloss·loss) / d logits, (..., C), of the last forward."""
+        _require_forward(self._grad, self)
+        dloss = _dloss(dloss)
         return self._grad if dloss == 1.0 else self._grad * F32(dloss)
 
 
@@ -1114,5 +1181,8 @@ class MSELoss:
     __call__ = forward
 
     def backward(self, dloss: float = 1.0) -> np.ndarray:
+        """d (dloss·loss) / d prediction, the shape of prediction, of the last forward."""
+        _require_forward(self._diff, self)
+        dloss = _dloss(dloss)
         # forward: loss = Σ diff² / n
         return self._diff * F32(2.0 * dloss / self._diff.size)
