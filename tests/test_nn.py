@@ -483,9 +483,9 @@ def test_sizes_must_be_positive(make, arg):
 
 
 def test_sizes_must_be_ints():
-    with pytest.raises(TypeError, match="d_head must be a positive int, got float"):
+    with pytest.raises(TypeError, match="d_head must be a positive integer, got float"):
         nn.MultiHeadAttention(8, 2, d_head=2.5)  # was truncated to 2
-    with pytest.raises(TypeError, match="d_in must be a positive int, got bool"):
+    with pytest.raises(TypeError, match="d_in must be a positive integer, got bool"):
         nn.Linear(True, 3)
     assert nn.Linear(np.int64(3), 2).d_in == 3
 

@@ -246,6 +246,35 @@ def test_digits_tokens():
     assert p.shape == (1, 16, 4) and p[0, 0].tolist() == [0, 1, 8, 9] and p[0, 5].tolist() == [18, 19, 26, 27]
 
 
+def test_stratified_split_checks_its_arguments():
+    from qkv_native.data import stratified_split
+
+    labels = np.array([0, 1, 0, 1, 2, 2, 0, 1], np.int64)
+    train, test = stratified_split(labels, 0.5, seed=np.int64(3))
+    assert len(train) + len(test) == len(labels) and set(train).isdisjoint(test)
+    assert test.max() < len(labels) and np.bincount(labels[test]).tolist() == [2, 2, 1]
+    with pytest.raises(ValueError, match="^labels must be a non-empty 1-D array, got shape \\(4, 2\\)"):
+        stratified_split(np.zeros((4, 2), np.int64), 0.5, 0)  # used to give test indices past the end
+    with pytest.raises(ValueError, match="^labels must be a non-empty 1-D array, got shape \\(0,\\)"):
+        stratified_split(np.array([], np.int64), 0.5, 0)
+    with pytest.raises(ValueError, match="^test_fraction 0.01 leaves no test sample"):
+        stratified_split(np.array([0] * 3 + [1] * 50), 0.01, 0)
+    with pytest.raises(ValueError, match="^test_fraction 0.99 leaves no train sample"):
+        stratified_split(labels, 0.99, 0)
+    for seed in (-1, 1.5, True, None):
+        with pytest.raises(ValueError, match="^seed must be an integer >= 0"):
+            stratified_split(labels, 0.5, seed)
+    with pytest.raises(ValueError, match="^test_fraction must lie in"):
+        stratified_split(labels, float("nan"), 0)
+
+
+def test_tokenize_images_rejects_a_list():
+    from qkv_native.data import tokenize_images
+
+    with pytest.raises(TypeError, match="^images must be a numpy.ndarray, got list"):
+        tokenize_images(np.zeros((2, 8, 8)).tolist())
+
+
 def test_train_subcommand_quick(tmp_path, capsys):
     pytest.importorskip("sklearn")
     ckpt = str(tmp_path / "digits.npz")

@@ -16,6 +16,8 @@ from typing import Tuple
 
 import numpy as np
 
+from .functional import _check_int
+
 __all__ = ["load_digits_images", "tokenize_images", "stratified_split", "load_digits_tokens"]
 
 LAYOUTS = ("rows", "patches")
@@ -37,6 +39,8 @@ def tokenize_images(images: np.ndarray, layout: str = "rows") -> np.ndarray:
     """images (n, 8, 8) -> tokens (n, 8, 8) for "rows", (n, 16, 4) for "patches"."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy.ndarray, got {type(images).__name__}")
     if images.ndim != 3 or images.shape[1:] != (8, 8):
         raise ValueError(f"images must have shape (n, 8, 8), got {images.shape}")
     n = images.shape[0]
@@ -49,9 +53,16 @@ def tokenize_images(images: np.ndarray, layout: str = "rows") -> np.ndarray:
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx): each class contributes round(test_fraction * count)
-    test samples, drawn with numpy.random.default_rng(seed); both index arrays sorted."""
+    test samples, drawn with numpy.random.default_rng(seed); both index arrays sorted.
+
+    labels: a non-empty 1-D array; seed: an integer >= 0. Raises ValueError when
+    the split would leave no train or no test sample."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    _check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
     test = []
     for c in np.unique(labels):  # one iteration per class, not per sample
@@ -59,6 +70,12 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Tup
         test.append(rng.permutation(idx)[: int(round(test_fraction * len(idx)))])
     test_idx = np.sort(np.concatenate(test))
     train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    if len(test_idx) == 0 or len(train_idx) == 0:
+        side = "test" if len(test_idx) == 0 else "train"
+        raise ValueError(
+            f"test_fraction {test_fraction} leaves no {side} sample ({len(labels)} samples; "
+            f"each class contributes round(test_fraction * count) test samples)"
+        )
     return train_idx, test_idx
 
 

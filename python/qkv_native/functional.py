@@ -260,6 +260,20 @@ def qkv_project_backward(
 _INT64_MAX = 2**63 - 1
 
 
+def _check_int(value, name: str, minimum: int = 1, *, type_error: bool = False) -> int:
+    """value as an int: a Python or NumPy integer (not a bool) >= minimum; otherwise a
+    ValueError naming it (a TypeError for a non-integer when ``type_error``). For sizes,
+    counts and seeds, where 2.5, True and -1 are all bad values."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if type_error:
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
 def _positive_int(n, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")

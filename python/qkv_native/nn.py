@@ -49,6 +49,7 @@ from .functional import (
     matmul,
     softmax_cross_entropy,
 )
+from .functional import _check_int
 from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
@@ -535,12 +536,8 @@ def _check_grad(dy, out_shape: Optional[Tuple[int, ...]], owner) -> np.ndarray:
 
 
 def _size(value, name: str) -> int:
-    """A layer size (d_model, num_heads, ...): an integer >= 1."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
+    """A layer size (d_model, num_heads, ...): an integer >= 1 (TypeError, ValueError otherwise)."""
+    return _check_int(value, name, type_error=True)
 
 
 def _key_lengths(key_lengths, batch: int, seq: Optional[int] = None):

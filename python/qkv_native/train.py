@@ -14,7 +14,6 @@ uninterrupted run with the same seed would be.
 
 from __future__ import annotations
 
-import numbers
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -23,6 +22,7 @@ import numpy as np
 
 from . import nn as qnn
 from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
+from .functional import _check_int
 from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm
 
 __all__ = [
@@ -416,13 +416,6 @@ class Trainer:
                 cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
         self.epoch, self.seed, self.history = epoch, seed, history
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-    """A Python or NumPy integer (not bool, not a float) >= minimum, else ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 def _check_inputs(x, name: str) -> np.ndarray:
