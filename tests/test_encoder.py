@@ -367,6 +367,53 @@ def test_encode_inputs(tmp_path):
     assert out.shape == (9, TINY_CONFIG["hidden_size"])
 
 
+def test_encode_argument_errors(tmp_path):
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    d = enc.embedding_dim
+    with pytest.raises(ValueError, match=r"texts\[1\] is not valid Unicode.*lone surrogate"):
+        enc.encode(["cat", "\ud800 dog"])
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid Unicode"):
+        enc.encode_into(["dog \udfff"], np.zeros((1, d), np.float32))
+    with pytest.raises(TypeError, match=r"texts\[0\] must be a str, got NoneType"):
+        enc.encode_into([None], np.zeros((1, d), np.float32))
+    for raw in (b"cat", bytearray(b"cat")):
+        with pytest.raises(TypeError, match="texts must be a str or an iterable of str, got (bytes|bytearray)"):
+            enc.encode(raw)
+    with pytest.raises(TypeError, match="single text"):
+        enc.encode_into("cat", np.zeros((3, d), np.float32))
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="normalize must be a bool"):
+            enc.encode(["cat"], normalize=bad)
+    np.testing.assert_array_equal(enc.encode(["cat"], normalize=np.bool_(False)),
+                                  enc.encode(["cat"], normalize=False))
+    # NumPy integers are integers; bools and floats are not
+    np.testing.assert_array_equal(enc.encode(["cat", "dog"], batch_size=np.int64(1)), enc.encode(["cat", "dog"]))
+    for bad in (True, 8.0, np.float64(8), "8", np.int64(0)):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            enc.encode(["cat"], batch_size=bad)
+    with pytest.raises(TypeError, match="out must be a float32 NumPy array"):
+        enc.encode_into(["cat"], [[0.0] * d])
+    read_only = np.zeros((1, d), np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        enc.encode_into(["cat"], read_only)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            enc.chunk_size = bad
+    assert enc.chunk_size == 8192
+    enc.chunk_size = np.int32(2)
+    assert enc.chunk_size == 2 and type(enc.chunk_size) is int
+    np.testing.assert_allclose(enc.encode(tiny_texts(5)), qe.SentenceEncoder.from_pretrained(tmp_path).encode(
+        tiny_texts(5)), rtol=0, atol=1e-6)
+
+
+def test_encode_docstring_names_the_note():
+    assert "Note [Packed batches]" in qe.SentenceEncoder.encode.__doc__
+    assert "Note [Packed batches]" in qe.__doc__
+    assert "Padded" not in qe.SentenceEncoder.encode.__doc__
+
+
 # ----------------------------------------------------------------------------
 # loading errors name the file and the problem
 # ----------------------------------------------------------------------------

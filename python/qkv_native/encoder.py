@@ -60,7 +60,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .functional import PackedWeight, pack_weights
+from .functional import PackedWeight, _check_int, pack_weights
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -678,35 +678,77 @@ class SentenceEncoder:
         A single string gives one (embedding_dim,) vector. ``normalize`` L2-normalises
         each embedding; with ``normalize=False`` the result is the model's output as
         sentence-transformers computes it (still unit length when modules.json lists
-        a Normalize module). Texts are batched by length (Note [Padded batches]);
-        the result does not depend on ``batch_size``.
+        a Normalize module). Texts are sorted by length and packed into batches without
+        padding (Note [Packed batches]); the result does not depend on ``batch_size``.
+        Raises ``TypeError`` for a text that is not a str (bytes included) and
+        ``ValueError`` for one that is not valid Unicode (a lone surrogate).
         """
+        if isinstance(texts, (bytes, bytearray, memoryview)):
+            raise TypeError(f"texts must be a str or an iterable of str, got {type(texts).__name__} "
+                            "(decode it first)")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        batch_size = self._check_args(texts, batch_size, normalize)
         out = np.empty((len(texts), self.embedding_dim), np.float32)
         progress = _Progress(len(texts), bool(show_progress_bar))
         try:
-            self.encode_into(texts, out, batch_size=batch_size, normalize=normalize, progress=progress)
+            self._encode_into(texts, out, batch_size, normalize, progress)
         finally:
             progress.close()
         return out[0] if single else out
 
-    #: Texts tokenized, sorted and batched together (bounds the memory of token ids).
-    chunk_size = 8192
+    @property
+    def chunk_size(self) -> int:
+        """Texts tokenized, sorted and batched together (bounds the memory of token ids)."""
+        return self._chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        self._chunk_size = _check_int(value, "chunk_size")
+
+    _chunk_size = 8192
 
     def encode_into(self, texts: Sequence[str], out: np.ndarray, *, batch_size: int = 32,
                     normalize: bool = True, progress: Optional[_Progress] = None) -> np.ndarray:
         """:meth:`encode` writing into ``out`` (len(texts), embedding_dim) float32, e.g. a memory map."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(texts, (str, bytes, bytearray, memoryview)):
+            raise TypeError(f"texts must be a sequence of str, got {type(texts).__name__}"
+                            + (" (use encode for a single text)" if isinstance(texts, str) else ""))
+        batch_size = self._check_args(texts, batch_size, normalize)
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a float32 NumPy array of shape ({len(texts)}, {self.embedding_dim}), "
+                            f"got {type(out).__name__}")
         if out.shape != (len(texts), self.embedding_dim) or out.dtype != np.float32:
             raise ValueError(f"out must be float32 of shape ({len(texts)}, {self.embedding_dim}), "
                              f"got {out.dtype} {out.shape}")
-        for c0 in range(0, len(texts), self.chunk_size):
-            chunk = self.tokenize(texts[c0:c0 + self.chunk_size])
+        if not out.flags.writeable:
+            raise ValueError("out is read-only")
+        return self._encode_into(texts, out, batch_size, normalize, progress)
+
+    @staticmethod
+    def _check_args(texts: Sequence[str], batch_size, normalize) -> int:
+        """Check encode's arguments (before any work); returns batch_size as an int."""
+        batch_size = _check_int(batch_size, "batch_size")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            if not t.isascii():
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:  # what the tokenizer cannot take
+                    raise ValueError(f"texts[{i}] is not valid Unicode: it holds a lone surrogate "
+                                     f"(U+{ord(t[e.start]):04X} at index {e.start})") from None
+        return batch_size
+
+    def _encode_into(self, texts: Sequence[str], out: np.ndarray, batch_size: int, normalize: bool,
+                     progress: Optional[_Progress]) -> np.ndarray:
+        """encode_into with its arguments checked."""
+        normalize = bool(normalize)
+        chunk_size = self.chunk_size
+        for c0 in range(0, len(texts), chunk_size):
+            chunk = self.tokenize(texts[c0:c0 + chunk_size])
             lengths = np.fromiter((len(e.ids) for e in chunk), np.int64, len(chunk))
             order = np.argsort(-lengths, kind="stable")  # longest first: the workspace grows once
             for b0 in range(0, len(chunk), batch_size):
