@@ -94,3 +94,173 @@ def test_python_dash_m():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "qkv-native" in done.stdout and "bench" in done.stdout
+
+
+# ----------------------------------------------------------------------------
+# qkv-native train: option values that used to crash later with a traceback
+# ----------------------------------------------------------------------------
+
+TINY_TRAIN = ["--epochs", "1", "--d-model", "8", "--num-heads", "2", "--d-ff", "8", "--num-layers", "1",
+              "--batch-size", "256", "--no-progress", "--threads", "1"]
+
+
+def _train(argv):
+    from qkv_native import train_cli
+
+    return train_cli.main([*TINY_TRAIN, *argv])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--test-fraction", "0.001"], "--test-fraction 0.001 leaves no test sample"),
+        (["--test-fraction", "0.999"], "--test-fraction 0.999 leaves no train sample"),
+        (["--checkpoint", ""], "--checkpoint needs a file name"),
+        (["--checkpoint", "", "--resume"], "--checkpoint needs a file name"),
+        (["--checkpoint", "{tmp}"], "is a directory"),
+        (["--checkpoint", "{tmp}/no-such-dir/ck.npz"], "its directory does not exist"),
+        (["--min-accuracy", "nan"], "--min-accuracy must be a finite number"),
+        (["--min-accuracy", "inf"], "--min-accuracy must be a finite number"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
+    ],
+)
+def test_train_option_errors_exit_2_before_training(args, message, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert _train([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("qkv-native train: error:") and message in captured.err
+    assert "Traceback" not in captured.err and "test accuracy" not in captured.out
+
+
+def test_train_resume_from_a_bad_checkpoint_exits_2(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    garbage = tmp_path / "garbage.ck"
+    garbage.write_text("garbage\n")
+    assert _train(["--checkpoint", str(garbage), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native train: error: --resume:") and "corrupt" in err
+
+    good = str(tmp_path / "good.ck")
+    assert _train(["--checkpoint", good]) == 0
+    capsys.readouterr()
+    for other in (["--d-model", "16"], ["--optimizer", "sgd"]):  # another architecture, another optimizer
+        assert _train(["--checkpoint", good, "--resume", *other]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("qkv-native train: error: --resume:"), captured.err
+        assert "does not match this trainer" in captured.err and "test accuracy" not in captured.out
+
+
+# ----------------------------------------------------------------------------
+# qkv-native embed: paths checked up front, a collision-free temporary file, SIGTERM
+# ----------------------------------------------------------------------------
+
+
+def _embed_setup(tmp_path):
+    from test_encoder import write_tiny_model  # (the tiny BERT its tests build; nothing is downloaded)
+
+    model = tmp_path / "model"
+    write_tiny_model(model)
+    src = tmp_path / "texts.txt"
+    src.write_text("the cat\nsat on the mat\n")
+    return model, src
+
+
+def _embed(model, src, dst, *more):
+    return cli.main(["embed", "--model", str(model), "--input", str(src), "--output", str(dst),
+                     "--no-progress", *more])
+
+
+def test_embed_path_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys):
+    import os
+
+    from qkv_native import encoder
+
+    model, src = _embed_setup(tmp_path)
+    (tmp_path / "a_dir").mkdir()
+    link = tmp_path / "link.txt"
+    link.symlink_to(src)
+
+    def no_work(*a, **kw):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(encoder.SentenceEncoder, "from_pretrained", no_work)
+    cases = [
+        (src, src, "is the input file"),
+        (src, link, "is the input file"),
+        (src, "", "--output needs a file name"),
+        (src, tmp_path / "a_dir", "a_dir: is a directory"),
+        (src, tmp_path / "nowhere" / "x.npy", "directory does not exist"),
+        ("-", tmp_path / "e.npy", "standard input is not supported"),
+        (tmp_path / "a_dir", tmp_path / "e.npy", "is a directory, not an input file"),
+        (tmp_path / "missing.txt", tmp_path / "e.npy", "input file not found"),
+    ]
+    if os.path.exists("/dev/null"):
+        cases.append(("/dev/null", tmp_path / "e.npy", "not a regular file"))
+    for s, d, message in cases:
+        assert _embed(model, s, d) == 2, (s, d)
+        err = capsys.readouterr().err
+        assert err.startswith("qkv-native embed: error: ") and message in err, err
+        assert "Traceback" not in err and "PosixPath" not in err
+    assert src.read_text() == "the cat\nsat on the mat\n"
+
+
+def test_embed_keeps_a_users_partial_file(tmp_path, capsys):
+    import numpy as np
+
+    model, src = _embed_setup(tmp_path)
+    dst = tmp_path / "emb.npy"
+    mine = tmp_path / "emb.npy.partial"
+    mine.write_text("keep me\n")
+    assert _embed(model, src, dst) == 0
+    assert mine.read_text() == "keep me\n"
+    assert np.load(dst).shape[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.partial", "model", "texts.txt"]
+
+
+def test_embed_sigterm_removes_the_partial_output(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from qkv_native import encoder
+
+    model, src = _embed_setup(tmp_path)
+    dst = tmp_path / "emb.npy"
+    seen = []
+
+    def terminated(self, texts, out, **kw):  # as `kill` or `timeout` would, mid-run
+        seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the handler's exception
+        raise AssertionError("SIGTERM did not stop the run")
+
+    def fallback(signum, frame):  # (so that without embed's handler this test fails, not pytest dies)
+        raise RuntimeError("embed installed no SIGTERM handler")
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        monkeypatch.setattr(encoder.SentenceEncoder, "encode_into", terminated)
+        rc = _embed(model, src, dst)
+        assert signal.getsignal(signal.SIGTERM) is fallback  # the handler is restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGTERM and "terminated" in err, err
+    assert len(seen) == 1  # the temporary file existed ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "texts.txt"]  # ... and is gone
+
+
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_ctrl_c_in_a_subcommand_is_one_line_and_status_130(command, monkeypatch, capsys):
+    """Ctrl-C during train or embed: a line and exit 130 as bench gives, not a 28-line
+    KeyboardInterrupt traceback (the subcommands' runners were called outside main's
+    handler)."""
+    from qkv_native import cli, embed_cli, train_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli if command == "train" else embed_cli, "run", interrupted)
+    argv = [command] if command == "train" else [command, "--model", "m", "--input", "x.txt", "--output", "y.npy"]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"qkv-native {command}: interrupted"

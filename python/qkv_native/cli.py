@@ -106,17 +106,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         print(_info_text())
         return 0
-    if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
-        return args.func(args)
-    from .bench import BenchError
-
     try:
-        return _bench(args, argv)
-    except BenchError as exc:
-        print(f"qkv-native bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qkv-native bench: interrupted", file=sys.stderr)
+        if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
+            return args.func(args)
+        from .bench import BenchError
+
+        try:
+            return _bench(args, argv)
+        except BenchError as exc:
+            print(f"qkv-native bench: error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line and the shell's status for SIGINT, not a traceback
+        print(f"qkv-native {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -5,7 +5,9 @@
 The input is streamed: it is read twice (once to count the lines, once to embed
 them a chunk at a time) and the embeddings go straight into a memory-mapped
 .npy, so memory does not grow with the file. The output is written under a
-temporary name and renamed when complete. Lines end at "\\n" (a trailing "\\r"
+temporary name beside it (OUTPUT.<random>.partial) and renamed when complete; on
+an error or SIGTERM the temporary file is removed. --input must be a regular
+file (not standard input: it is read twice). Lines end at "\\n" (a trailing "\\r"
 is dropped); every line, empty ones included, gives one row.
 
 Wiring: ``add_parser(subparsers)`` adds the sub-command to an argparse parser
@@ -16,8 +18,12 @@ qkv_native.embed_cli ...`` runs it on its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -99,8 +105,74 @@ def _embed_file(enc, src: Path, tmp: Path, n: int, args: argparse.Namespace) -> 
         del out
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived during a run (a BaseException: no ``except Exception`` on the way swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise :class:`_Terminated` for the duration (main thread only: elsewhere a no-op).
+
+    Python has no SIGTERM handler of its own, so ``kill``/``timeout`` would end the process
+    without running the ``finally`` that removes the partial output.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _temporary_path(dst: Path) -> Path:
+    """A new, empty file beside dst that no other file has the name of (created mode 0666 & ~umask)."""
+    for _ in range(100):
+        tmp = dst.with_name(f"{dst.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{dst.parent}: could not create a temporary file beside {dst.name}")
+
+
+def _check_paths(src: Path, dst: Path, raw_input: str, raw_output: str) -> Optional[str]:
+    """The problem with --input/--output, or None; checked before any work."""
+    if raw_input == "-":
+        return ("--input -: reading standard input is not supported (the input is read twice: "
+                "once to count the lines, once to embed them); save it to a file first")
+    if not src.exists():
+        return f"{src}: input file not found"
+    if src.is_dir():
+        return f"{src}: is a directory, not an input file"
+    if not src.is_file():
+        return (f"{src}: not a regular file (a pipe or device such as standard input is not "
+                "supported: the input is read twice); save it to a file first")
+    if not raw_output:
+        return "--output needs a file name"
+    if dst.is_dir() or not dst.name:
+        return f"{dst}: is a directory (--output needs a file name)"
+    if not dst.parent.is_dir():
+        return f"{dst.parent}: directory does not exist (for --output {dst})"
+    if dst.exists():
+        try:
+            same = os.path.samefile(src, dst)
+        except OSError:
+            same = False
+        if same:
+            return f"--output {dst} is the input file (it would be replaced)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``embed`` with parsed arguments; returns the exit status (0, or 2 on a user error)."""
+    """Run ``embed`` with parsed arguments; returns the exit status (0, 2 on a user error,
+    143 when SIGTERM stopped it: the partial output is removed)."""
     import qkv_native
     from .encoder import CheckpointError, SentenceEncoder
 
@@ -117,22 +189,27 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             return fail(f"--threads: {e}")
     src, dst = Path(args.input), Path(args.output)
-    if not src.is_file():
-        return fail(f"{src}: input file not found")
+    problem = _check_paths(src, dst, args.input, args.output)
+    if problem is not None:
+        return fail(problem)
     try:
-        enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
-        enc.chunk_size = args.chunk_size
-        try:
-            n = sum(1 for _ in _read_lines(src))
-        except UnicodeDecodeError as e:
-            return fail(f"{src}: not UTF-8 text ({e})")
-        tmp = dst.with_name(dst.name + ".partial")
-        try:
-            _embed_file(enc, src, tmp, n, args)
-            os.replace(tmp, dst)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with _sigterm_raises():
+            enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
+            enc.chunk_size = args.chunk_size
+            try:
+                n = sum(1 for _ in _read_lines(src))
+            except UnicodeDecodeError as e:
+                return fail(f"{src}: not UTF-8 text ({e})")
+            tmp = _temporary_path(dst)
+            try:
+                _embed_file(enc, src, tmp, n, args)
+                os.replace(tmp, dst)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+    except _Terminated:
+        print("qkv-native embed: terminated (SIGTERM); no output written", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
     except (OSError, CheckpointError, ValueError, RuntimeError) as e:  # OSError: the output is a directory, ...
         return fail(str(e))
     return 0

@@ -13,6 +13,7 @@ runnable alone: ``python -m qkv_native.train_cli --epochs 30``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -72,12 +73,15 @@ def run(args: argparse.Namespace) -> int:
     import qkv_native as qn
     from qkv_native import nn, optim
     from qkv_native.data import load_digits_tokens
+    from qkv_native.nn import CheckpointError
     from qkv_native.train import ModelCheckpoint, Trainer, attention_classifier
 
     def fail(msg: str) -> int:
         print(f"qkv-native train: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.checkpoint is not None and not args.checkpoint:
+        return fail("--checkpoint needs a file name")
     if args.resume and not args.checkpoint:
         return fail("--resume needs --checkpoint")
     for name in ("d_model", "num_heads", "num_layers", "d_ff", "epochs", "batch_size"):
@@ -87,12 +91,24 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
     if not 0.0 <= args.warmup <= 1.0:
         return fail(f"--warmup must lie in [0, 1], got {args.warmup}")
+    if args.seed < 0:
+        return fail(f"--seed must be an integer >= 0, got {args.seed}")
+    if args.min_accuracy is not None and not math.isfinite(args.min_accuracy):
+        return fail(f"--min-accuracy must be a finite number, got {args.min_accuracy}")
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        return fail(f"--checkpoint {args.checkpoint}: is a directory")
     if args.checkpoint and not os.path.isdir(os.path.dirname(os.path.abspath(args.checkpoint))):
         return fail(f"--checkpoint {args.checkpoint}: its directory does not exist")
     try:
+        x_train, y_train, x_test, y_test = load_digits_tokens(args.tokens, args.test_fraction, args.seed)
+    except ImportError as e:
+        return fail(str(e))
+    except ValueError as e:  # e.g. a test fraction that leaves no train or no test sample
+        msg = str(e)
+        return fail("--test-fraction" + msg[len("test_fraction"):] if msg.startswith("test_fraction") else msg)
+    try:
         if args.threads is not None:
             qn.set_num_threads(args.threads)
-        x_train, y_train, x_test, y_test = load_digits_tokens(args.tokens, args.test_fraction, args.seed)
         model = attention_classifier(
             x_train.shape[2], x_train.shape[1], 10,
             d_model=args.d_model, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
@@ -116,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
     except (ImportError, ValueError, TypeError) as e:  # an option the model, optimizer or data refuse
         return fail(str(e))
     if args.resume and os.path.exists(args.checkpoint):
-        trainer.load(args.checkpoint)
+        try:
+            trainer.load(args.checkpoint)
+        except (CheckpointError, OSError) as e:  # corrupt, unreadable, or another model or optimizer
+            return fail(f"--resume: {e}")
         print(f"resumed from {args.checkpoint} at epoch {trainer.epoch}")
     print(
         f"digits: {len(x_train)} train / {len(x_test)} test, {x_train.shape[1]} tokens of {x_train.shape[2]} pixels; "
