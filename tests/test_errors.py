@@ -649,3 +649,40 @@ def test_messages_name_what_was_passed(rng):
     x = randn(rng, 2, 3, 8)
     with raises(ValueError, "w_qkv", "contiguous"):
         qn.qkv_project_packed(x, np.asfortranarray(randn(rng, 8, 24)), num_heads=2, num_kv_heads=2)
+
+
+def test_flags_are_bools(att, mm, proj, rng):
+    """Bug: yes/no arguments took any truthy object: attention(causal='no') ran causal
+    attention, return_lse='no' returned a tuple, bias_grad='no' turned the bias gradient
+    on. Now a TypeError naming the flag; NumPy bools are fine."""
+    q, k, v = att
+    for kw in ({"causal": "no"}, {"causal": 1}, {"return_lse": "no"}, {"return_lse": None}):
+        name = next(iter(kw))
+        with raises(TypeError, name, "bool"):
+            qn.attention(q, k, v, **kw)
+    o, lse = qn.attention(q, k, v, causal=np.bool_(True), return_lse=np.True_)
+    np.testing.assert_array_equal(o, qn.attention(q, k, v, causal=True))
+    with raises(TypeError, "bias_grad", "bool"):
+        qn.attention_backward(o, q, k, v, o, lse, causal=True, bias=np.zeros((5, 6), np.float32), bias_grad="no")
+    with raises(TypeError, "causal", "bool"):
+        qn.attention_backward(o, q, k, v, o, lse, causal="yes")
+    a, b = mm
+    with raises(TypeError, "trans_b", "bool"):
+        qn.matmul(a, b.T.copy(), trans_b="yes")
+    with raises(TypeError, "trans", "bool"):
+        qn.pack_weight(b, trans="no")
+
+
+def test_projection_backward_names_the_gradient_that_disagrees(proj, rng):
+    """Bug: the head counts come from dq and dk, so a dq of the wrong head count was
+    reported as a wrong w_k ("w_k must have shape (8, 8), got (8, 16)"), and an x of the
+    wrong d_model as a wrong w_q."""
+    x, wq, wk, wv = proj  # num_heads 4, num_kv_heads 2, d_head 4
+    dq, dk, dv = randn(rng, 2, 4, 3, 4), randn(rng, 2, 2, 3, 4), randn(rng, 2, 2, 3, 4)
+    qn.qkv_project_backward(x, wq, wk, wv, dq, dk, dv)
+    with raises(ValueError, "dq", "w_q", "16 columns"):
+        qn.qkv_project_backward(x, wq, wk, wv, randn(rng, 2, 2, 3, 4), dk, dv)
+    with raises(ValueError, "dv", "w_v"):
+        qn.qkv_project_backward(x, wq, wk, wv, dq, dk, randn(rng, 2, 2, 3, 2))
+    with raises(ValueError, "x", "d_model = 6", "w_q"):
+        qn.qkv_project_backward(randn(rng, 2, 3, 6), wq, wk, wv, dq, dk, dv)

@@ -50,6 +50,14 @@ def _type_name(x) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def _flag(x, name: str) -> bool:
+    """A yes/no argument: a bool (Python or NumPy), not any object that happens to be truthy
+    (causal='no' ran causal attention)."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_type_name(x)}")
+    return bool(x)
+
+
 def _check_array(x, name: str, ndim=None) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of float32, got {_type_name(x)}")
@@ -86,7 +94,7 @@ def pack_weight(w: np.ndarray, *, trans: bool = False) -> PackedWeight:
     is (d_in, d_out), and it pickles. Later changes to ``w`` are not seen.
     """
     _check_array(w, "w", 2)
-    return PackedWeight(w, bool(trans))
+    return PackedWeight(w, _flag(trans, "trans"))
 
 
 def pack_weights(ws, *, trans: bool = False) -> list:
@@ -100,7 +108,7 @@ def pack_weights(ws, *, trans: bool = False) -> list:
     ws = list(ws)
     for i, w in enumerate(ws):
         _check_array(w, f"ws[{i}]", 2)
-    return _core.pack_weights(ws, bool(trans))
+    return _core.pack_weights(ws, _flag(trans, "trans"))
 
 
 def _weight_shape(w, name: str) -> Tuple[int, ...]:
@@ -134,7 +142,7 @@ def matmul(
     if out is not None:
         _check_array(out, "out")
         _check_no_overlap(out, "out", a=a, b=b)
-    return _core.matmul(a, b, bool(trans_a), bool(trans_b), _real(alpha, "alpha"), _real(beta, "beta"), out)
+    return _core.matmul(a, b, _flag(trans_a, "trans_a"), _flag(trans_b, "trans_b"), _real(alpha, "alpha"), _real(beta, "beta"), out)
 
 
 def qkv_project(
@@ -254,6 +262,15 @@ def qkv_project_backward(
     num_heads, num_kv_heads = dq.shape[1], dk.shape[1]
     if num_heads == 0 or num_kv_heads == 0:
         raise ValueError(f"dq and dk must have at least one head, got {dq.shape} and {dk.shape}")
+    # the head counts come from dq and dk: name the pair that disagrees (not a weight alone)
+    for gname, g, wname, w in (("dq", dq, "w_q", w_q), ("dk", dk, "w_k", w_k), ("dv", dv, "w_v", w_v)):
+        if w.shape[0] != x.shape[2]:
+            raise ValueError(f"x has d_model = {x.shape[2]} columns but {wname} has {w.shape[0]} rows, shape {w.shape}")
+        if g.shape[1] * g.shape[3] != w.shape[1]:
+            raise ValueError(
+                f"{gname} (batch, heads, seq, d_head) = {g.shape} has heads·d_head = {g.shape[1] * g.shape[3]}, "
+                f"but {wname} has {w.shape[1]} columns"
+            )
     return _core.qkv_project_backward(x, w_q, w_k, w_v, dq, dk, dv, num_heads, num_kv_heads, True, True, True)
 
 
@@ -385,7 +402,7 @@ def attention(
     if out is not None:
         _check_array(out, "out", 4)
         _check_no_overlap(out, "out", q=q, k=k, v=v, bias=add)
-    return _core.attention(q, k, v, bool(causal), key_lengths, add, scale, bool(return_lse), out)
+    return _core.attention(q, k, v, _flag(causal, "causal"), key_lengths, add, scale, _flag(return_lse, "return_lse"), out)
 
 
 def attention_backward(
@@ -432,13 +449,14 @@ def attention_backward(
     _check_array(o, "o", 4)
     _check_array(lse, "lse", 3)
     outs = _check_outs(out, 4, do=do, q=q, k=k, v=v, o=o, lse=lse, bias=add)
-    if not bias_grad:
-        return _core.attention_backward(do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs)
+    causal = _flag(causal, "causal")
+    if not _flag(bias_grad, "bias_grad"):
+        return _core.attention_backward(do, q, k, v, o, lse, causal, key_lengths, add, scale, *outs)
     if bias is None:
         raise ValueError("bias_grad=True needs a bias (the gradient is with respect to it)")
     b4 = (1,) * (4 - bias.ndim) + bias.shape  # bias as broadcast from the left
     dq, dk, dv, dbias = _core.attention_backward(
-        do, q, k, v, o, lse, bool(causal), key_lengths, add, scale, *outs, dbias_batch=b4[0], dbias_heads=b4[1]
+        do, q, k, v, o, lse, causal, key_lengths, add, scale, *outs, dbias_batch=b4[0], dbias_heads=b4[1]
     )
     axes = tuple(ax for ax in (2, 3) if b4[ax] == 1 and dbias.shape[ax] != 1)
     if axes:
@@ -495,7 +513,7 @@ def attention_varlen(
     if out is not None:
         _check_array(out, "out", 3)
         _check_no_overlap(out, "out", q=q, k=k, v=v)
-    return _core.attention_varlen(q, k, v, cu_q, cu_k, bool(causal), scale, bool(return_lse), out)
+    return _core.attention_varlen(q, k, v, cu_q, cu_k, _flag(causal, "causal"), scale, _flag(return_lse, "return_lse"), out)
 
 
 def attention_varlen_backward(
@@ -520,7 +538,7 @@ def attention_varlen_backward(
     _check_array(do, "do", 3)
     _check_array(o, "o", 3)
     _check_array(lse, "lse", 2)
-    return _core.attention_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, bool(causal), scale)
+    return _core.attention_varlen_backward(do, q, k, v, o, lse, cu_q, cu_k, _flag(causal, "causal"), scale)
 
 
 def _check_unit_last(x: np.ndarray, name: str) -> None:
@@ -713,6 +731,7 @@ def adam_update(
     b1, b2 = betas
     wd = _real(weight_decay, "weight_decay")
     step = _positive_int(step, "step")  # (t = 0 would divide by 1 - β^0 = 0)
+    decoupled = _flag(decoupled, "decoupled")
     _core.adam_update(
         w, g, m, v, offsets, decay, b1, 1.0 - b1, b2, 1.0 - b2, math.sqrt(1.0 - b2**step), eps,
         lr / (1.0 - b1**step), (1.0 - lr * wd) if (wd and decoupled) else 1.0, wd if not decoupled else 0.0,
@@ -730,5 +749,5 @@ def sgd_update(
     without momentum.
     """
     _flat_args(w, g, (("buf", buf),), offsets, decay, optional=("buf",))
-    _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, bool(first),
-                     bool(nesterov))
+    _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, _flag(first, "first"),
+                     _flag(nesterov, "nesterov"))
