@@ -1403,17 +1403,11 @@ def parse_threads(text: Optional[str]) -> Optional[List[int]]:
 def check_output_path(path: Optional[str], flag: str, suffix: Optional[str] = None) -> None:
     """Fail before running when ``path`` (an output file) cannot be written: empty, a
     directory, in a directory that does not exist, or without ``suffix``."""
-    if path is None:
-        return
-    if not path:
-        raise BenchError(f"{flag} needs a file name")
-    if os.path.isdir(path):
-        raise BenchError(f"{flag} {path}: is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise BenchError(f"{flag} {path}: the directory {parent} does not exist")
-    if suffix and not path.lower().endswith(suffix):
-        raise BenchError(f"{flag} {path}: the file name must end in {suffix}")
+    from .cli import output_path_problem
+
+    problem = output_path_problem(path, flag, suffix)
+    if problem is not None:
+        raise BenchError(problem)
 
 
 def select_cases(mode: str = "quick", only: Optional[Sequence[str]] = None,

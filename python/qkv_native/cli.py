@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -93,6 +94,24 @@ def _bench(args, argv: Sequence[str]) -> int:
         bench.plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = None) -> Optional[str]:
+    """Why ``path``, the output file that option ``flag`` names, cannot be written (checked
+    before any work): empty, a directory, in a directory that does not exist, or without
+    ``suffix``; None when it can (or when path is None). One check for every subcommand."""
+    if path is None:
+        return None
+    if not path:
+        return f"{flag} needs a file name"
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: its directory does not exist ({parent})"
+    if suffix and not path.lower().endswith(suffix):
+        return f"{flag} {path}: the file name must end in {suffix}"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -154,12 +154,11 @@ def _check_paths(src: Path, dst: Path, raw_input: str, raw_output: str) -> Optio
     if not src.is_file():
         return (f"{src}: not a regular file (a pipe or device such as standard input is not "
                 "supported: the input is read twice); save it to a file first")
-    if not raw_output:
-        return "--output needs a file name"
-    if dst.is_dir() or not dst.name:
-        return f"{dst}: is a directory (--output needs a file name)"
-    if not dst.parent.is_dir():
-        return f"{dst.parent}: directory does not exist (for --output {dst})"
+    from .cli import output_path_problem
+
+    problem = output_path_problem(raw_output, "--output")
+    if problem is not None:
+        return problem
     if dst.exists():
         try:
             same = os.path.samefile(src, dst)

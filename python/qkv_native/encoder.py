@@ -60,7 +60,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .functional import PackedWeight, _check_int, pack_weights
+from .functional import PackedWeight, _check_int, _flag, pack_weights
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -729,8 +729,7 @@ class SentenceEncoder:
     def _check_args(texts: Sequence[str], batch_size, normalize) -> int:
         """Check encode's arguments (before any work); returns batch_size as an int."""
         batch_size = _check_int(batch_size, "batch_size")
-        if not isinstance(normalize, (bool, np.bool_)):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}")
+        _flag(normalize, "normalize")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")

@@ -254,9 +254,7 @@ class Optimizer:
         self._decay_mask = np.array([self.decay is None or bool(self.decay(n, p)) for n, p in named], np.bool_)
         self._flat = _FlatParams([p for _, p in named])
         self.flat_state = {s: np.zeros_like(self._flat.w) for s in self.slots}
-        self.state = {
-            name: {s: self._flat.view(self.flat_state[s], i) for s in self.slots} for i, (name, _) in enumerate(named)
-        }
+        self._bind_state()
         self.step_count = 0
         return self
 
@@ -268,10 +266,14 @@ class Optimizer:
         self.__dict__.update(state)
         if self.params:
             self._flat = _FlatParams(self._flat.params)
-            self.state = {
-                name: {s: self._flat.view(self.flat_state[s], i) for s in self.slots}
-                for i, (name, _) in enumerate(self.params)
-            }
+            self._bind_state()
+
+    def _bind_state(self) -> None:
+        """state[name][slot]: views of the flat state buffers, one per parameter."""
+        self.state = {
+            name: {s: self._flat.view(self.flat_state[s], i) for s in self.slots}
+            for i, (name, _) in enumerate(self.params)
+        }
 
     def _ready(self) -> _FlatParams:
         """The flat buffers, rebuilt first if a parameter's arrays were replaced."""

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     import qkv_native as qn
     from qkv_native import nn, optim
+    from qkv_native.cli import output_path_problem
     from qkv_native.data import load_digits_tokens
     from qkv_native.nn import CheckpointError
     from qkv_native.train import ModelCheckpoint, Trainer, attention_classifier
@@ -80,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"qkv-native train: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.checkpoint is not None and not args.checkpoint:
-        return fail("--checkpoint needs a file name")
+    problem = output_path_problem(args.checkpoint, "--checkpoint")
+    if problem is not None:
+        return fail(problem)
     if args.resume and not args.checkpoint:
         return fail("--resume needs --checkpoint")
     for name in ("d_model", "num_heads", "num_layers", "d_ff", "epochs", "batch_size"):
@@ -95,10 +97,6 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--seed must be an integer >= 0, got {args.seed}")
     if args.min_accuracy is not None and not math.isfinite(args.min_accuracy):
         return fail(f"--min-accuracy must be a finite number, got {args.min_accuracy}")
-    if args.checkpoint and os.path.isdir(args.checkpoint):
-        return fail(f"--checkpoint {args.checkpoint}: is a directory")
-    if args.checkpoint and not os.path.isdir(os.path.dirname(os.path.abspath(args.checkpoint))):
-        return fail(f"--checkpoint {args.checkpoint}: its directory does not exist")
     try:
         x_train, y_train, x_test, y_test = load_digits_tokens(args.tokens, args.test_fraction, args.seed)
     except ImportError as e:
