@@ -42,6 +42,19 @@ def test_linear_batched_leading_axes_and_out(rng):
         qn.linear(x.astype(np.float64), w, b)
 
 
+def test_empty_last_axis_with_leading_axes():
+    # (2, 3, 0) went through reshape(-1, 0), which NumPy cannot infer: its own error
+    # ("cannot reshape array of size 0") where a 2-D (6, 0) x worked
+    x, b = np.zeros((2, 3, 0), np.float32), np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(qn.linear(x, np.zeros((0, 5), np.float32), b), np.broadcast_to(b, (2, 3, 5)))
+    out = np.empty((2, 3, 0), np.float32)
+    assert qn.linear(np.ones((2, 3, 4), np.float32), np.zeros((4, 0), np.float32), out=out) is out
+    assert qn.gelu(x).shape == (2, 3, 0)
+    assert qn.gelu_backward(x, x).shape == (2, 3, 0)
+    with pytest.raises(ValueError, match="x must have at least one feature"):
+        qn.layer_norm(x, np.zeros(0, np.float32), np.zeros(0, np.float32))
+
+
 @pytest.mark.parametrize("rows,d_in,d_out", [(1, 7, 17), (13, 65, 33), (200, 1536, 64)])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 def test_linear_adds_to_out_with_beta(isa, rng, rows, d_in, d_out, activation):

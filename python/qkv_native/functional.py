@@ -557,7 +557,8 @@ def _rows(x: np.ndarray, name: str) -> np.ndarray:
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least 1 dimension, got a scalar")
     _check_unit_last(x, name)
-    return x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    # the row count spelled out: reshape(-1, 0) cannot infer it (a (2, 3, 0) x failed)
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.ndim != 2 else x
 
 
 def linear(
@@ -593,7 +594,7 @@ def linear(
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
         _check_no_overlap(out, "out", x=x, w=w, b=b)
-        out2 = out.reshape(-1, shape[-1])
+        out2 = _rows(out, "out")
     y = _core.linear(_rows(x, "x"), w, b, act, out2)
     return out if out is not None else y.reshape(shape)
 
@@ -617,7 +618,7 @@ def layer_norm(
             raise ValueError(f"out must be C-contiguous with the shape of x {x.shape}, got {out.shape}")
         if out is not x:
             _check_no_overlap(out, "out", x=x, weight=weight, bias=bias)
-        out2 = out.reshape(-1, x.shape[-1])
+        out2 = _rows(out, "out")
     y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, _real(eps, "eps"), out2)
     return (out if out is not None else y.reshape(x.shape)), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
