@@ -220,3 +220,28 @@ def test_dropout_statistics_threads_and_errors(rng, restore_threads):
         qn.functional.dropout(x[:, ::2], 0.1, 1)
     with pytest.raises(TypeError, match="x must have dtype float32"):
         qn.functional.dropout(x.astype(np.float64), 0.1, 1)
+
+
+def test_integer_and_real_arguments_are_not_coerced():
+    # int() truncated ignore_index=2.5 to 2 (row ignored), read '1' and True as 1, and
+    # dropout's seed 2.7 as 2; seed -1 or 2**64 and ignore_index 2**70 were pybind11's
+    # 'incompatible function arguments'; p='0.5' was a comparison TypeError naming nothing
+    logits, targets = np.zeros((2, 3), np.float32), np.array([2, 1])
+    for bad in (2.5, True, "1"):
+        with pytest.raises(TypeError, match="ignore_index must be an integer"):
+            qn.softmax_cross_entropy(logits, targets, ignore_index=bad)
+    with pytest.raises(ValueError, match="ignore_index must be an integer in"):
+        qn.softmax_cross_entropy(logits, targets, ignore_index=2**70)
+    assert qn.softmax_cross_entropy(logits, targets, ignore_index=np.int32(2))[0] == np.float32(np.log(3))
+    x = np.ones(8, np.float32)
+    for bad in (2.7, True, "3"):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            qn.functional.dropout(x, 0.5, bad)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 18446744073709551615\]"):
+            qn.functional.dropout(x, 0.5, bad)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="p must be a real number"):
+            qn.functional.dropout(x, bad, 1)
+    np.testing.assert_array_equal(qn.functional.dropout(x, 0.5, np.uint64(2**64 - 1))[1],
+                                  qn.functional.dropout(x, 0.5, 2**64 - 1)[1])

@@ -277,16 +277,20 @@ def qkv_project_backward(
 _INT64_MAX = 2**63 - 1
 
 
-def _check_int(value, name: str, minimum: int = 1, *, type_error: bool = False) -> int:
-    """value as an int: a Python or NumPy integer (not a bool) >= minimum; otherwise a
-    ValueError naming it (a TypeError for a non-integer when ``type_error``). For sizes,
-    counts and seeds, where 2.5, True and -1 are all bad values."""
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+def _check_int(value, name: str, minimum: int = 1, *, type_error: bool = False, maximum: Optional[int] = None) -> int:
+    """value as an int: a Python or NumPy integer (not a bool) >= minimum (and <= maximum
+    when given); otherwise a ValueError naming it (a TypeError for a non-integer when
+    ``type_error``). For sizes, counts, seeds and indices, where 2.5, True and -1 are
+    all bad values."""
+    if maximum is not None:
+        what = f"an integer in [{minimum}, {maximum}]"
+    else:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         if type_error:
             raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    if value < minimum:
+    if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
 
@@ -683,7 +687,9 @@ def softmax_cross_entropy(
     if out is not None:
         _check_array(out, "out", 2)
         _check_no_overlap(out, "out", logits=logits)
-    return _core.softmax_cross_entropy(logits, targets, int(ignore_index), _real(label_smoothing, "label_smoothing"), out)
+    # an int64 (int() truncated 2.5 to 2 and read '1' and True as 1)
+    ignore_index = _check_int(ignore_index, "ignore_index", -(2**63), type_error=True, maximum=_INT64_MAX)
+    return _core.softmax_cross_entropy(logits, targets, ignore_index, _real(label_smoothing, "label_smoothing"), out)
 
 
 def dropout(x: np.ndarray, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -696,9 +702,11 @@ def dropout(x: np.ndarray, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]
     the mask the backward multiplies by.
     """
     _check_array(x, "x")
+    p = _real(p, "p")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must lie in [0, 1), got {p}")
-    return _core.dropout(x, int(seed), dropout_threshold(p), 1.0 / (1.0 - p))
+    seed = _check_int(seed, "seed", 0, type_error=True, maximum=2**64 - 1)  # (int() truncated 2.5)
+    return _core.dropout(x, seed, dropout_threshold(p), 1.0 / (1.0 - p))
 
 
 def dropout_threshold(p: float) -> int:
