@@ -101,6 +101,20 @@ def test_alpha_beta_with_out(isa, rng, m, n, k, alpha, beta):
     check(out, a, b, alpha=alpha, beta=beta, c=c0)
 
 
+@pytest.mark.parametrize("zero_a", [False, True])
+@pytest.mark.parametrize("alpha,beta", [(1e-40, 1.0), (1e-30, 1e10), (1e20, 1e-30)])
+@pytest.mark.parametrize("n,k", [(3, 5), (64, 64), (300, 17)])
+def test_one_row_alpha_beta_extremes(isa, rng, n, k, alpha, beta, zero_a):
+    """One row went through the gemv as alpha·((beta/alpha)·C + a·B): the quotient
+    overflowed (alpha 1e-40, beta 1: out became inf) or underflowed (alpha 1e20, beta
+    1e-30: beta·C lost, 0 where a is 0)."""
+    a, b = randn(rng, 1, k) * np.float32(not zero_a), randn(rng, k, n)
+    c0 = randn(rng, 1, n)
+    out = c0.copy()
+    qn.matmul(a, b, alpha=alpha, beta=beta, out=out)
+    check(out, a, b, alpha=alpha, beta=beta, c=c0)
+
+
 def test_alpha_zero(isa, rng):
     """alpha = 0 leaves beta·C (no product formed); with beta = 0 too, zeros even over NaN."""
     a, b = randn(rng, 17, 65), randn(rng, 65, 7)

@@ -277,7 +277,10 @@ void macro_kernel(const KernelTable& kt, const ABlock& ab, const Panels& bp, con
 void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const MatMap& A, const BOperand& B,
                   float beta, const MatMap& C, const float* bias, int act) {
   const int nr = kt.nr;
-  if (M == 1 && !B.packed) {
+  // The gemv forms alpha·((beta/alpha)·C + x·B): with beta != 0 and alpha != 1 the
+  // quotient overflows or underflows (alpha = 1e-40, beta = 1: C became inf), so such
+  // a row takes the micro-tiles below, whose store is alpha·acc + beta·C
+  if (M == 1 && !B.packed && (beta == 0.0f || alpha == 1.0f)) {
     // One row: the gemv kernel over column strips, one per thread (long contiguous
     // runs of every row of B), split further where B's rows break. (Packed panels
     // are contiguous already: the 1-row micro-tile below streams them.) Threads: one
