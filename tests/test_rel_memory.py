@@ -139,6 +139,9 @@ HUGE = {
     "matmul_out_4TiB": ("a = huge((1 << 20,), 1); b = np.ones((1, 1 << 20), np.float32)", "qn.matmul(a, b)"),
     "batched_matmul_out_4TiB": ("a = huge((1 << 10, 1 << 15), 1); b = np.ones((1, 1 << 15), np.float32)",
                                 "qn.matmul(a, b)"),
+    # empty results of 2**40 rows or products: at once (a loop over them ran for hours)
+    "batched_matmul_empty_2**40": ("a = huge((1 << 40, 0), 3); b = np.ones((3, 4), np.float32)", "qn.matmul(a, b)"),
+    "gelu_empty_2**40_rows": ("x = huge((1 << 40,), 0)", "qn.gelu(x); qn.gelu_backward(x, x)"),
     "attention_out_4TiB": ("q = huge((1 << 10, 1 << 10, 1 << 20), 1); k = huge((1 << 10, 1, 1), 1)",
                            "qn.attention(q, k, k)"),
     "attention_mask_4TiB": ("q = huge((1, 1, 1 << 20), 1); k = huge((1, 1, 1 << 20), 1)",

@@ -45,6 +45,7 @@ void layer_norm_backward(const KernelTable& kt, idx rows, idx n, const float* dy
 }
 
 void gelu_forward(const KernelTable& kt, idx rows, idx n, const float* x, idx ldx, float* y, idx ldy) {
+  if (n <= 0) return;  // (not a loop over rows of nothing: 2**40 of them took hours)
   const int nt = threads_for(static_cast<double>(rows) * n, 3.0e4);
 #pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.gelu_fwd(x + r * ldx, y + r * ldy, n);
@@ -52,6 +53,7 @@ void gelu_forward(const KernelTable& kt, idx rows, idx n, const float* x, idx ld
 
 void gelu_backward(const KernelTable& kt, idx rows, idx n, const float* x, idx ldx, const float* dy, idx lddy,
                    float* dx, idx lddx) {
+  if (n <= 0) return;
   const int nt = threads_for(static_cast<double>(rows) * n, 3.0e4);
 #pragma omp parallel for num_threads(team_size(nt)) schedule(static)
   for (idx r = 0; r < rows; ++r) kt.gelu_bwd(x + r * ldx, dy + r * lddy, dx + r * lddx, n);
