@@ -544,6 +544,30 @@ def test_core_optimizer_buffers_not_none():
     _core.sgd_update(w, g, None, offsets, decay, 0.0, 0.0, 1.0, 0.1, True, False)  # no momentum: fine
 
 
+def test_optimizer_updates_refuse_overlapping_buffers_and_name_hyperparameters():
+    """Bug: the in-place updates took m passed as v (or g as w, buf as w) and updated one
+    buffer with both formulas (silently wrong weights), and a string lr or eps, or betas
+    of three, failed inside the arithmetic or as pybind11's 'incompatible function
+    arguments'; now a ValueError / TypeError naming them."""
+    n = 8
+    w, g, m, v = (np.zeros(n, np.float32) for _ in range(4))
+    offsets, decay = np.array([0, n]), np.array([True])
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+    for args, name in (((w, g, m, m), "v"), ((w, w, m, v), "g"), ((w, g, m, w[::-1]), "v")):
+        with raises(ValueError, name, "overlap"):
+            qn.functional.adam_update(*args, offsets, decay, **kw)
+    sgd = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, first=True)
+    with raises(ValueError, "buf", "overlap"):
+        qn.functional.sgd_update(w, g, w, offsets, decay, **sgd)
+    for key, bad, name in (("lr", "1", "lr"), ("eps", "1", "eps"), ("betas", (0.9, 0.9, 0.9), "betas"),
+                           ("betas", (0.9, "x"), "betas[1]")):
+        with raises(TypeError, name):
+            qn.functional.adam_update(w, g, m, v, offsets, decay, **{**kw, key: bad})
+    for key in ("lr", "momentum", "dampening", "weight_decay"):
+        with raises(TypeError, key):
+            qn.functional.sgd_update(w, g, m, offsets, decay, **{**sgd, key: "0.5"})
+
+
 def test_core_packed_weight_not_initialised():
     """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
     lazily), refused by every use instead of read as sizes and pointers."""

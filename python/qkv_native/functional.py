@@ -715,9 +715,14 @@ def dropout_threshold(p: float) -> int:
 
 
 def _flat_args(w, g, state, offsets, decay, optional=()):
-    for name, a in (("w", w), ("g", g), *state):
-        if a is not None or name not in optional:
-            _check_array(a, name, 1)
+    buffers = [(name, a) for name, a in (("w", w), ("g", g), *state) if a is not None or name not in optional]
+    for i, (name, a) in enumerate(buffers):
+        _check_array(a, name, 1)
+        # each element of every buffer is read and written in one pass: two that share
+        # memory (m passed as v) would read each other's updates
+        for other, b in buffers[:i]:
+            if np.shares_memory(a, b):
+                raise ValueError(f"{name} must not overlap {other}")
     if not isinstance(decay, np.ndarray) or decay.dtype != np.bool_:
         raise TypeError("decay must be a numpy bool array, one entry per parameter")
 
@@ -737,8 +742,10 @@ def adam_update(
     float64 and rounded to float32 once.
     """
     _flat_args(w, g, (("m", m), ("v", v)), offsets, decay)
-    b1, b2 = betas
-    wd = _real(weight_decay, "weight_decay")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise TypeError(f"betas must be a pair of real numbers, got {betas!r}")
+    b1, b2 = _real(betas[0], "betas[0]"), _real(betas[1], "betas[1]")
+    lr, eps, wd = _real(lr, "lr"), _real(eps, "eps"), _real(weight_decay, "weight_decay")
     step = _positive_int(step, "step")  # (t = 0 would divide by 1 - β^0 = 0)
     decoupled = _flag(decoupled, "decoupled")
     _core.adam_update(
@@ -758,5 +765,6 @@ def sgd_update(
     without momentum.
     """
     _flat_args(w, g, (("buf", buf),), offsets, decay, optional=("buf",))
-    _core.sgd_update(w, g, buf, offsets, decay, weight_decay, momentum, 1.0 - dampening, lr, _flag(first, "first"),
-                     _flag(nesterov, "nesterov"))
+    lr, momentum, dampening = _real(lr, "lr"), _real(momentum, "momentum"), _real(dampening, "dampening")
+    _core.sgd_update(w, g, buf, offsets, decay, _real(weight_decay, "weight_decay"), momentum, 1.0 - dampening, lr,
+                     _flag(first, "first"), _flag(nesterov, "nesterov"))
