@@ -568,6 +568,26 @@ def test_optimizer_updates_refuse_overlapping_buffers_and_name_hyperparameters()
             qn.functional.sgd_update(w, g, m, offsets, decay, **{**sgd, key: "0.5"})
 
 
+def test_float32_scalars_past_float32_range():
+    """Bug: alpha, beta, scale and eps reach the kernels as float32, and a finite value past
+    its range became inf: matmul(a, b, alpha=1e39) gave inf where the float64 answer
+    (5e37) is a float32, and NaN for K = 0; scale=1e39 was refused as 'not finite'."""
+    a, b = np.full((1, 5), 0.1, np.float32), np.full((5, 3), 0.1, np.float32)
+    for kw in (dict(alpha=1e39), dict(alpha=-1e39), dict(beta=1e39, out=np.zeros((1, 3), np.float32))):
+        with raises(ValueError, next(iter(kw)), "float32's range"):
+            qn.matmul(a, b, **kw)
+    with raises(ValueError, "alpha", "float32's range"):
+        qn.matmul(np.zeros((3, 0), np.float32), np.zeros((0, 4), np.float32), alpha=1e39)
+    q = np.ones((1, 1, 2, 4), np.float32)
+    with raises(ValueError, "scale", "float32's range"):
+        qn.attention(q, q, q, scale=np.float64(1e39))
+    with raises(ValueError, "scale", "float32's range"):
+        qn.attention_varlen(q[0], q[0], q[0], np.array([0, 1]), np.array([0, 1]), scale=-1e39)
+    with raises(ValueError, "eps", "float32's range"):
+        qn.layer_norm(np.ones((2, 3), np.float32), np.ones(3, np.float32), np.ones(3, np.float32), eps=1e39)
+    assert np.isinf(qn.matmul(a, b, alpha=np.inf)).all()  # infinities are passed on as they are
+
+
 def test_core_packed_weight_not_initialised():
     """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
     lazily), refused by every use instead of read as sizes and pointers."""

@@ -142,7 +142,7 @@ def matmul(
     if out is not None:
         _check_array(out, "out")
         _check_no_overlap(out, "out", a=a, b=b)
-    return _core.matmul(a, b, _flag(trans_a, "trans_a"), _flag(trans_b, "trans_b"), _real(alpha, "alpha"), _real(beta, "beta"), out)
+    return _core.matmul(a, b, _flag(trans_a, "trans_a"), _flag(trans_b, "trans_b"), _real32(alpha, "alpha"), _real32(beta, "beta"), out)
 
 
 def qkv_project(
@@ -313,6 +313,19 @@ def _real(x, name: str) -> float:
     return float(x)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _real32(x, name: str) -> float:
+    """A real number the native op receives as float32: a finite one past float32's range
+    is refused (alpha=1e39 became inf, and the product inf or NaN where the float64
+    answer is finite)."""
+    x = _real(x, name)
+    if math.isfinite(x) and abs(x) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must lie within float32's range (|{name}| <= {_FLOAT32_MAX:.8g}), got {x!r}")
+    return x
+
+
 def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
     _check_array(q, "q", 4)
     _check_array(k, "k", 4)
@@ -332,7 +345,7 @@ def _attention_inputs(q, k, v, key_lengths, bias, mask, scale):
         )
     if scale is None:
         scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
-    scale = _real(scale, "scale")
+    scale = _real32(scale, "scale")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if key_lengths is not None:
@@ -486,7 +499,7 @@ def _varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, scale):
     d_head = q.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(d_head) if d_head > 0 else 1.0
-    return _real(scale, "scale"), cu_seqlens_q.astype(np.int64, copy=False), cu_seqlens_k.astype(np.int64, copy=False)
+    return _real32(scale, "scale"), cu_seqlens_q.astype(np.int64, copy=False), cu_seqlens_k.astype(np.int64, copy=False)
 
 
 def attention_varlen(
@@ -623,7 +636,7 @@ def layer_norm(
         if out is not x:
             _check_no_overlap(out, "out", x=x, weight=weight, bias=bias)
         out2 = _rows(out, "out")
-    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, _real(eps, "eps"), out2)
+    y, mean, rstd = _core.layer_norm(_rows(x, "x"), weight, bias, _real32(eps, "eps"), out2)
     return (out if out is not None else y.reshape(x.shape)), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
