@@ -588,6 +588,15 @@ def test_float32_scalars_past_float32_range():
     assert np.isinf(qn.matmul(a, b, alpha=np.inf)).all()  # infinities are passed on as they are
 
 
+def test_packed_projection_with_no_columns_names_w_qkv():
+    """Bug: a (d_model, 0) w_qkv array was blamed on its slice ('w_q has 0 columns'), an
+    argument the caller never passed; the PackedWeight form named w_qkv already."""
+    x = np.zeros((2, 3, 8), np.float32)
+    for w in (np.zeros((8, 0), np.float32), qn.pack_weight(np.zeros((8, 0), np.float32))):
+        with raises(ValueError, "w_qkv", "columns"):
+            qn.qkv_project_packed(x, w, num_heads=2)
+
+
 def test_core_packed_weight_not_initialised():
     """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
     lazily), refused by every use instead of read as sizes and pointers."""

@@ -221,7 +221,7 @@ def qkv_project_packed(
     _check_unit_last(w_qkv, "w_qkv")  # (its slices would be blamed as w_q, w_k, w_v)
     n = w_qkv.shape[1]
     heads = num_heads + 2 * num_kv_heads
-    if n % heads != 0:
+    if n % heads != 0 or n == 0:  # (d_head 0 would be blamed on its slice w_q)
         raise ValueError(
             f"w_qkv must have (num_heads + 2*num_kv_heads)*d_head = {heads}*d_head columns, got shape {w_qkv.shape}"
         )
