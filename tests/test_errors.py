@@ -597,6 +597,19 @@ def test_packed_projection_with_no_columns_names_w_qkv():
             qn.qkv_project_packed(x, w, num_heads=2)
 
 
+def test_packed_weight_constructor_trans_must_be_a_bool():
+    """Bug: the public PackedWeight(w, trans) class (and _core.pack_weights) took any number
+    as trans: PackedWeight(w, 2.5) packed the transpose, trans=None did not, where
+    pack_weight refuses them; now a TypeError naming trans."""
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for bad in (2.5, 1, None, np.float64(1.0)):
+        with raises(TypeError, "trans", "bool"):
+            qn.PackedWeight(w, bad)
+        with raises(TypeError, "trans", "bool"):
+            _core.pack_weights([w], bad)
+    assert qn.PackedWeight(w, np.True_).shape == (3, 2) and qn.PackedWeight(w).shape == (2, 3)
+
+
 def test_core_packed_weight_not_initialised():
     """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
     lazily), refused by every use instead of read as sizes and pointers."""

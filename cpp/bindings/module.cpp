@@ -94,6 +94,14 @@ Arr as_f32(const py::handle& obj, const char* name, int ndim, bool writable = fa
   return r;
 }
 
+// A yes/no argument as functional._flag takes it: a bool, Python's or NumPy's, not any
+// object that converts (PackedWeight(w, 2.5) packed the transpose, trans=None did not).
+bool as_flag(const py::handle& obj, const char* name) {
+  if (!PyBool_Check(obj.ptr()) && !py::isinstance(obj, py::module_::import("numpy").attr("bool_")))
+    type_error(std::string(name) + " must be a bool, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  return obj.cast<bool>();
+}
+
 void expect_shape(const Arr& a, const char* name, const std::vector<idx>& shape) {
   if (a.shape != shape)
     value_error(std::string(name) + " must have shape " + shape_str(shape) + ", got " + shape_str(a.shape));
@@ -1073,10 +1081,13 @@ PYBIND11_MODULE(_core, m) {
   if (pthread_atfork(nullptr, nullptr, &after_fork_in_child) != 0)  // Note [fork]
     throw std::runtime_error("qkv_native: pthread_atfork failed");
 #endif
-  m.def("pack_weights", &PackedWeight::pack_all, py::arg("ws"), py::arg("trans") = false);
+  m.def("pack_weights", [](const std::vector<py::object>& ws, const py::object& trans) {
+    return PackedWeight::pack_all(ws, as_flag(trans, "trans"));
+  }, py::arg("ws"), py::arg("trans") = false);
   py::class_<PackedWeight>(m, "PackedWeight",
                            "A weight packed once for many products (see qkv_native.pack_weight).")
-      .def(py::init<const py::object&, bool>(), py::arg("w"), py::arg("trans") = false)
+      .def(py::init([](const py::object& w, const py::object& trans) { return PackedWeight(w, as_flag(trans, "trans")); }),
+           py::arg("w"), py::arg("trans") = false)
       .def_property_readonly("shape", [](const PackedWeight& w) { return py::make_tuple(w.checked().K, w.N); })
       .def_property_readonly("nbytes", [](const PackedWeight& w) {
         return static_cast<idx>(sizeof(float)) * qkv::packed_b_size(w.checked().K, w.N);
