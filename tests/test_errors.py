@@ -566,6 +566,9 @@ def test_optimizer_updates_refuse_overlapping_buffers_and_name_hyperparameters()
     for key in ("lr", "momentum", "dampening", "weight_decay"):
         with raises(TypeError, key):
             qn.functional.sgd_update(w, g, m, offsets, decay, **{**sgd, key: "0.5"})
+    for betas in ((1.0, 0.999), (0.9, 1.0), (-0.1, 0.9), (0.9, float("nan"))):  # beta1 = 1: ZeroDivisionError
+        with raises(ValueError, "betas", "[0, 1)"):
+            qn.functional.adam_update(w, g, m, v, offsets, decay, **{**kw, "betas": betas})
 
 
 def test_float32_scalars_past_float32_range():

@@ -758,6 +758,8 @@ def adam_update(
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise TypeError(f"betas must be a pair of real numbers, got {betas!r}")
     b1, b2 = _real(betas[0], "betas[0]"), _real(betas[1], "betas[1]")
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):  # (β = 1: 1 - β^t = 0, a ZeroDivisionError or inf)
+        raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
     lr, eps, wd = _real(lr, "lr"), _real(eps, "eps"), _real(weight_decay, "weight_decay")
     step = _positive_int(step, "step")  # (t = 0 would divide by 1 - β^0 = 0)
     decoupled = _flag(decoupled, "decoupled")
