@@ -613,6 +613,15 @@ def test_packed_weight_constructor_trans_must_be_a_bool():
     assert qn.PackedWeight(w, np.True_).shape == (3, 2) and qn.PackedWeight(w).shape == (2, 3)
 
 
+def test_use_isa_names_a_non_string():
+    """Bug: use_isa(None) or use_isa(2) failed as pybind11's 'incompatible function
+    arguments' naming set_isa, and use_isa(b'avx2') was taken."""
+    for bad in (None, 2, b"avx2"):
+        with raises(TypeError, "use_isa", "isa must be a str"):
+            with qn.use_isa(bad):
+                pass
+
+
 def test_core_packed_weight_not_initialised():
     """PackedWeight.__new__ without __init__: raw memory (pybind11 allocates the value
     lazily), refused by every use instead of read as sizes and pointers."""

@@ -136,6 +136,8 @@ def use_isa(isa: str) -> Iterator[None]:
     Process-wide (not thread-local): meant for tests and benchmarks. Raises
     ValueError for a variant this CPU cannot run.
     """
+    if not isinstance(isa, str):  # (pybind11's 'incompatible function arguments'; bytes were taken)
+        raise TypeError(f"use_isa: isa must be a str (one of {', '.join(supported_isas())}), got {type(isa).__name__}")
     previous = _core.get_isa()
     _core.set_isa(isa)
     try:
