@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from qkv_native import nn
+from qkv_native import nn, optim
+from qkv_native.train import EarlyStopping, Trainer
 from qkv_native import reference as ref
 
 F32 = np.float32
@@ -488,6 +489,29 @@ def test_sizes_must_be_ints():
     with pytest.raises(TypeError, match="d_in must be a positive integer, got bool"):
         nn.Linear(True, 3)
     assert nn.Linear(np.int64(3), 2).d_in == 3
+
+
+@pytest.mark.parametrize("make, flag", [
+    (lambda v: nn.MultiHeadAttention(8, 2, causal=v), "causal"),  # causal='no' was causal attention
+    (lambda v: nn.MultiHeadAttention(8, 2, bias=v), "bias"),
+    (lambda v: nn.Linear(3, 2, bias=v), "bias"),
+    (lambda v: nn.TransformerEncoderBlock(8, 2, 16, norm_first=v), "norm_first"),
+    (lambda v: nn.TransformerEncoderBlock(8, 2, 16, causal=v), "causal"),
+    (lambda v: nn.Linear(3, 2).train(v), "mode"),
+    (lambda v: optim.SGD(lr=0.1, momentum=0.9, nesterov=v), "nesterov"),
+    (lambda v: EarlyStopping(restore_best=v), "restore_best"),
+    (lambda v: Trainer(nn.Linear(3, 2), loss="mse", progress=v), "progress"),
+    (lambda v: Trainer(nn.Linear(3, 2), loss="mse", progress=False).fit(
+        np.zeros((2, 3), F32), np.zeros((2, 2), F32), epochs=1, shuffle=v), "shuffle"),
+])
+def test_flags_must_be_bools(make, flag):
+    """Yes/no arguments of layers, optimizers and the trainer are bools, as functional's are:
+    a truthy string ('no', 'False') turned the option on."""
+    for bad in ("no", "False", 0, None):
+        with pytest.raises(TypeError, match=f"^{flag} must be a bool, got"):
+            make(bad)
+    make(np.bool_(False))
+    make(True)
 
 
 # ----------------------------------------------------------------------------

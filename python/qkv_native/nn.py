@@ -49,7 +49,7 @@ from .functional import (
     matmul,
     softmax_cross_entropy,
 )
-from .functional import _check_int
+from .functional import _check_int, _flag
 from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
@@ -298,8 +298,9 @@ class Module:
             p.grad.fill(0.0)
 
     def train(self, mode: bool = True) -> "Module":
+        mode = _flag(mode, "mode")
         for m in self.modules():
-            object.__setattr__(m, "training", bool(mode))
+            object.__setattr__(m, "training", mode)
         return self
 
     def eval(self) -> "Module":
@@ -600,7 +601,7 @@ class Linear(Module):
         g = _rng(rng)
         self.d_in, self.d_out = _size(d_in, "d_in"), _size(d_out, "d_out")
         self.weight = Parameter(_init(init, g, (self.d_in, self.d_out), self.d_in, self.d_out))
-        self.bias = Parameter(np.zeros(self.d_out, F32)) if bias else None
+        self.bias = Parameter(np.zeros(self.d_out, F32)) if _flag(bias, "bias") else None
         self._x = None
 
     def extra_repr(self):
@@ -842,19 +843,19 @@ class MultiHeadAttention(Module):
             if self.d_model % self.num_heads:
                 raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads}), or pass d_head")
             d_head = self.d_model // self.num_heads
-        self.d_head, self.causal = _size(d_head, "d_head"), bool(causal)
+        self.d_head, self.causal = _size(d_head, "d_head"), _flag(causal, "causal")
+        self.has_bias = _flag(bias, "bias")
         d_q, d_kv = self.num_heads * self.d_head, self.num_kv_heads * self.d_head
         g = _rng(rng)
         self.w_q = Parameter(_init(init, g, (self.d_model, d_q), self.d_model, d_q))
         self.w_k = Parameter(_init(init, g, (self.d_model, d_kv), self.d_model, d_kv))
         self.w_v = Parameter(_init(init, g, (self.d_model, d_kv), self.d_model, d_kv))
         self.w_o = Parameter(_init(init, g, (d_q, self.d_model), d_q, self.d_model))
-        if bias:
+        if self.has_bias:
             self.b_q = Parameter(np.zeros(d_q, F32))
             self.b_k = Parameter(np.zeros(d_kv, F32))
             self.b_v = Parameter(np.zeros(d_kv, F32))
             self.b_o = Parameter(np.zeros(self.d_model, F32))
-        self.has_bias = bool(bias)
         self._cache = None
 
     def extra_repr(self):
@@ -1008,7 +1009,7 @@ class TransformerEncoderBlock(Module):
     ):
         super().__init__()
         g = _rng(rng)
-        self.norm_first = bool(norm_first)
+        self.norm_first = _flag(norm_first, "norm_first")
         self.attn = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads, causal=causal, init=init, rng=g)
         self.ln1 = LayerNorm(d_model, eps=eps)
         self.drop1 = Dropout(dropout, rng=g)

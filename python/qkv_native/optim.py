@@ -363,9 +363,10 @@ class SGD(Optimizer):
     ):
         _check_hyper("momentum", momentum)
         _check_hyper("dampening", dampening, low=None)
+        nesterov = _F._flag(nesterov, "nesterov")
         if nesterov and (momentum <= 0.0 or dampening != 0.0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
-        self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), bool(nesterov)
+        self.momentum, self.dampening, self.nesterov = float(momentum), float(dampening), nesterov
         self.slots = ("momentum",) if momentum else ()
         super().__init__(params, lr=lr, weight_decay=weight_decay, schedule=schedule, decay=decay)
 

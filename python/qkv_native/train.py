@@ -22,7 +22,7 @@ import numpy as np
 
 from . import nn as qnn
 from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
-from .functional import _check_int
+from .functional import _check_int, _flag
 from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm
 
 __all__ = [
@@ -84,7 +84,7 @@ class EarlyStopping(Callback):
         _check_int(patience, "patience", 0)
         _check_hyper("min_delta", min_delta)
         self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
-        self.mode, self.restore_best = mode, bool(restore_best)
+        self.mode, self.restore_best = mode, _flag(restore_best, "restore_best")
         self.best: Optional[float] = None
         self.best_epoch: Optional[int] = None
         self.wait = 0
@@ -182,7 +182,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self._flat_grads = self._optimizer_owns_model()
         self.callbacks = list(callbacks)
-        self.progress = bool(progress)
+        self.progress = _flag(progress, "progress")
         self.epoch = 0  # epochs completed
         self.seed = 0
         self.stop_training = False
@@ -252,6 +252,7 @@ class Trainer:
             raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
         _check_int(epochs, "epochs", 0)
         _check_int(batch_size, "batch_size", 1)
+        shuffle = _flag(shuffle, "shuffle")
         if seed is not None:
             _check_int(seed, "seed", 0)
         n = len(x)
