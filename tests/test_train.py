@@ -113,6 +113,21 @@ def test_resume_is_exact(tmp_path):
     assert resumed.callbacks[0].best == full.callbacks[0].best
 
 
+def test_checkpoint_holds_the_callbacks_state_after_the_epoch_whatever_their_order(tmp_path):
+    """A ModelCheckpoint listed before an EarlyStopping saved the latter's state from before
+    the epoch's update: a resumed run skipped that epoch's value and stopped an epoch late."""
+    x, y = toy_data()
+    ckpt = str(tmp_path / "run.npz")
+    trainer = Trainer(small_model(), progress=False,
+                      callbacks=[ModelCheckpoint(ckpt), EarlyStopping("loss", patience=3)])
+    trainer.fit(x, y, epochs=3, batch_size=16)
+    resumed = Trainer(small_model(rng=1), progress=False,
+                      callbacks=[ModelCheckpoint(ckpt), EarlyStopping("loss", patience=3)])
+    resumed.load(ckpt)
+    assert resumed.callbacks[1].state() == trainer.callbacks[1].state()
+    assert resumed.callbacks[1].best_epoch == 2
+
+
 def test_checkpoint_callback_and_atomic_write(tmp_path, monkeypatch):
     x, y = toy_data()
     ckpt = str(tmp_path / "ck.npz")

@@ -120,7 +120,10 @@ class EarlyStopping(Callback):
 
 
 class ModelCheckpoint(Callback):
-    """Save the trainer to ``path`` every ``every`` epochs (atomic writes); every: an integer >= 1."""
+    """Save the trainer to ``path`` every ``every`` epochs (atomic writes); every: an integer >= 1.
+    At an epoch's end it runs after the other callbacks, wherever it stands in the list, so
+    that the file holds their states after that epoch (an EarlyStopping listed after it had
+    its update for the epoch left out, and a resumed run stopped an epoch late)."""
 
     def __init__(self, path: str, every: int = 1):
         _check_int(every, "every", 1)
@@ -303,7 +306,7 @@ class Trainer:
                 bar.close()
             if self.progress:
                 print(_format_logs(e + 1, epochs, logs), flush=True)
-            for cb in self.callbacks:
+            for cb in sorted(self.callbacks, key=lambda cb: isinstance(cb, ModelCheckpoint)):  # (stable)
                 cb.on_epoch_end(self, e, logs)
         for cb in self.callbacks:
             cb.on_train_end(self)
