@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -409,6 +411,25 @@ def test_killed_save_leaves_a_complete_checkpoint(tmp_path):
         assert len(values) == 1, f"trial {trial}: a mix of generations {sorted(values)[:5]} (last saved {last})"
         g = values.pop()
         assert g in (last, last + 1), f"trial {trial}: generation {g}, the last saved was {last}"
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """A new checkpoint gets 0666 less the umask, as open() gives (it was 0600 whatever the
+    umask: tempfile.mkstemp's mode); saving over a file keeps that file's mode."""
+    model = qnn.Linear(2, 3)
+    old = os.umask(0o022)
+    try:
+        model.save(str(tmp_path / "a.npz"))
+        assert stat.S_IMODE(os.stat(tmp_path / "a.npz").st_mode) == 0o644
+        os.umask(0o027)
+        trained_trainer().save(str(tmp_path / "t.npz"))
+        assert stat.S_IMODE(os.stat(tmp_path / "t.npz").st_mode) == 0o640
+        os.chmod(tmp_path / "a.npz", 0o600)  # a file the user made private stays so
+        model.save(str(tmp_path / "a.npz"))
+        assert stat.S_IMODE(os.stat(tmp_path / "a.npz").st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "t.npz"]
 
 
 def test_model_files_of_the_encoder(tmp_path):

@@ -33,7 +33,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -425,7 +426,7 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = _new_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{_HEADER_KEY: blob}, **arrays)
@@ -444,6 +445,28 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def _new_file_beside(path: str) -> Tuple[int, str]:
+    """(fd, name) of a new empty file in path's folder, open for writing, that becomes path.
+    Its mode is path's if path exists (a save keeps the file's permissions), else 0666 less
+    the umask, as open() gives (tempfile.mkstemp's 0600 made every checkpoint private)."""
+    for _ in range(100):
+        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
 
 
 def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
