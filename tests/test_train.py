@@ -434,6 +434,27 @@ def test_fit_rejects_bad_epochs_and_seed_before_training(kwargs, message):
     assert all(np.array_equal(a, trainer.model.state_dict()[k]) for k, a in w0.items())
 
 
+@pytest.mark.parametrize("validation, error, message", [
+    (lambda x, y: (x.astype(np.float64), y), TypeError, r"^validation\[0\] must have dtype float32"),
+    (lambda x, y: (x, y[:-1]), ValueError, r"^validation\[0\] and validation\[1\] must have the same length"),
+    (lambda x, y: (x,), TypeError, r"^validation must be a pair \(x_val, y_val\), got tuple of length 1"),
+    (lambda x, y: x, TypeError, r"^validation must be a pair"),
+    (lambda x, y: (x[:0], y[:0]), ValueError, r"^validation\[0\] holds no samples"),
+])
+def test_fit_checks_validation_before_training(validation, error, message):
+    """A bad validation set was found by the evaluation after the first epoch: the error
+    came with an epoch's updates in the weights and optimizer but the epoch not counted."""
+    x, y = toy_data(n=8)
+    trainer = Trainer(small_model(), progress=False)
+    w0 = trainer.model.state_dict()
+    with pytest.raises(error, match=message):
+        trainer.fit(x, y, epochs=1, validation=validation(x, y))
+    assert trainer.optimizer.step_count == 0 and trainer.history == {}
+    assert all(np.array_equal(a, trainer.model.state_dict()[k]) for k, a in w0.items())
+    with pytest.raises(ValueError, match="^x and y must have the same length, got 8 and a scalar"):
+        trainer.fit(x, 3, epochs=1)  # (was len() of unsized object)
+
+
 def test_evaluate_rejects_no_samples():
     x, y = toy_data()
     trainer = Trainer(small_model(), progress=False)

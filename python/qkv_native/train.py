@@ -249,10 +249,14 @@ class Trainer:
         :meth:`evaluate`), so it does not depend on how the data is cut into batches.
         epochs: an integer >= 0; seed: an integer >= 0, the batch order (default: the
         trainer's, 0 or the one restored by :meth:`load`)."""
-        x = _check_inputs(x, "x")
-        y = np.asarray(y)
-        if len(y) != len(x):
-            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        x, y = _check_data(x, y, "x", "y")
+        if validation is not None:  # (checked now: after an epoch's training, its weights would be lost to the error)
+            if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+                raise TypeError(f"validation must be a pair (x_val, y_val), got {type(validation).__name__}"
+                                + (f" of length {len(validation)}" if isinstance(validation, (tuple, list)) else ""))
+            validation = _check_data(*validation, "validation[0]", "validation[1]")
+            if len(validation[0]) == 0:
+                raise ValueError("validation[0] holds no samples: nothing to validate on")
         _check_int(epochs, "epochs", 0)
         _check_int(batch_size, "batch_size", 1)
         shuffle = _flag(shuffle, "shuffle")
@@ -318,10 +322,7 @@ class Trainer:
         The loss is that of all of x, y as one batch, whatever ``batch_size``: each
         batch's loss is weighted by how many terms it averages (for cross-entropy the
         targets that are not ``ignore_index``; all ignored: 0). x: (n, ...) with n >= 1."""
-        x = _check_inputs(x, "x")
-        y = np.asarray(y)
-        if len(y) != len(x):
-            raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+        x, y = _check_data(x, y, "x", "y")
         _check_int(batch_size, "batch_size", 1)
         if len(x) == 0:
             raise ValueError("x holds no samples: nothing to evaluate")
@@ -427,7 +428,18 @@ def _check_inputs(x, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
     if x.dtype.kind == "f" and x.dtype != F32:
         raise TypeError(f"{name} must have dtype float32, got {x.dtype} (convert explicitly with .astype(np.float32))")
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have a first axis of samples, got a 0-d array")
     return x
+
+
+def _check_data(x, y, x_name: str, y_name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets: x an ndarray (float32 if floating), y as long as x."""
+    x, y = _check_inputs(x, x_name), np.asarray(y)
+    if y.ndim == 0 or len(y) != len(x):
+        raise ValueError(f"{x_name} and {y_name} must have the same length, got {len(x)} and "
+                         f"{len(y) if y.ndim else 'a scalar'}")
+    return x, y
 
 
 def _format_logs(epoch: int, epochs: int, logs: dict) -> str:
