@@ -316,6 +316,27 @@ def test_flat_parameters_are_views_and_survive_replacement():
         optim.SGD([model[0].bias, model[0].bias], lr=0.1)
 
 
+@pytest.mark.parametrize("make", [lambda m: optim.SGD(m, lr=0.1), lambda m: optim.SGD(m, lr=0.1, momentum=0.9),
+                                  lambda m: optim.AdamW(m, lr=0.1)])
+def test_replaced_parameter_arrays_must_keep_their_shape(make):
+    """A grad replaced by a (1, n) array was broadcast into the (m, n) parameter's gradient
+    (a silently wrong update); new data of another shape met the state's old layout (an error
+    naming an internal buffer, 'm must have shape (20,)'). Now a ValueError naming the parameter."""
+    lin = nn.Linear(3, 4)
+    opt = make(lin)
+    w0 = lin.weight.data.copy()
+    lin.weight.grad = np.ones((1, 4), F32)
+    with pytest.raises(ValueError, match=r"^parameter 'weight' must keep its shape \(3, 4\)"):
+        opt.step()
+    np.testing.assert_array_equal(lin.weight.data, w0)
+    lin.weight.data, lin.weight.grad = np.ones((4, 4), F32), np.ones((4, 4), F32)
+    with pytest.raises(ValueError, match=r"^parameter 'weight' must keep its shape \(3, 4\).*now \(4, 4\)"):
+        opt.zero_grad()
+    opt.attach([("weight", lin.weight)])  # attaching again takes the new shape
+    opt.step()
+    assert lin.weight.shape == (4, 4) and np.shares_memory(lin.weight.data, opt._flat.w)
+
+
 def test_native_update_errors_name_the_argument():
     from qkv_native import functional as F
 

@@ -154,7 +154,9 @@ class _FlatParams:
     parameter whose ``data`` or ``grad`` was replaced by another array since (a
     user's assignment, another optimizer attaching the same parameter) is noticed
     before every step (:meth:`intact`) and the buffers are rebuilt around the
-    current arrays (their values are copied, nothing is lost).
+    current arrays (their values are copied, nothing is lost). The new arrays must have
+    the parameter's shape (a ValueError otherwise: a (1, n) grad was broadcast into an
+    (m, n) parameter's, a new shape met the state's old layout).
     """
 
     def __init__(self, params: List[Parameter]):
@@ -280,7 +282,13 @@ class Optimizer:
         if not self.params:
             raise RuntimeError("the optimizer has no parameters: pass params or call attach(model)")
         if not self._flat.intact():
-            self._flat = _FlatParams(self._flat.params)  # same sizes: the state layout still fits
+            for (name, p), (w, _) in zip(self.params, self._flat._views):  # the state layout must still fit
+                if np.shape(p.data) != w.shape or np.shape(p.grad) != w.shape:
+                    raise ValueError(
+                        f"parameter {name!r} must keep its shape {w.shape} (its data and grad were replaced: "
+                        f"now {np.shape(p.data)} and {np.shape(p.grad)}); attach the optimizer again "
+                        f"for new shapes (its state then starts afresh)")
+            self._flat = _FlatParams(self._flat.params)
         return self._flat
 
     def flat_grad(self) -> np.ndarray:
