@@ -313,6 +313,26 @@ def test_named_parameters_and_accumulation():
     assert all(not p.grad.any() for p in model.parameters())
 
 
+def test_reassigned_parameters_and_submodules_are_unregistered():
+    """Setting a parameter or submodule attribute to None (or deleting it) left the old one
+    registered: still listed, saved, counted and updated by an optimizer, though forward no
+    longer used it; an array assigned over a parameter was silently ignored by named_parameters."""
+    lin = nn.Linear(3, 4)
+    lin.bias = None  # forward now adds no bias
+    assert [n for n, _ in lin.named_parameters()] == ["weight"] and lin.num_parameters() == 12
+    assert list(lin.state_dict()) == ["weight"]
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    model.extra = nn.Linear(4, 4)
+    del model.extra
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+    with pytest.raises(TypeError, match="^weight is a parameter of Linear: assign a Parameter or None, got ndarray"):
+        lin.weight = np.zeros((3, 4), F32)
+    with pytest.raises(TypeError, match="^0 is a submodule of Sequential: assign a Module or None, got int"):
+        setattr(model, "0", 3)
+    lin.weight = nn.Parameter(np.ones((3, 4), F32))  # a new Parameter replaces the old one
+    assert lin.parameters() == [lin.weight]
+
+
 def test_init_is_explicit_and_seeded():
     a, b, c = nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=4)
     np.testing.assert_array_equal(a.weight.data, b.weight.data)

@@ -228,7 +228,8 @@ class Module:
     """Base of all layers: named parameters, children, train/eval mode, save/load.
 
     Assigning a :class:`Parameter` or a :class:`Module` to an attribute registers
-    it under that name; :meth:`named_parameters` lists them depth-first as
+    it under that name (assigning None or ``del`` unregisters it; anything else over a
+    registered name is a TypeError); :meth:`named_parameters` lists them depth-first as
     dotted names (``"1.attn.w_q"``).
     """
 
@@ -244,11 +245,26 @@ class Module:
     def __setattr__(self, name, value):
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        params, modules = self._params, self._modules
         if isinstance(value, Parameter):
-            self._params[name] = value
+            modules.pop(name, None)
+            params[name] = value
         elif isinstance(value, Module):
-            self._modules[name] = value
+            params.pop(name, None)
+            modules[name] = value
+        elif name in params or name in modules:  # (the old one stayed registered: saved, counted, updated)
+            what = "parameter" if name in params else "submodule"
+            if value is not None:
+                raise TypeError(f"{name} is a {what} of {type(self).__name__}: assign a "
+                                f"{'Parameter' if what == 'parameter' else 'Module'} or None, got {type(value).__name__}")
+            params.pop(name, None)
+            modules.pop(name, None)
         object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self._params.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
 
     # -- the layer interface -------------------------------------------------
     def forward(self, x, **kwargs):
