@@ -333,6 +333,30 @@ def test_reassigned_parameters_and_submodules_are_unregistered():
     assert lin.parameters() == [lin.weight]
 
 
+def test_tied_parameters_are_listed_once_and_trained():
+    """A Parameter shared by two layers was listed under both names: optimizers refused the
+    model ('params lists the same Parameter twice'), checkpoints held it twice and
+    num_parameters counted it twice. Its gradient is the sum of both uses'."""
+    rng = np.random.default_rng(0)
+    a, b = nn.Linear(4, 4, rng=1), nn.Linear(4, 4, rng=2)
+    b.weight = a.weight
+    tied = nn.Sequential(a, nn.GELU(), b)
+    assert [n for n, _ in tied.named_parameters()] == ["0.weight", "0.bias", "2.bias"]
+    assert tied.num_parameters() == 24 and list(tied.state_dict()) == ["0.weight", "0.bias", "2.bias"]
+    untied = nn.Sequential(nn.Linear(4, 4, rng=1), nn.GELU(), nn.Linear(4, 4, rng=1))
+    x, dy = randn(rng, 3, 4), randn(rng, 3, 4)
+    for m in (tied, untied):
+        m.zero_grad()
+        m.forward(x)
+        m.backward(dy)
+    np.testing.assert_allclose(a.weight.grad, untied[0].weight.grad + untied[2].weight.grad, rtol=1e-6, atol=1e-6)
+    opt = optim.SGD(tied, lr=0.5)
+    w = a.weight.data - 0.5 * a.weight.grad
+    opt.step()
+    np.testing.assert_allclose(b.weight.data, w, rtol=1e-6, atol=1e-7)
+    assert b.weight.data is a.weight.data
+
+
 def test_init_is_explicit_and_seeded():
     a, b, c = nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=3), nn.Linear(30, 20, rng=4)
     np.testing.assert_array_equal(a.weight.data, b.weight.data)

@@ -289,10 +289,15 @@ class Module:
 
     # -- parameters ----------------------------------------------------------
     def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
-        for name, p in self._params.items():
-            yield prefix + name, p
-        for name, m in self._modules.items():
-            yield from m.named_parameters(prefix + name + ".")
+        """(dotted name, Parameter) depth-first. A Parameter that several layers share (tied
+        weights: ``b.weight = a.weight``; their backwards add into its one grad) is listed
+        once, under its first name, so that optimizers, checkpoints and counts see it once."""
+        seen = set()
+        for path, m in _named_modules(self, prefix):
+            for name, p in m._params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (path + "." if path else "") + name, p
 
     @property
     def grads(self) -> Dict[str, np.ndarray]:
