@@ -478,6 +478,25 @@ def test_callback_arguments_are_checked_at_construction(tmp_path):
     EarlyStopping(patience=0, min_delta=0)
 
 
+def test_early_stopping_never_takes_nan_for_the_best():
+    """A NaN first value became the best for good (nothing compares better than NaN): the
+    improving epochs after it counted as no improvement, training stopped after `patience`
+    epochs and restore_best put back the weights of the NaN epoch."""
+    model = small_model()
+    trainer = Trainer(model, progress=False)
+    es = EarlyStopping("val_loss", patience=2)
+    for epoch, value in enumerate([float("nan"), 1.0, 0.5, float("nan"), 0.4]):
+        model[0].weight.data[...] = epoch
+        es.on_epoch_end(trainer, epoch, {"val_loss": value})
+    assert (es.best, es.best_epoch, es.wait) == (0.4, 4, 0) and not trainer.stop_training
+    for epoch, value in ((5, float("nan")), (6, 0.45)):
+        model[0].weight.data[...] = epoch
+        es.on_epoch_end(trainer, epoch, {"val_loss": value})
+    assert trainer.stop_training
+    es.on_train_end(trainer)
+    assert (model[0].weight.data == 4).all()
+
+
 def test_early_stopping_restores_best_only_when_stopped_early():
     # mode "max" on a falling loss: the best epoch is the first one
     x, y = toy_data(n=32)

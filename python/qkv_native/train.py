@@ -14,6 +14,7 @@ uninterrupted run with the same seed would be.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -65,7 +66,7 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` (a key of the epoch logs, e.g. "val_loss",
     "val_accuracy") has not improved by more than ``min_delta`` for ``patience``
     epochs. mode "min"/"max" ("auto": max for names containing "acc").
-    patience: an integer >= 0; min_delta: a finite number >= 0.
+    patience: an integer >= 0; min_delta: a finite number >= 0. A NaN value never improves.
 
     ``restore_best``: when training stops early (``trainer.stop_training`` set at the
     end of :meth:`Trainer.fit`, by this or another callback), put back the weights of
@@ -94,7 +95,7 @@ class EarlyStopping(Callback):
         if self.monitor not in logs:
             raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch logs hold {sorted(logs)}")
         value = float(logs[self.monitor])
-        better = (
+        better = not math.isnan(value) and (  # (a NaN is no improvement: it was the best for good)
             self.best is None
             or (self.mode == "min" and value < self.best - self.min_delta)
             or (self.mode == "max" and value > self.best + self.min_delta)
