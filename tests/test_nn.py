@@ -535,6 +535,23 @@ def test_sizes_must_be_ints():
     assert nn.Linear(np.int64(3), 2).d_in == 3
 
 
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: nn.CrossEntropyLoss(ignore_index=3.7), TypeError, "^ignore_index must be an integer, got float"),
+    (lambda: nn.CrossEntropyLoss(ignore_index=True), TypeError, "^ignore_index must be an integer, got bool"),
+    (lambda: nn.CrossEntropyLoss(label_smoothing="0.1"), TypeError, "^label_smoothing must be a real number"),
+    (lambda: nn.Dropout("0.1"), TypeError, "^p must be a real number"),
+    (lambda: nn.LayerNorm(4, eps="1e-5"), TypeError, "^eps must be a real number"),
+    (lambda: nn.LayerNorm(4, eps=-1.0), ValueError, "^eps must be a finite number > 0"),
+    (lambda: nn.TransformerEncoderBlock(8, 2, 16, eps=float("nan")), ValueError, "^eps must be a finite number > 0"),
+])
+def test_layer_and_loss_settings_are_checked_at_construction(make, error, message):
+    """ignore_index=3.7 ignored class 3; a string eps was converted, a negative one failed at
+    the first forward; a string p or label_smoothing failed in a comparison naming neither."""
+    with pytest.raises(error, match=message):
+        make()
+    assert nn.CrossEntropyLoss(ignore_index=np.int64(-1), label_smoothing=np.float32(0.1)).ignore_index == -1
+
+
 @pytest.mark.parametrize("make, flag", [
     (lambda v: nn.MultiHeadAttention(8, 2, causal=v), "causal"),  # causal='no' was causal attention
     (lambda v: nn.MultiHeadAttention(8, 2, bias=v), "bias"),

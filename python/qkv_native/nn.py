@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import secrets
 import stat
@@ -50,7 +51,7 @@ from .functional import (
     matmul,
     softmax_cross_entropy,
 )
-from .functional import _check_int, _flag
+from .functional import _check_int, _flag, _real
 from .functional import gelu_backward as gelu_backward_native
 
 __all__ = [
@@ -758,7 +759,9 @@ class LayerNorm(Module):
 
     def __init__(self, d_model: int, *, eps: float = 1e-5):
         super().__init__()
-        self.d_model, self.eps = _size(d_model, "d_model"), float(eps)
+        self.d_model, self.eps = _size(d_model, "d_model"), _real(eps, "eps")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps}")
         self.weight = Parameter(np.ones(self.d_model, F32))
         self.bias = Parameter(np.zeros(self.d_model, F32))
         self._cache = None
@@ -827,7 +830,7 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.1, *, rng: RngLike = 0):
         super().__init__()
-        if not 0.0 <= p < 1.0:
+        if not 0.0 <= _real(p, "p") < 1.0:
             raise ValueError(f"p must lie in [0, 1), got {p}")
         self.p = float(p)
         self.rng = np.random.default_rng(_child_seed(_rng(rng)))
@@ -1177,8 +1180,10 @@ class CrossEntropyLoss:
     with label smoothing and an ignored target value (see :func:`softmax_cross_entropy`)."""
 
     def __init__(self, *, label_smoothing: float = 0.0, ignore_index: int = -100):
-        if not 0.0 <= label_smoothing < 1.0:
+        if not 0.0 <= _real(label_smoothing, "label_smoothing") < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")  # (3.7 ignored class 3)
         self.label_smoothing, self.ignore_index = float(label_smoothing), int(ignore_index)
         self._grad = None
 
