@@ -418,6 +418,19 @@ def test_learning_rate_from_a_schedule_is_checked_before_the_update():
             np.testing.assert_array_equal(p.data, b)
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"schedule": lambda step: 1.0}, "^schedule must be a qkv_native.optim.Schedule or None, got function"),
+    ({"schedule": "cosine"}, "^schedule must be a qkv_native.optim.Schedule or None, got str"),
+    ({"decay": True}, r"^decay must be a function f\(name, param\) -> bool or None, got bool"),
+])
+def test_schedule_and_decay_are_checked_at_construction(kw, message):
+    """A function as schedule failed at the first step ('function' object has no attribute
+    'factor'), decay=True at attach ('bool' object is not callable)."""
+    for cls in (optim.SGD, optim.Adam, optim.AdamW):
+        with pytest.raises(TypeError, match=message):
+            cls(lr=0.1, **kw)
+
+
 def test_parameter_names_must_be_unique():
     """Bug: two Parameters under one name were taken, and the state of one was lost in
     state_dict (keyed by name)."""

@@ -217,6 +217,10 @@ class Optimizer:
     ):
         _check_hyper("lr", lr)
         _check_hyper("weight_decay", weight_decay)
+        if schedule is not None and not isinstance(schedule, Schedule):  # (a function failed at the first step)
+            raise TypeError(f"schedule must be a qkv_native.optim.Schedule or None, got {type(schedule).__name__}")
+        if decay is not None and not callable(decay):
+            raise TypeError(f"decay must be a function f(name, param) -> bool or None, got {type(decay).__name__}")
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.schedule = schedule if schedule is not None else Constant()
         self.decay = decay
