@@ -312,7 +312,8 @@ def test_missing_file_and_directory(tmp_path):
 
 
 @pytest.mark.parametrize("edit", ["epoch_missing", "epoch_not_int", "history_not_a_dict", "rng_for_no_layer",
-                                  "epoch_negative", "epoch_infinite", "step_count_infinite", "step_count_negative"])
+                                  "epoch_negative", "epoch_infinite", "step_count_infinite", "step_count_negative",
+                                  "partial_not_a_dict", "partial_samples_past_n", "partial_rng_for_no_layer"])
 def test_trainer_meta_mismatch_loads_nothing(tmp_path, files, edit):
     """A checkpoint whose arrays are intact (valid sha256) but whose metadata does not fit this
     trainer (another version or tool wrote it). Bug: the trainer's meta fields are read after
@@ -328,6 +329,15 @@ def test_trainer_meta_mismatch_loads_nothing(tmp_path, files, edit):
             meta["history"] = [1, 2]
         elif edit == "rng_for_no_layer":
             meta["rng"] = {"no.such.layer": {}}
+        elif edit.startswith("partial"):  # an epoch stopped part-way (Note [stopped part-way])
+            meta["partial"] = dict(n=32, shuffle=True, seed=0, samples=16, loss_sum=1.0, loss_count=16, correct=3,
+                                   counted=16, time=0.5, lr=0.01, rng={})
+            if edit == "partial_not_a_dict":
+                meta["partial"] = [16]
+            elif edit == "partial_samples_past_n":
+                meta["partial"]["samples"] = 33
+            else:
+                meta["partial"]["rng"] = {"no.such.layer": {}}
         elif edit.startswith("epoch"):  # (json writes inf as Infinity; int() of it overflowed)
             meta["epoch"] = -3 if edit.endswith("negative") else float("inf")
         else:

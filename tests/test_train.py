@@ -128,6 +128,62 @@ def test_checkpoint_holds_the_callbacks_state_after_the_epoch_whatever_their_ord
     assert resumed.callbacks[1].best_epoch == 2
 
 
+class _InterruptOnce(nn.CrossEntropyLoss):
+    """Ctrl-C inside the train step of call number `at` (after the model's forward drew its
+    dropout bits, before the backward and the update)."""
+
+    def __init__(self, at):
+        super().__init__(label_smoothing=0.1)
+        self.at, self.calls = at, 0
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().forward(logits, targets)
+
+
+@pytest.mark.parametrize("via_checkpoint", [False, True])
+def test_fit_stopped_part_way_continues_the_epoch(tmp_path, via_checkpoint):
+    """Ctrl-C in the middle of an epoch left its completed batches in the weights and optimizer
+    but the epoch uncounted: the next fit (or a checkpoint saved then) ran the epoch from its
+    first batch again. Now it continues with the next batch, dropout states and loss sums as
+    they were: the same weights and history as an uninterrupted run."""
+    x, y = toy_data()
+    full = _make_trainer()
+    h_full = full.fit(x, y, epochs=3, batch_size=16, seed=7)
+    stopped = _make_trainer()
+    stopped.loss = _InterruptOnce(at=6 + 4)  # epoch 2 (of 6 batches), its fifth batch
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(x, y, epochs=3, batch_size=16, seed=7)
+    assert stopped.epoch == 1 and stopped.optimizer.step_count == 6 + 3
+    if via_checkpoint:
+        stopped.save(str(tmp_path / "run.npz"))
+        stopped = _make_trainer(rng=99)
+        stopped.load(str(tmp_path / "run.npz"))
+    h = stopped.fit(x, y, epochs=3, batch_size=16)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), stopped.model.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    for k in ("loss", "accuracy", "lr"):
+        np.testing.assert_array_equal(h_full[k], h[k], err_msg=k)
+    assert stopped.optimizer.step_count == full.optimizer.step_count == 18
+    t = _interrupted(x, y)  # continuing needs the same data and order
+    with pytest.raises(ValueError, match=r"^epoch 1 stopped part-way \(32 of 96 samples done.*got 95 samples"):
+        t.fit(x[:-1], y[:-1], epochs=1)
+    with pytest.raises(ValueError, match="^epoch 1 stopped part-way"):
+        t.fit(x, y, epochs=1, shuffle=False)
+    t.fit(x, y, epochs=1, batch_size=5)  # another batch size may finish it
+    assert t.epoch == 1 and t.optimizer.step_count == 2 + 13
+
+
+def _interrupted(x, y):
+    t = _make_trainer()
+    t.loss = _InterruptOnce(at=3)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(x, y, epochs=1, batch_size=16)
+    return t
+
+
 def test_checkpoint_callback_and_atomic_write(tmp_path, monkeypatch):
     x, y = toy_data()
     ckpt = str(tmp_path / "ck.npz")

@@ -9,7 +9,9 @@
 Determinism: the batch order of epoch e is a permutation drawn from
 ``numpy.random.default_rng((seed, e))`` and dropout draws from generators whose
 states are checkpointed, so ``load`` + ``fit`` continues exactly where an
-uninterrupted run with the same seed would be.
+uninterrupted run with the same seed would be. That holds for a fit stopped part-way
+through an epoch too (Ctrl-C, an exception): the next ``fit``, or a checkpoint saved then,
+continues that epoch with its next batch (Note [stopped part-way]).
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.progress = _flag(progress, "progress")
         self.epoch = 0  # epochs completed
+        self._partial: Optional[dict] = None  # epoch self.epoch so far (Note [stopped part-way])
         self.seed = 0
         self.stop_training = False
         self.history: Dict[str, List[float]] = {}
@@ -249,7 +252,9 @@ class Trainer:
         weighted by what each averages (non-ignored targets for cross-entropy, see
         :meth:`evaluate`), so it does not depend on how the data is cut into batches.
         epochs: an integer >= 0; seed: an integer >= 0, the batch order (default: the
-        trainer's, 0 or the one restored by :meth:`load`)."""
+        trainer's, 0 or the one restored by :meth:`load`). After a fit stopped part-way
+        through an epoch, fit continues that epoch with its next batch (x of as many
+        samples, shuffle and seed as they were; Note [stopped part-way])."""
         x, y = _check_data(x, y, "x", "y")
         if validation is not None:  # (checked now: after an epoch's training, its weights would be lost to the error)
             if not isinstance(validation, (tuple, list)) or len(validation) != 2:
@@ -273,22 +278,26 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         step = 0
+        drops = [(path, m) for path, m in qnn._named_modules(self.model) if isinstance(m, qnn.Dropout)]
         while self.epoch < epochs and not self.stop_training:
             e = self.epoch
+            part = self._epoch_part(n, shuffle)
             order = np.random.default_rng((self.seed, e)).permutation(n) if shuffle else np.arange(n)
-            lr = self.optimizer.current_lr()
             bar = _progress_bar(n, f"epoch {e + 1}/{epochs}") if self.progress else None
-            t0 = time.perf_counter()
-            loss_sum, loss_count, correct, counted = 0.0, 0, 0, 0
-            for start in range(0, n, batch_size):
+            if bar is not None:
+                bar.update(part["samples"])
+            t0 = time.perf_counter() - part["time"]
+            for start in range(part["samples"], n, batch_size):
                 idx = order[start : start + batch_size]
                 yb = y[idx]
                 loss, out = self.train_step(x[idx], yb)
                 terms = self._loss_count(out, yb)
-                loss_sum, loss_count = loss_sum + float(loss) * terms, loss_count + terms
-                if self._classifies:
-                    c, k = self._correct(out, yb)
-                    correct, counted = correct + c, counted + k
+                c, k = self._correct(out, yb) if self._classifies else (0, 0)
+                part.update(  # the batch is done: recorded at once, before a callback or Ctrl-C can stop fit
+                    samples=start + len(idx), loss_sum=part["loss_sum"] + float(loss) * terms,
+                    loss_count=part["loss_count"] + terms, correct=part["correct"] + c, counted=part["counted"] + k,
+                    time=time.perf_counter() - t0, rng={path: m.rng.bit_generator.state for path, m in drops},
+                )
                 logs = {"loss": loss}
                 for cb in self.callbacks:
                     cb.on_batch_end(self, step, logs)
@@ -296,15 +305,15 @@ class Trainer:
                 if bar is not None:
                     bar.update(len(idx))
                     bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            dt = time.perf_counter() - t0
-            logs = {"loss": loss_sum / max(loss_count, 1)}
+            dt, lr = time.perf_counter() - t0, part["lr"]
+            logs = {"loss": part["loss_sum"] / max(part["loss_count"], 1)}
             if self._classifies:
-                logs["accuracy"] = correct / max(counted, 1)
+                logs["accuracy"] = part["correct"] / max(part["counted"], 1)
             if validation is not None:
                 val = self.evaluate(*validation)
                 logs.update({"val_" + k: v for k, v in val.items()})
             logs.update({"time": dt, "samples_per_s": n / dt if dt > 0 else float("inf"), "lr": lr})
-            self.epoch += 1
+            self.epoch, self._partial = self.epoch + 1, None
             for k, v in logs.items():
                 self.history.setdefault(k, []).append(float(v))
             if bar is not None:
@@ -316,6 +325,34 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.history
+
+    def _epoch_part(self, n: int, shuffle: bool) -> dict:
+        """The record of epoch ``self.epoch`` so far (Note [stopped part-way]): a new one, or that
+        of a fit stopped in this epoch, whose dropout generators are then put back as they were
+        after its last completed batch.
+
+        Note [stopped part-way]
+        A fit stopped by an exception or Ctrl-C between or inside batches leaves weights and
+        optimizer updated by the epoch's completed batches. The epoch's batch order is a
+        function of (seed, epoch) alone, so the next fit (or a save and load) continues with
+        the batch after the last completed one, with the dropout states and loss sums it left:
+        as an uninterrupted run would, not running those batches a second time."""
+        part = self._partial
+        if part is None:
+            self._partial = part = {
+                "n": n, "shuffle": shuffle, "seed": self.seed, "samples": 0, "loss_sum": 0.0, "loss_count": 0,
+                "correct": 0, "counted": 0, "time": 0.0, "lr": self.optimizer.current_lr(), "rng": self.model.rng_states(),
+            }
+            return part
+        if (part["n"], part["shuffle"], part["seed"]) != (n, shuffle, self.seed):
+            raise ValueError(
+                f"epoch {self.epoch + 1} stopped part-way ({part['samples']} of {part['n']} samples done, "
+                f"shuffle={part['shuffle']}, seed={part['seed']}): fit continues it, so x must hold {part['n']} "
+                f"samples and shuffle and seed must be as they were (got {n} samples, shuffle={shuffle}, seed={self.seed}; "
+                f"a new Trainer of this model and optimizer starts an epoch afresh)"
+            )
+        self.model.set_rng_states(part["rng"])
+        return part
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Dict[str, float]:
         """Mean loss (and accuracy for classification) in eval mode (no dropout).
@@ -378,6 +415,7 @@ class Trainer:
             "rng": self.model.rng_states(),
             "history": self.history,
             "callbacks": [{"type": type(cb).__name__, "state": cb.state()} for cb in self.callbacks],
+            "partial": self._partial,  # (an epoch stopped part-way: Note [stopped part-way])
         }
         save_arrays(path, arrays, meta)
 
@@ -399,6 +437,7 @@ class Trainer:
             cb_types = [c["type"] for c in saved_cbs]
             optimizer_meta = meta["optimizer"]
             rng_states = meta.get("rng", {})
+            partial = _check_partial(meta.get("partial"))
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
             raise CheckpointError(f"{path}: malformed trainer metadata ({type(err).__name__}: {err})") from None
         model_state = {n[len("model/") :]: a for n, a in arrays.items() if n.startswith("model/")}
@@ -411,6 +450,8 @@ class Trainer:
             self.model.load_state_dict(model_state)
             self.optimizer.load_state_dict(opt_state, optimizer_meta)
             self.model.set_rng_states(rng_states)
+            if partial is not None:
+                self.model.set_rng_states(partial["rng"])
             if cb_types == [type(cb).__name__ for cb in self.callbacks]:
                 for cb, c in zip(self.callbacks, saved_cbs):
                     cb.load_state(c["state"])
@@ -421,7 +462,24 @@ class Trainer:
             for cb, st in zip(self.callbacks, backup_cbs):
                 cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
-        self.epoch, self.seed, self.history = epoch, seed, history
+        self.epoch, self.seed, self.history, self._partial = epoch, seed, history, partial
+
+
+def _check_partial(partial) -> Optional[dict]:
+    """A checkpoint's record of an epoch stopped part-way (None: none), checked field by field."""
+    if partial is None:
+        return None
+    fields = {"n": int, "shuffle": bool, "seed": int, "samples": int, "loss_sum": float, "loss_count": int,
+              "correct": int, "counted": int, "time": float, "lr": float, "rng": dict}
+    if not isinstance(partial, dict) or set(partial) != set(fields):
+        raise ValueError(f"partial must be an object with the fields {sorted(fields)}")
+    for name, kind in fields.items():
+        v = partial[name]
+        if isinstance(v, bool) != (kind is bool) or not isinstance(v, (int, float) if kind is float else kind):
+            raise ValueError(f"partial.{name} must be a {kind.__name__}, got {v!r}")
+    if not 0 <= partial["samples"] <= partial["n"]:
+        raise ValueError(f"partial.samples must lie in [0, n={partial['n']}], got {partial['samples']}")
+    return dict(partial, loss_sum=float(partial["loss_sum"]), time=float(partial["time"]), lr=float(partial["lr"]))
 
 
 def _check_inputs(x, name: str) -> np.ndarray:
