@@ -511,6 +511,30 @@ def test_fit_checks_validation_before_training(validation, error, message):
         trainer.fit(x, 3, epochs=1)  # (was len() of unsized object)
 
 
+def test_trainer_and_an_optimizer_over_other_parameters():
+    """An optimizer attached to another model was taken, and the model never trained; the
+    gradients of parameters the optimizer updates beyond the model's (a loss's own, here a
+    counter that every backward adds 1 to) were never zeroed, so each step used their sum
+    over all batches so far."""
+    x, y = toy_data(n=20)
+    with pytest.raises(ValueError, match="^optimizer is attached to none of the model's parameters"):
+        Trainer(small_model(), optimizer=optim.SGD(small_model(rng=1), lr=0.1), progress=False)
+
+    class CountingLoss(nn.CrossEntropyLoss):
+        def __init__(self):
+            super().__init__()
+            self.count = nn.Parameter(np.zeros(1, F32))
+
+        def backward(self, dloss=1.0):
+            self.count.grad += 1.0
+            return super().backward(dloss)
+
+    model, loss = small_model(), CountingLoss()
+    opt = optim.SGD(list(model.named_parameters()) + [("count", loss.count)], lr=1.0)
+    Trainer(model, loss, opt, progress=False).fit(x, y, epochs=1, batch_size=5)
+    assert loss.count.data[0] == -4.0  # one per batch (was -1 - 2 - 3 - 4)
+
+
 def test_evaluate_rejects_no_samples():
     x, y = toy_data()
     trainer = Trainer(small_model(), progress=False)

@@ -186,7 +186,7 @@ class Trainer:
         if not self.optimizer.attached:
             self.optimizer.attach(model)
         self.clip_grad_norm = clip_grad_norm
-        self._flat_grads = self._optimizer_owns_model()
+        self._flat_grads = self._check_optimizer()
         self.callbacks = list(callbacks)
         self.progress = _flag(progress, "progress")
         self.epoch = 0  # epochs completed
@@ -199,10 +199,16 @@ class Trainer:
     def _classifies(self) -> bool:
         return isinstance(self.loss, CrossEntropyLoss)
 
-    def _optimizer_owns_model(self) -> bool:
+    def _check_optimizer(self) -> bool:
         """Whether the optimizer updates exactly the model's parameters: then zeroing and
-        clipping the gradients are one pass over its flat gradient buffer (Note [flat parameters])."""
-        return {id(p) for _, p in self.optimizer.params} == {id(p) for p in self.model.parameters()}
+        clipping the gradients are one pass over its flat gradient buffer (Note [flat parameters]).
+        An optimizer that updates none of them (attached to another model) is a ValueError:
+        the model never trained."""
+        opt, model = {id(p) for _, p in self.optimizer.params}, {id(p) for p in self.model.parameters()}
+        if model and not opt & model:
+            raise ValueError("optimizer is attached to none of the model's parameters (to another model?): "
+                             "pass an optimizer without parameters, or attached to this model's")
+        return opt == model
 
     # -- one step --------------------------------------------------------------
     def train_step(self, xb: np.ndarray, yb: np.ndarray) -> Tuple[float, np.ndarray]:
@@ -210,8 +216,9 @@ class Trainer:
         self.model.train()
         out = self.model.forward(xb)
         loss = self.loss.forward(out, yb)
-        grads_of = self.optimizer if self._flat_grads else self.model
-        grads_of.zero_grad()
+        self.optimizer.zero_grad()
+        if not self._flat_grads:  # (parameters of the model's that the optimizer leaves alone)
+            self.model.zero_grad()
         self.model.backward(self.loss.backward())
         if self.clip_grad_norm is not None:
             clip_grad_norm(self.optimizer if self._flat_grads else self.model.parameters(), self.clip_grad_norm)
@@ -273,7 +280,7 @@ class Trainer:
             raise ValueError("x holds no samples: nothing to train on")
         if seed is not None:
             self.seed = int(seed)
-        self._flat_grads = self._optimizer_owns_model()  # the model may have changed since
+        self._flat_grads = self._check_optimizer()  # the model may have changed since
         self.stop_training = False
         for cb in self.callbacks:
             cb.on_train_begin(self)
