@@ -431,6 +431,19 @@ def test_schedule_and_decay_are_checked_at_construction(kw, message):
             cls(lr=0.1, **kw)
 
 
+def test_state_loads_only_into_an_attached_optimizer():
+    """A state loaded before attach was taken (step count 2), then reset to 0 by the attach:
+    a schedule silently started over."""
+    src = optim.SGD(nn.Linear(2, 2), lr=0.1, schedule=optim.StepDecay(1, 0.5))
+    src.step()
+    src.step()
+    opt = optim.SGD(lr=0.1, schedule=optim.StepDecay(1, 0.5))
+    with pytest.raises(RuntimeError, match="^the optimizer has no parameters to load a state into: attach it"):
+        opt.load_state_dict(*src.state_dict())
+    opt.attach(nn.Linear(2, 2)).load_state_dict(*src.state_dict())
+    assert opt.step_count == 2 and opt.current_lr() == 0.025
+
+
 def test_parameter_names_must_be_unique():
     """Bug: two Parameters under one name were taken, and the state of one was lost in
     state_dict (keyed by name)."""

@@ -337,7 +337,10 @@ class Optimizer:
         return arrays, {"type": type(self).__name__, "step_count": self.step_count, "config": self.config()}
 
     def load_state_dict(self, arrays: Dict[str, np.ndarray], meta: dict) -> None:
-        """Restore :meth:`state_dict`; the type, slot names and shapes must match."""
+        """Restore :meth:`state_dict` into an attached optimizer (attach resets the state); the
+        type, slot names and shapes must match."""
+        if not self.params:  # (the step count was taken, then reset by the attach to come)
+            raise RuntimeError("the optimizer has no parameters to load a state into: attach it (or pass params) first")
         if meta.get("type") != type(self).__name__:
             raise ValueError(f"optimizer state is for {meta.get('type')!r}, this optimizer is {type(self).__name__}")
         want = {f"{s}/{n}": a for n, st in self.state.items() for s, a in st.items()}
