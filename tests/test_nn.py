@@ -264,6 +264,8 @@ def test_losses_check_arguments_and_fd():
     p, y = randn(rng, 3, 4), randn(rng, 3, 4)
     assert abs(mse.forward(p, y) - np.mean((p.astype(np.float64) - y) ** 2)) < 1e-6
     np.testing.assert_allclose(mse.backward(), 2 * (p - y) / p.size, rtol=1e-6)
+    # of nothing: 0 and an empty gradient (was NaN with a RuntimeWarning, then ZeroDivisionError)
+    assert mse.forward(randn(rng, 0, 4), randn(rng, 0, 4)) == 0.0 and mse.backward().shape == (0, 4)
 
 
 # ----------------------------------------------------------------------------

@@ -1212,7 +1212,8 @@ class CrossEntropyLoss:
 
 
 class MSELoss:
-    """Mean squared error over all elements: mean((prediction - target)^2)."""
+    """Mean squared error over all elements: mean((prediction - target)^2); of no elements
+    0 with a zero gradient (as :class:`CrossEntropyLoss` with every target ignored)."""
 
     def __init__(self):
         self._diff = None
@@ -1223,7 +1224,7 @@ class MSELoss:
         if target.shape != prediction.shape:
             raise ValueError(f"target must have shape {prediction.shape}, got {target.shape}")
         self._diff = prediction - target
-        return float(np.mean(np.square(self._diff, dtype=np.float64)))
+        return float(np.sum(np.square(self._diff, dtype=np.float64)) / max(self._diff.size, 1))
 
     __call__ = forward
 
@@ -1232,4 +1233,4 @@ class MSELoss:
         _require_forward(self._diff, self)
         dloss = _dloss(dloss)
         # forward: loss = Σ diff² / n
-        return self._diff * F32(2.0 * dloss / self._diff.size)
+        return self._diff * F32(2.0 * dloss / max(self._diff.size, 1))
