@@ -131,6 +131,21 @@ def test_clip_grad_norm():
         np.testing.assert_array_equal(p.grad, b)
 
 
+def test_clip_grad_norm_takes_a_module_and_checks_params():
+    """clip_grad_norm(model, ...) iterated a Sequential's layers ('Linear' object has no
+    attribute 'grad') and refused a Linear ('not iterable'); the optimizers take a Module."""
+    for make in (lambda: nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), lambda: nn.Linear(2, 3)):
+        model = make()
+        for p in model.parameters():
+            p.grad[...] = 10.0
+        n = sum(p.grad.size for p in model.parameters())
+        assert abs(optim.clip_grad_norm(model, 1.0) - 10.0 * math.sqrt(n)) < 1e-3
+        assert abs(math.sqrt(sum(float(np.sum(p.grad**2)) for p in model.parameters())) - 1.0) < 1e-5
+    for bad, name in (([np.ones(3, F32)], "ndarray at 0"), (nn.Linear(2, 2).named_parameters(), "tuple at 0")):
+        with pytest.raises(TypeError, match=f"^params must hold qkv_native.nn.Parameters, got {name}"):
+            optim.clip_grad_norm(bad, 1.0)
+
+
 def test_clip_grad_norm_vs_torch():
     torch = _torch()
     ps, grads = make_params(4)

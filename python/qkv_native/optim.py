@@ -113,16 +113,21 @@ class LinearWarmup(Schedule):
 # ----------------------------------------------------------------------------
 
 
-def clip_grad_norm(params: Union[Iterable[Parameter], "Optimizer"], max_norm: float) -> float:
+def clip_grad_norm(params: Union[Iterable[Parameter], Module, "Optimizer"], max_norm: float) -> float:
     """Scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2
     norm over every parameter (torch.nn.utils.clip_grad_norm_). Returns ‖g‖
-    before clipping. ``params`` may be an :class:`Optimizer`: then its flat
-    gradient buffer is used (two whole-buffer operations, no per-parameter loop)."""
+    before clipping. ``params``: Parameters, a Module (its parameters) or an
+    :class:`Optimizer`: then its flat gradient buffer is used (two whole-buffer
+    operations, no per-parameter loop)."""
     _check_hyper("max_norm", max_norm, allow_inf=True)  # (inf: no clipping, as in torch)
     max_norm = float(max_norm)
     if isinstance(params, Optimizer):
         grads = [params.flat_grad()]
     else:
+        params = params.parameters() if isinstance(params, Module) else list(params)  # (a Sequential iterated its layers)
+        for i, p in enumerate(params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"params must hold qkv_native.nn.Parameters, got {type(p).__name__} at {i}")
         grads = [p.grad.ravel() for p in params]
     total = math.sqrt(sum(float(np.dot(g, g)) for g in grads))
     coef = min(1.0, max_norm / (total + 1e-6))
