@@ -337,6 +337,8 @@ def test_stratified_split_checks_its_arguments():
             stratified_split(labels, 0.5, seed)
     with pytest.raises(ValueError, match="^test_fraction must lie in"):
         stratified_split(labels, float("nan"), 0)
+    with pytest.raises(TypeError, match="^test_fraction must be a real number, got str"):
+        stratified_split(labels, "0.2", 0)  # (was a failed comparison naming nothing)
 
 
 def test_tokenize_images_rejects_a_list():

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .functional import _check_int
+from .functional import _check_int, _real
 
 __all__ = ["load_digits_images", "tokenize_images", "stratified_split", "load_digits_tokens"]
 
@@ -60,7 +60,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> Tup
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
-    if not 0.0 < test_fraction < 1.0:
+    if not 0.0 < _real(test_fraction, "test_fraction") < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     _check_int(seed, "seed", 0)
     rng = np.random.default_rng(seed)
