@@ -459,6 +459,23 @@ def test_state_loads_only_into_an_attached_optimizer():
     assert opt.step_count == 2 and opt.current_lr() == 0.025
 
 
+def test_betas_and_a_numpy_step_count():
+    """betas=(0.9, 0.99, 0.1) failed with 'too many values to unpack', ('0.9', 0.99) in a
+    comparison, neither naming betas; a state whose step count is a NumPy integer was refused."""
+    for betas in ((0.9, 0.99, 0.1), 0.9, None):
+        with pytest.raises(TypeError, match=r"^betas must be a pair \(beta1, beta2\)"):
+            optim.Adam(lr=0.1, betas=betas)
+    with pytest.raises(TypeError, match=r"^betas\[0\] must be a real number, got str"):
+        optim.AdamW(lr=0.1, betas=("0.9", 0.99))
+    assert optim.Adam(lr=0.1, betas=np.array([0.8, 0.9])).betas == (0.8, 0.9)
+    src = optim.Adam(nn.Linear(2, 2), lr=0.1)
+    src.step()
+    arrays, meta = src.state_dict()
+    opt = optim.Adam(nn.Linear(2, 2), lr=0.1)
+    opt.load_state_dict(arrays, dict(meta, step_count=np.int64(1)))
+    assert opt.step_count == 1 and type(opt.step_count) is int
+
+
 def test_parameter_names_must_be_unique():
     """Bug: two Parameters under one name were taken, and the state of one was lost in
     state_dict (keyed by name)."""

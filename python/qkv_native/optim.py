@@ -16,6 +16,7 @@ count (saved in a checkpoint) is the whole schedule position.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -356,12 +357,12 @@ class Optimizer:
         if bad:
             raise ValueError("optimizer state shapes differ: " + "; ".join(bad))
         step_count = meta.get("step_count")
-        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+        if isinstance(step_count, (bool, np.bool_)) or not isinstance(step_count, numbers.Integral) or step_count < 0:
             raise ValueError(f"optimizer step_count must be an integer >= 0, got {step_count!r}")
         values = {k: np.asarray(arrays[k], dtype=F32) for k in want}  # all converted before any is copied
         for k, a in want.items():
             np.copyto(a, values[k])
-        self.step_count = step_count
+        self.step_count = int(step_count)
 
 
 class SGD(Optimizer):
@@ -420,7 +421,11 @@ class Adam(Optimizer):
         schedule: Optional[Schedule] = None,
         decay: Optional[Callable[[str, Parameter], bool]] = None,
     ):
-        b1, b2 = betas
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        b1, b2 = _F._real(b1, "betas[0]"), _F._real(b2, "betas[1]")
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         _check_hyper("eps", eps)
