@@ -176,6 +176,17 @@ def test_sequential_refuses_a_layer_twice():
     lin = nn.Linear(6, 6, rng=0)
     with pytest.raises(ValueError, match="layer 1 appears twice"):
         nn.Sequential(lin, lin)
+    # inside another layer too (was accepted: the first use's gradient silently wrong)
+    with pytest.raises(ValueError, match="layer 1 holds a Linear that layer 0 also holds"):
+        nn.Sequential(lin, nn.Sequential(nn.ReLU(), lin))
+    block = nn.TransformerEncoderBlock(6, 2, 8)
+    with pytest.raises(ValueError, match="layer 2 holds a TransformerEncoderBlock that layer 1 also holds"):
+        nn.Sequential(lin, nn.Sequential(block), nn.Sequential(block))
+    with pytest.raises(ValueError, match="layer 1 holds a MultiHeadAttention that layer 0 also holds"):
+        nn.Sequential(block.attn, block)
+    shared = nn.Linear(6, 6, rng=1)
+    shared.weight = lin.weight  # sharing a Parameter is fine: each layer keeps its own input
+    nn.Sequential(lin, nn.ReLU(), shared)
 
 
 def test_mean_pool_ignores_padding():

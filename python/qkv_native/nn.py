@@ -607,12 +607,17 @@ class Sequential(Module):
     def __init__(self, *layers: Module):
         super().__init__()
         self.layers = []
+        holder: Dict[int, int] = {}  # id of every module inside the layers -> the layer holding it
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layer {i} must be a qkv_native.nn.Module, got {type(layer).__name__}")
-            if any(layer is other for other in layers[:i]):  # its backward would see only its last input
-                raise ValueError(f"layer {i} appears twice: a layer keeps one input for its backward, "
-                                 f"so its weight gradient would miss the first use (use two layers)")
+            inner = {id(m): m for m in layer.modules()}
+            for key, m in inner.items():  # its backward would see only its last input
+                if key in holder:
+                    what = "appears twice" if m is layer else f"holds a {type(m).__name__} that layer {holder[key]} also holds"
+                    raise ValueError(f"layer {i} {what}: a layer keeps one input for its backward, "
+                                     f"so its weight gradient would miss the first use (use two layers)")
+            holder.update(dict.fromkeys(inner, i))
             setattr(self, str(i), layer)
             self.layers.append(layer)
 
