@@ -174,6 +174,15 @@ def test_fit_stopped_part_way_continues_the_epoch(tmp_path, via_checkpoint):
         t.fit(x, y, epochs=1, shuffle=False)
     t.fit(x, y, epochs=1, batch_size=5)  # another batch size may finish it
     assert t.epoch == 1 and t.optimizer.step_count == 2 + 13
+    t = _make_trainer()  # stopped in its first batch: nothing done, any data may start the epoch
+    t.loss = _InterruptOnce(at=1)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(x, y, epochs=1, batch_size=16)
+    t.fit(x[:50], y[:50], epochs=1, batch_size=16)
+    fresh = _make_trainer()
+    fresh.fit(x[:50], y[:50], epochs=1, batch_size=16)
+    for (n, p), (_, q) in zip(fresh.model.named_parameters(), t.model.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
 
 
 def _interrupted(x, y):

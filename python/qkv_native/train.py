@@ -345,20 +345,23 @@ class Trainer:
         the batch after the last completed one, with the dropout states and loss sums it left:
         as an uninterrupted run would, not running those batches a second time."""
         part = self._partial
-        if part is None:
-            self._partial = part = {
-                "n": n, "shuffle": shuffle, "seed": self.seed, "samples": 0, "loss_sum": 0.0, "loss_count": 0,
-                "correct": 0, "counted": 0, "time": 0.0, "lr": self.optimizer.current_lr(), "rng": self.model.rng_states(),
-            }
-            return part
-        if (part["n"], part["shuffle"], part["seed"]) != (n, shuffle, self.seed):
-            raise ValueError(
-                f"epoch {self.epoch + 1} stopped part-way ({part['samples']} of {part['n']} samples done, "
-                f"shuffle={part['shuffle']}, seed={part['seed']}): fit continues it, so x must hold {part['n']} "
-                f"samples and shuffle and seed must be as they were (got {n} samples, shuffle={shuffle}, seed={self.seed}; "
-                f"a new Trainer of this model and optimizer starts an epoch afresh)"
-            )
-        self.model.set_rng_states(part["rng"])
+        if part is not None:
+            if part["samples"] and (part["n"], part["shuffle"], part["seed"]) != (n, shuffle, self.seed):
+                raise ValueError(
+                    f"epoch {self.epoch + 1} stopped part-way ({part['samples']} of {part['n']} samples done, "
+                    f"shuffle={part['shuffle']}, seed={part['seed']}): fit continues it, so x must hold "
+                    f"{part['n']} samples and shuffle and seed must be as they were (got {n} samples, "
+                    f"shuffle={shuffle}, seed={self.seed}; a new Trainer of this model and optimizer starts an "
+                    f"epoch afresh)"
+                )
+            self.model.set_rng_states(part["rng"])
+            if part["samples"]:
+                return part
+            # (no batch done: the epoch starts afresh, on any data)
+        self._partial = part = {
+            "n": n, "shuffle": shuffle, "seed": self.seed, "samples": 0, "loss_sum": 0.0, "loss_count": 0,
+            "correct": 0, "counted": 0, "time": 0.0, "lr": self.optimizer.current_lr(), "rng": self.model.rng_states(),
+        }
         return part
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Dict[str, float]:
