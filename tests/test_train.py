@@ -546,6 +546,17 @@ def test_trainer_and_an_optimizer_over_other_parameters():
     assert loss.count.data[0] == -4.0  # one per batch (was -1 - 2 - 3 - 4)
 
 
+def test_attention_classifier_checks_its_arguments():
+    """num_layers=-1 built a model without encoder blocks, 2.5 failed in range() naming
+    nothing; dropout=-0.1 was reported as Dropout's p."""
+    for num_layers in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="^num_layers must be an integer >= 0"):
+            attention_classifier(3, 4, 3, num_layers=num_layers)
+    with pytest.raises(ValueError, match=r"^dropout must lie in \[0, 1\), got -0.1"):
+        attention_classifier(3, 4, 3, dropout=-0.1)
+    assert len(attention_classifier(3, 4, 3, num_layers=np.int64(0))) == 5
+
+
 def test_evaluate_rejects_no_samples():
     x, y = toy_data()
     trainer = Trainer(small_model(), progress=False)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import nn as qnn
 from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
-from .functional import _check_int, _flag
+from .functional import _check_int, _flag, _real
 from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm
 
 __all__ = [
@@ -549,6 +549,9 @@ def attention_classifier(
     """
     if pool not in ("mean", "cls"):
         raise ValueError(f"pool must be 'mean' or 'cls', got {pool!r}")
+    num_layers = _check_int(num_layers, "num_layers", 0)  # (-1 built a model without blocks)
+    if not 0.0 <= _real(dropout, "dropout") < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if positional not in ("learned", "sinusoidal"):
         raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
     g = qnn._rng(rng)
