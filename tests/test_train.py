@@ -578,6 +578,11 @@ def test_callback_arguments_are_checked_at_construction(tmp_path):
         with pytest.raises(error, match=f"^min_delta must be {says}"):
             EarlyStopping(min_delta=min_delta)
     EarlyStopping(patience=0, min_delta=0)
+    with pytest.raises(TypeError, match="^path must be a str or os.PathLike, got NoneType"):
+        ModelCheckpoint(None)  # (failed after the first epoch's training)
+    with pytest.raises(TypeError, match="^monitor must be a str, got int"):
+        EarlyStopping(3)
+    ModelCheckpoint(tmp_path / "a.npz")
 
 
 def test_early_stopping_never_takes_nan_for_the_best():

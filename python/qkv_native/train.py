@@ -17,6 +17,7 @@ continues that epoch with its next batch (Note [stopped part-way]).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -80,6 +81,8 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 5, min_delta: float = 0.0,
                  mode: str = "auto", restore_best: bool = True):
+        if not isinstance(monitor, str):  # (a key of the epoch logs)
+            raise TypeError(f"monitor must be a str, got {type(monitor).__name__}")
         if mode == "auto":
             mode = "max" if "acc" in monitor else "min"
         if mode not in ("min", "max"):
@@ -130,6 +133,8 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, path: str, every: int = 1):
         _check_int(every, "every", 1)
+        if not isinstance(path, (str, os.PathLike)):  # (None failed at the end of the first epoch)
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self.path, self.every = path, int(every)
 
     def on_epoch_end(self, trainer, epoch, logs):
