@@ -382,7 +382,7 @@ def test_train_subcommand_quick(tmp_path, capsys):
         (["--epochs", "-1"], "--epochs must be positive"),
         (["--num-heads", "0"], "--num-heads must be positive"),
         (["--test-fraction", "2"], "--test-fraction must lie in (0, 1)"),
-        (["--dropout", "1.5"], "p must lie in [0, 1)"),
+        (["--dropout", "1.5"], "dropout must lie in [0, 1)"),
         (["--checkpoint", "/nonexistent-dir/ck.npz"], "its directory does not exist"),
     ],
 )
