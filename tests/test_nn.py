@@ -189,6 +189,26 @@ def test_sequential_refuses_a_layer_twice():
     nn.Sequential(lin, nn.ReLU(), shared)
 
 
+def test_sequential_layer_replacement_is_registered():
+    """seq.layers was a list of its own: seq.layers[-1] = new_head ran the new head while
+    named_parameters, checkpoints and optimizers kept the old one (the new never trained).
+    Now layers is a tuple of the registered children and seq[i] = layer replaces one."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    head = nn.Linear(4, 5, rng=3)
+    with pytest.raises(TypeError):
+        model.layers[-1] = head
+    model[-1] = head
+    assert model.layers[2] is head and model[2] is head and len(model) == 3
+    assert model.forward(np.ones((2, 3), F32)).shape == (2, 5)
+    assert dict(model.named_parameters())["2.weight"] is head.weight
+    with pytest.raises(ValueError, match="layer 1 appears twice"):
+        model[0] = model[1]
+    with pytest.raises(IndexError):
+        model[3] = nn.ReLU()
+    with pytest.raises(TypeError, match="^layer 1 must be a qkv_native.nn.Module"):
+        model[1] = np.tanh
+
+
 def test_mean_pool_ignores_padding():
     x = np.ones((2, 4, 3), F32)
     x[1, 2:] = 100.0  # padding positions

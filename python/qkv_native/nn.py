@@ -600,26 +600,24 @@ def _key_lengths(key_lengths, batch: int, seq: Optional[int] = None):
 
 class Sequential(Module):
     """Chains layers: forward in order, backward in reverse. Children are named
-    "0", "1", ... . ``key_lengths`` is passed to the layers that use it."""
+    "0", "1", ... . ``key_lengths`` is passed to the layers that use it.
+    ``seq[i] = layer`` replaces a layer (``layers`` is a tuple of the registered ones)."""
 
     uses_key_lengths = True
 
     def __init__(self, *layers: Module):
         super().__init__()
-        self.layers = []
-        holder: Dict[int, int] = {}  # id of every module inside the layers -> the layer holding it
+        _check_layers(layers)
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Module):
-                raise TypeError(f"layer {i} must be a qkv_native.nn.Module, got {type(layer).__name__}")
-            inner = {id(m): m for m in layer.modules()}
-            for key, m in inner.items():  # its backward would see only its last input
-                if key in holder:
-                    what = "appears twice" if m is layer else f"holds a {type(m).__name__} that layer {holder[key]} also holds"
-                    raise ValueError(f"layer {i} {what}: a layer keeps one input for its backward, "
-                                     f"so its weight gradient would miss the first use (use two layers)")
-            holder.update(dict.fromkeys(inner, i))
             setattr(self, str(i), layer)
-            self.layers.append(layer)
+        self._n = len(layers)
+
+    @property
+    def layers(self) -> Tuple[Module, ...]:
+        """The layers in order: the registered children "0", "1", ... (a list of its own let
+        ``seq.layers[i] = new`` run the new layer while parameters, checkpoints and
+        optimizers kept the old one)."""
+        return tuple(self._modules[str(i)] for i in range(self._n))
 
     def forward(self, x, key_lengths=None):
         for layer in self.layers:
@@ -633,10 +631,31 @@ class Sequential(Module):
         return dy
 
     def __len__(self):
-        return len(self.layers)
+        return self._n
 
     def __getitem__(self, i):
         return self.layers[i]
+
+    def __setitem__(self, i, layer):
+        layers = list(self.layers)
+        layers[i] = layer  # (IndexError when out of range)
+        _check_layers(layers)
+        setattr(self, str(range(self._n)[i]), layer)
+
+
+def _check_layers(layers) -> None:
+    """Sequential's layers: Modules, none of them (nor any module inside one) in two layers."""
+    holder: Dict[int, int] = {}  # id of every module inside the layers -> the layer holding it
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Module):
+            raise TypeError(f"layer {i} must be a qkv_native.nn.Module, got {type(layer).__name__}")
+        inner = {id(m): m for m in layer.modules()}
+        for key, m in inner.items():  # its backward would see only its last input
+            if key in holder:
+                what = "appears twice" if m is layer else f"holds a {type(m).__name__} that layer {holder[key]} also holds"
+                raise ValueError(f"layer {i} {what}: a layer keeps one input for its backward, "
+                                 f"so its weight gradient would miss the first use (use two layers)")
+        holder.update(dict.fromkeys(inner, i))
 
 
 class Linear(Module):
