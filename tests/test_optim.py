@@ -476,6 +476,17 @@ def test_betas_and_a_numpy_step_count():
     assert opt.step_count == 1 and type(opt.step_count) is int
 
 
+def test_params_as_a_dict_and_bad_items():
+    """A {name: Parameter} dict was iterated as its names, each split into letters ('parameter
+    'w' must be a Parameter, got str'); a string failed with IndexError."""
+    model = nn.Linear(2, 3)
+    opt = optim.SGD(dict(model.named_parameters()), lr=0.1)
+    assert [n for n, _ in opt.params] == ["weight", "bias"] and opt.params[0][1] is model.weight
+    for bad, what in (("ab", "str at 0"), ([model.weight, 3], "int at 1"), ([("a", model.bias, 1)], "tuple at 0")):
+        with pytest.raises(TypeError, match=f"^params must hold Parameters or \\(name, Parameter\\) pairs, got {what}"):
+            optim.SGD(bad, lr=0.1)
+
+
 def test_parameter_names_must_be_unique():
     """Bug: two Parameters under one name were taken, and the state of one was lost in
     state_dict (keyed by name)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -148,7 +148,7 @@ def decay_matrices_only(name: str, param: Parameter) -> bool:
 # Optimizers
 # ----------------------------------------------------------------------------
 
-ParamsLike = Union[Module, Iterable[Tuple[str, Parameter]], Iterable[Parameter]]
+ParamsLike = Union[Module, Mapping[str, Parameter], Iterable[Tuple[str, Parameter]], Iterable[Parameter]]
 
 
 class _FlatParams:
@@ -201,7 +201,7 @@ class Optimizer:
     """Base: holds the named parameters, per-parameter state slots, the step
     count and the schedule.
 
-    params: a Module, (name, Parameter) pairs or Parameters (named "0", "1", ...);
+    params: a Module, a {name: Parameter} dict, (name, Parameter) pairs or Parameters (named "0", "1", ...);
     may be left out and given later with :meth:`attach` (the Trainer does this).
     decay: ``f(name, param) -> bool`` choosing which parameters get weight decay
     (default: all, as in torch); asked once per parameter, at attach.
@@ -248,9 +248,14 @@ class Optimizer:
         move them into the flat buffers (Note [flat parameters])."""
         if isinstance(params, Module):
             named = list(params.named_parameters())
+        elif isinstance(params, Mapping):  # (iterating a dict gave its names, split into letters)
+            named = [(str(n), p) for n, p in params.items()]
         else:
-            items = list(params)
-            named = [(str(i), p) if isinstance(p, Parameter) else (str(p[0]), p[1]) for i, p in enumerate(items)]
+            named = []
+            for i, p in enumerate(params):
+                if not isinstance(p, (Parameter, tuple, list)) or (not isinstance(p, Parameter) and len(p) != 2):
+                    raise TypeError(f"params must hold Parameters or (name, Parameter) pairs, got {type(p).__name__} at {i}")
+                named.append((str(i), p) if isinstance(p, Parameter) else (str(p[0]), p[1]))
         for name, p in named:
             if not isinstance(p, Parameter):
                 raise TypeError(f"parameter {name!r} must be a qkv_native.nn.Parameter, got {type(p).__name__}")
