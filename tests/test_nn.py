@@ -239,6 +239,18 @@ def test_gelu_erf_accuracy():
     np.testing.assert_allclose(got[nz] / x[nz], cdf[nz], rtol=1e-5)
 
 
+def test_gelu_kernels_check_approximate():
+    """gelu_forward(x, "Tanh") (or any other string) silently ran the erf form."""
+    x = np.linspace(-3, 3, 7, dtype=F32)
+    for bad in ("Tanh", "erf", None):
+        with pytest.raises(ValueError, match="^approximate must be 'none' or 'tanh'"):
+            nn.gelu_forward(x, bad)
+        with pytest.raises(ValueError, match="^approximate must be 'none' or 'tanh'"):
+            nn.gelu_backward(x, x, bad)
+        with pytest.raises(ValueError, match="^approximate must be 'none' or 'tanh'"):
+            nn.GELU(bad)
+
+
 def test_layernorm_kernel_vs_float64():
     rng = np.random.default_rng(5)
     x, w, b, dy = randn(rng, 7, 33, scale=3.0) + 5, randn(rng, 33), randn(rng, 33), randn(rng, 7, 33)

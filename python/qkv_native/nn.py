@@ -131,10 +131,17 @@ def layernorm_backward(
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def _approximate(approximate: str) -> str:
+    """GELU's form: "none" (erf) or "tanh" (any other value ran the erf form)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return approximate
+
+
 def gelu_forward(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     """GELU(x) = x * Phi(x) (``approximate="none"``, torch's default; native) or the tanh
     form 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (``"tanh"``, GPT-2). Any shape."""
-    if approximate == "tanh":
+    if _approximate(approximate) == "tanh":
         u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
         return F32(0.5) * x * (F32(1.0) + np.tanh(u))
     return gelu(x)
@@ -142,7 +149,7 @@ def gelu_forward(x: np.ndarray, approximate: str = "none") -> np.ndarray:
 
 def gelu_backward(dy: np.ndarray, x: np.ndarray, approximate: str = "none") -> np.ndarray:
     """Backward of :func:`gelu_forward`: dx = dy * GELU'(x) (native for the erf form). dy, x: same shape."""
-    if approximate == "tanh":
+    if _approximate(approximate) == "tanh":
         # forward: y = 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
         u = F32(_SQRT_2_OVER_PI) * (x + F32(0.044715) * x * x * x)
         t = np.tanh(u)
@@ -816,9 +823,7 @@ class GELU(Module):
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-        self.approximate = approximate
+        self.approximate = _approximate(approximate)
         self._x = None
 
     def forward(self, x):
