@@ -461,6 +461,7 @@ def test_mse_losses_unchanged_by_batch_size():
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"loss": 3}, TypeError, "^loss must be one of"),
     ({"loss": "hinge"}, ValueError, "^loss must be one of"),
+    ({"loss": nn.CrossEntropyLoss}, TypeError, "^loss must be one of .* got the class CrossEntropyLoss"),
     ({"optimizer": "adam"}, TypeError, "^optimizer must be a qkv_native.optim.Optimizer"),
     ({"clip_grad_norm": -1.0}, ValueError, "^clip_grad_norm must be a number >= 0"),
     ({"clip_grad_norm": float("nan")}, ValueError, "^clip_grad_norm must be a number >= 0"),

@@ -179,9 +179,11 @@ class Trainer:
             if loss not in _LOSSES:
                 raise ValueError(f"loss must be one of {sorted(_LOSSES)} or a loss object, got {loss!r}")
             loss = _LOSSES[loss]()
-        elif not (callable(getattr(loss, "forward", None)) and callable(getattr(loss, "backward", None))):
+        elif isinstance(loss, type) or not (callable(getattr(loss, "forward", None))
+                                            and callable(getattr(loss, "backward", None))):
+            # (a class such as CrossEntropyLoss has both as functions, and failed at the first batch)
             raise TypeError(f"loss must be one of {sorted(_LOSSES)} or a loss object with forward(pred, target) "
-                            f"and backward() methods, got {type(loss).__name__}")
+                            f"and backward() methods, got {'the class ' + loss.__name__ if isinstance(loss, type) else type(loss).__name__}")
         if optimizer is not None and not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a qkv_native.optim.Optimizer or None, got {type(optimizer).__name__}")
         if clip_grad_norm is not None:
