@@ -185,6 +185,42 @@ def test_fit_stopped_part_way_continues_the_epoch(tmp_path, via_checkpoint):
         np.testing.assert_array_equal(p.data, q.data, err_msg=n)
 
 
+@pytest.mark.parametrize("via_checkpoint", [False, True])
+def test_ctrl_c_as_an_optimizer_step_returns(tmp_path, monkeypatch, via_checkpoint):
+    """A Ctrl-C that arrives while the native update runs is raised as it returns. The update
+    was in, but the optimizer had not counted it (nor fit its batch): a resumed run applied
+    that batch a second time with the same bias correction. Now the step is counted before
+    the update returns and fit continues after that batch."""
+    from qkv_native import functional
+
+    x, y = toy_data()
+    full = _make_trainer()
+    h_full = full.fit(x, y, epochs=2, batch_size=16, seed=7)
+    real, calls = functional.adam_update, []
+
+    def update_then_ctrl_c(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:  # epoch 2, its second batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(functional, "adam_update", update_then_ctrl_c)
+    stopped = _make_trainer()
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit(x, y, epochs=2, batch_size=16, seed=7)
+    monkeypatch.undo()
+    assert stopped.optimizer.step_count == 8
+    if via_checkpoint:
+        stopped.save(str(tmp_path / "run.npz"))
+        stopped = _make_trainer(rng=99)
+        stopped.load(str(tmp_path / "run.npz"))
+    h = stopped.fit(x, y, epochs=2, batch_size=16)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), stopped.model.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    np.testing.assert_array_equal(h_full["loss"], h["loss"])
+    assert stopped.optimizer.step_count == 12
+
+
 def _interrupted(x, y):
     t = _make_trainer()
     t.loss = _InterruptOnce(at=3)

@@ -326,11 +326,19 @@ class Optimizer:
 
     def step(self) -> None:
         """One update of every attached parameter from its grad (one native call)."""
-        flat = self._ready()
-        self._update(flat, self.current_lr())
-        self.step_count += 1
+        flat, lr, taken = self._ready(), self.current_lr(), self.step_count
+        # Counted before the update: a Ctrl-C that arrives during the native update is raised
+        # as it returns, and must find the update counted (it was not, and a resumed run took
+        # that step's count, Adam's bias correction and the schedule, a second time).
+        self.step_count = taken + 1
+        try:
+            self._update(flat, lr, taken)
+        except Exception:  # (an argument error, raised before anything is written)
+            self.step_count = taken
+            raise
 
-    def _update(self, flat: _FlatParams, lr: float) -> None:
+    def _update(self, flat: _FlatParams, lr: float, taken: int) -> None:
+        """Update the flat buffers in place; ``taken``: the steps taken before this one."""
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -399,11 +407,11 @@ class SGD(Optimizer):
     def config(self):
         return {**super().config(), "momentum": self.momentum, "dampening": self.dampening, "nesterov": self.nesterov}
 
-    def _update(self, flat, lr):
+    def _update(self, flat, lr, taken):
         _F.sgd_update(
             flat.w, flat.g, self.flat_state.get("momentum"), flat.offsets, self._decay_mask,
             lr=lr, momentum=self.momentum, dampening=self.dampening, nesterov=self.nesterov,
-            weight_decay=self.weight_decay, first=self.step_count == 0,
+            weight_decay=self.weight_decay, first=taken == 0,
         )
 
 
@@ -440,11 +448,11 @@ class Adam(Optimizer):
     def config(self):
         return {**super().config(), "betas": list(self.betas), "eps": self.eps}
 
-    def _update(self, flat, lr):
+    def _update(self, flat, lr, taken):
         _F.adam_update(
             flat.w, flat.g, self.flat_state["exp_avg"], self.flat_state["exp_avg_sq"], flat.offsets,
             self._decay_mask, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
-            decoupled=self.decoupled, step=self.step_count + 1,
+            decoupled=self.decoupled, step=taken + 1,
         )
 
 

@@ -198,6 +198,7 @@ class Trainer:
         self.progress = _flag(progress, "progress")
         self.epoch = 0  # epochs completed
         self._partial: Optional[dict] = None  # epoch self.epoch so far (Note [stopped part-way])
+        self._pending: Optional[Tuple[dict, int]] = None  # (the record after the batch, the step count then)
         self.seed = 0
         self.stop_training = False
         self.history: Dict[str, List[float]] = {}
@@ -220,6 +221,12 @@ class Trainer:
     # -- one step --------------------------------------------------------------
     def train_step(self, xb: np.ndarray, yb: np.ndarray) -> Tuple[float, np.ndarray]:
         """forward, loss, zero_grad, backward, clip, optimizer step. Returns (loss, output)."""
+        loss, out = self._gradients(xb, yb)
+        self.optimizer.step()
+        return loss, out
+
+    def _gradients(self, xb: np.ndarray, yb: np.ndarray) -> Tuple[float, np.ndarray]:
+        """:meth:`train_step` up to the optimizer step."""
         self.model.train()
         out = self.model.forward(xb)
         loss = self.loss.forward(out, yb)
@@ -229,7 +236,6 @@ class Trainer:
         self.model.backward(self.loss.backward())
         if self.clip_grad_norm is not None:
             clip_grad_norm(self.optimizer if self._flat_grads else self.model.parameters(), self.clip_grad_norm)
-        self.optimizer.step()
         return loss, out
 
     def _correct(self, out: np.ndarray, yb: np.ndarray) -> Tuple[int, int]:
@@ -304,14 +310,18 @@ class Trainer:
             for start in range(part["samples"], n, batch_size):
                 idx = order[start : start + batch_size]
                 yb = y[idx]
-                loss, out = self.train_step(x[idx], yb)
+                loss, out = self._gradients(x[idx], yb)
                 terms = self._loss_count(out, yb)
                 c, k = self._correct(out, yb) if self._classifies else (0, 0)
-                part.update(  # the batch is done: recorded at once, before a callback or Ctrl-C can stop fit
-                    samples=start + len(idx), loss_sum=part["loss_sum"] + float(loss) * terms,
+                done = dict(  # the record once this batch's update is in: taken before the step,
+                    part, samples=start + len(idx), loss_sum=part["loss_sum"] + float(loss) * terms,
                     loss_count=part["loss_count"] + terms, correct=part["correct"] + c, counted=part["counted"] + k,
                     time=time.perf_counter() - t0, rng={path: m.rng.bit_generator.state for path, m in drops},
-                )
+                )  # so that a Ctrl-C raised as the step returns finds it (the step count tells)
+                self._pending = (done, self.optimizer.step_count + 1)
+                self.optimizer.step()
+                self._partial = part = done
+                self._pending = None
                 logs = {"loss": loss}
                 for cb in self.callbacks:
                     cb.on_batch_end(self, step, logs)
@@ -340,6 +350,16 @@ class Trainer:
             cb.on_train_end(self)
         return self.history
 
+    def _settled_partial(self) -> Optional[dict]:
+        """The record of epoch ``self.epoch`` so far, or None: that of the batch whose optimizer
+        step was under way when fit stopped, if the step was taken (Note [stopped part-way])."""
+        if self._pending is not None:
+            done, steps = self._pending
+            if self.optimizer.step_count == steps:
+                self._partial = done
+            self._pending = None
+        return self._partial
+
     def _epoch_part(self, n: int, shuffle: bool) -> dict:
         """The record of epoch ``self.epoch`` so far (Note [stopped part-way]): a new one, or that
         of a fit stopped in this epoch, whose dropout generators are then put back as they were
@@ -350,8 +370,10 @@ class Trainer:
         optimizer updated by the epoch's completed batches. The epoch's batch order is a
         function of (seed, epoch) alone, so the next fit (or a save and load) continues with
         the batch after the last completed one, with the dropout states and loss sums it left:
-        as an uninterrupted run would, not running those batches a second time."""
-        part = self._partial
+        as an uninterrupted run would, not running those batches a second time. A batch counts
+        as completed once its optimizer step is taken (``step_count``, counted before the
+        native update returns, tells), even when fit stopped before recording it."""
+        part = self._settled_partial()
         if part is not None:
             if part["samples"] and (part["n"], part["shuffle"], part["seed"]) != (n, shuffle, self.seed):
                 raise ValueError(
@@ -432,7 +454,7 @@ class Trainer:
             "rng": self.model.rng_states(),
             "history": self.history,
             "callbacks": [{"type": type(cb).__name__, "state": cb.state()} for cb in self.callbacks],
-            "partial": self._partial,  # (an epoch stopped part-way: Note [stopped part-way])
+            "partial": self._settled_partial(),  # (an epoch stopped part-way: Note [stopped part-way])
         }
         save_arrays(path, arrays, meta)
 
@@ -479,7 +501,7 @@ class Trainer:
             for cb, st in zip(self.callbacks, backup_cbs):
                 cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
-        self.epoch, self.seed, self.history, self._partial = epoch, seed, history, partial
+        self.epoch, self.seed, self.history, self._partial, self._pending = epoch, seed, history, partial, None
 
 
 def _check_partial(partial) -> Optional[dict]:
