@@ -27,7 +27,7 @@ import numpy as np
 from . import nn as qnn
 from .nn import CheckpointError, CrossEntropyLoss, Module, MSELoss, load_arrays, save_arrays
 from .functional import _check_int, _flag, _real
-from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm
+from .optim import AdamW, Optimizer, _check_hyper, clip_grad_norm, _signals_held
 
 __all__ = [
     "Trainer",
@@ -198,7 +198,6 @@ class Trainer:
         self.progress = _flag(progress, "progress")
         self.epoch = 0  # epochs completed
         self._partial: Optional[dict] = None  # epoch self.epoch so far (Note [stopped part-way])
-        self._pending: Optional[Tuple[dict, int]] = None  # (the record after the batch, the step count then)
         self.seed = 0
         self.stop_training = False
         self.history: Dict[str, List[float]] = {}
@@ -313,15 +312,14 @@ class Trainer:
                 loss, out = self._gradients(x[idx], yb)
                 terms = self._loss_count(out, yb)
                 c, k = self._correct(out, yb) if self._classifies else (0, 0)
-                done = dict(  # the record once this batch's update is in: taken before the step,
+                done = dict(  # the record once this batch's update is in
                     part, samples=start + len(idx), loss_sum=part["loss_sum"] + float(loss) * terms,
                     loss_count=part["loss_count"] + terms, correct=part["correct"] + c, counted=part["counted"] + k,
                     time=time.perf_counter() - t0, rng={path: m.rng.bit_generator.state for path, m in drops},
-                )  # so that a Ctrl-C raised as the step returns finds it (the step count tells)
-                self._pending = (done, self.optimizer.step_count + 1)
-                self.optimizer.step()
-                self._partial = part = done
-                self._pending = None
+                )
+                with _signals_held:  # the update and its record, as one (Note [held signals])
+                    self.optimizer.step()
+                    self._partial = part = done
                 logs = {"loss": loss}
                 for cb in self.callbacks:
                     cb.on_batch_end(self, step, logs)
@@ -337,9 +335,10 @@ class Trainer:
                 val = self.evaluate(*validation)
                 logs.update({"val_" + k: v for k, v in val.items()})
             logs.update({"time": dt, "samples_per_s": n / dt if dt > 0 else float("inf"), "lr": lr})
-            self.epoch, self._partial = self.epoch + 1, None
-            for k, v in logs.items():
-                self.history.setdefault(k, []).append(float(v))
+            with _signals_held:  # the epoch's count and its history, as one
+                self.epoch, self._partial = self.epoch + 1, None
+                for k, v in logs.items():
+                    self.history.setdefault(k, []).append(float(v))
             if bar is not None:
                 bar.close()
             if self.progress:
@@ -349,16 +348,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.history
-
-    def _settled_partial(self) -> Optional[dict]:
-        """The record of epoch ``self.epoch`` so far, or None: that of the batch whose optimizer
-        step was under way when fit stopped, if the step was taken (Note [stopped part-way])."""
-        if self._pending is not None:
-            done, steps = self._pending
-            if self.optimizer.step_count == steps:
-                self._partial = done
-            self._pending = None
-        return self._partial
 
     def _epoch_part(self, n: int, shuffle: bool) -> dict:
         """The record of epoch ``self.epoch`` so far (Note [stopped part-way]): a new one, or that
@@ -370,10 +359,8 @@ class Trainer:
         optimizer updated by the epoch's completed batches. The epoch's batch order is a
         function of (seed, epoch) alone, so the next fit (or a save and load) continues with
         the batch after the last completed one, with the dropout states and loss sums it left:
-        as an uninterrupted run would, not running those batches a second time. A batch counts
-        as completed once its optimizer step is taken (``step_count``, counted before the
-        native update returns, tells), even when fit stopped before recording it."""
-        part = self._settled_partial()
+        as an uninterrupted run would, not running those batches a second time."""
+        part = self._partial
         if part is not None:
             if part["samples"] and (part["n"], part["shuffle"], part["seed"]) != (n, shuffle, self.seed):
                 raise ValueError(
@@ -454,7 +441,7 @@ class Trainer:
             "rng": self.model.rng_states(),
             "history": self.history,
             "callbacks": [{"type": type(cb).__name__, "state": cb.state()} for cb in self.callbacks],
-            "partial": self._settled_partial(),  # (an epoch stopped part-way: Note [stopped part-way])
+            "partial": self._partial,  # (an epoch stopped part-way: Note [stopped part-way])
         }
         save_arrays(path, arrays, meta)
 
@@ -501,7 +488,7 @@ class Trainer:
             for cb, st in zip(self.callbacks, backup_cbs):
                 cb.load_state(st)
             raise CheckpointError(f"{path}: does not match this trainer: {err}") from None
-        self.epoch, self.seed, self.history, self._partial, self._pending = epoch, seed, history, partial, None
+        self.epoch, self.seed, self.history, self._partial = epoch, seed, history, partial
 
 
 def _check_partial(partial) -> Optional[dict]:
