@@ -595,6 +595,27 @@ def test_attention_classifier_checks_its_arguments():
     assert len(attention_classifier(3, 4, 3, num_layers=np.int64(0))) == 5
 
 
+def test_a_replaced_layer_is_not_left_untrained():
+    """model[-1] = new_head after the trainer attached its optimizer: fit trained the rest and
+    left the new head as it was (the optimizer still held the old one), silently."""
+    x, y = toy_data(n=20)
+    model = small_model()
+    trainer = Trainer(model, progress=False)
+    trainer.fit(x, y, epochs=1, batch_size=10)
+    head = nn.Linear(8, 3, rng=5)
+    w0 = head.weight.data.copy()
+    model[-1] = head
+    with pytest.raises(ValueError, match=r"^the model's parameters changed since the trainer attached its optimizer "
+                                         r"to them \(new \['\d+.weight', '\d+.bias'\], gone \['\d+.weight'"):
+        trainer.fit(x, y, epochs=2, batch_size=10)
+    trainer.optimizer.attach(model)
+    trainer.fit(x, y, epochs=2, batch_size=10)
+    assert not np.array_equal(head.weight.data, w0)
+    # an optimizer the caller attached is theirs to keep (here: the head alone, the rest frozen)
+    frozen = small_model()
+    Trainer(frozen, optimizer=optim.SGD(frozen[-1], lr=0.1), progress=False).fit(x, y, epochs=1)
+
+
 def test_evaluate_rejects_no_samples():
     x, y = toy_data()
     trainer = Trainer(small_model(), progress=False)

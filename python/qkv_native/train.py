@@ -190,7 +190,8 @@ class Trainer:
             _check_hyper("clip_grad_norm", clip_grad_norm, allow_inf=True)
         self.model, self.loss = model, loss
         self.optimizer = optimizer if optimizer is not None else AdamW(lr=1e-3)
-        if not self.optimizer.attached:
+        self._attached_here = not self.optimizer.attached  # (then it must keep to the model's parameters)
+        if self._attached_here:
             self.optimizer.attach(model)
         self.clip_grad_norm = clip_grad_norm
         self._flat_grads = self._check_optimizer()
@@ -210,11 +211,19 @@ class Trainer:
         """Whether the optimizer updates exactly the model's parameters: then zeroing and
         clipping the gradients are one pass over its flat gradient buffer (Note [flat parameters]).
         An optimizer that updates none of them (attached to another model) is a ValueError:
-        the model never trained."""
+        the model never trained; so is one the trainer attached whose parameters are no
+        longer the model's (a layer replaced since: the new layer never trained)."""
         opt, model = {id(p) for _, p in self.optimizer.params}, {id(p) for p in self.model.parameters()}
         if model and not opt & model:
             raise ValueError("optimizer is attached to none of the model's parameters (to another model?): "
                              "pass an optimizer without parameters, or attached to this model's")
+        if self._attached_here and opt != model:  # (a replaced layer: its new parameters never trained)
+            new = [n for n, p in self.model.named_parameters() if id(p) not in opt]
+            gone = [n for n, p in self.optimizer.params if id(p) not in model]
+            raise ValueError(
+                f"the model's parameters changed since the trainer attached its optimizer to them (new {new}, "
+                f"gone {gone}): attach it again, trainer.optimizer.attach(trainer.model), to train them all "
+                f"(its state then starts afresh)")
         return opt == model
 
     # -- one step --------------------------------------------------------------
