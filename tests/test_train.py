@@ -614,6 +614,8 @@ def test_a_replaced_layer_is_not_left_untrained():
     # an optimizer the caller attached is theirs to keep (here: the head alone, the rest frozen)
     frozen = small_model()
     Trainer(frozen, optimizer=optim.SGD(frozen[-1], lr=0.1), progress=False).fit(x, y, epochs=1)
+    trainer.optimizer = optim.SGD(model[-1], lr=0.1)
+    trainer.fit(x, y, epochs=3, batch_size=10)
 
 
 def test_evaluate_rejects_no_samples():

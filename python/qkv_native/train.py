@@ -190,9 +190,9 @@ class Trainer:
             _check_hyper("clip_grad_norm", clip_grad_norm, allow_inf=True)
         self.model, self.loss = model, loss
         self.optimizer = optimizer if optimizer is not None else AdamW(lr=1e-3)
-        self._attached_here = not self.optimizer.attached  # (then it must keep to the model's parameters)
-        if self._attached_here:
-            self.optimizer.attach(model)
+        self._attached_here = None  # the optimizer this trainer attached: it must keep to the model's parameters
+        if not self.optimizer.attached:
+            self._attached_here = self.optimizer.attach(model)
         self.clip_grad_norm = clip_grad_norm
         self._flat_grads = self._check_optimizer()
         self.callbacks = list(callbacks)
@@ -217,7 +217,7 @@ class Trainer:
         if model and not opt & model:
             raise ValueError("optimizer is attached to none of the model's parameters (to another model?): "
                              "pass an optimizer without parameters, or attached to this model's")
-        if self._attached_here and opt != model:  # (a replaced layer: its new parameters never trained)
+        if self._attached_here is self.optimizer and opt != model:  # (a replaced layer: never trained)
             new = [n for n, p in self.model.named_parameters() if id(p) not in opt]
             gone = [n for n, p in self.optimizer.params if id(p) not in model]
             raise ValueError(
