@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -309,6 +310,26 @@ def test_missing_file_and_directory(tmp_path):
         m.load(str(tmp_path / "nowhere.npz"))
     with pytest.raises(CheckpointError):
         m.load(str(tmp_path))
+
+
+def test_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    """open() of a named pipe waits for a writer: loading one hung forever. (A thread opens
+    its write end for a while, so that the old code ends instead of hanging this test.)"""
+    fifo = str(tmp_path / "ckpt.npz")
+    os.mkfifo(fifo)
+
+    def writer():
+        for _ in range(200):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # (ENXIO while no reader)
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    threading.Thread(target=writer, daemon=True).start()
+    for load in (small_model().load, trained_trainer().load, qnn.load_arrays):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            load(fifo)
 
 
 @pytest.mark.parametrize("edit", ["epoch_missing", "epoch_not_int", "history_not_a_dict", "rng_for_no_layer",

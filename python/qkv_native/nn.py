@@ -509,7 +509,7 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+        with _open_regular(path) as f, np.load(f, allow_pickle=False) as z:
             if _HEADER_KEY not in z.files:
                 raise CheckpointError(f"{path}: not a qkv_native checkpoint (no {_HEADER_KEY})")
             for info in z.zip.infolist():  # before numpy allocates what a member's header claims
@@ -539,6 +539,19 @@ def load_arrays(path: str) -> Tuple[Dict[str, np.ndarray], dict]:
     if _checksum(arrays) != header.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
     return arrays, meta
+
+
+def _open_regular(path: str):
+    """path opened for reading if it is a regular file, else CheckpointError: open() of a
+    named pipe waited for a writer, forever (it is opened without blocking, then checked)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a directory, pipe or device), not a checkpoint")
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_member_size(zf, info, path: str) -> None:
