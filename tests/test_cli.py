@@ -196,6 +196,12 @@ def test_embed_path_errors_exit_2_before_any_work(tmp_path, monkeypatch, capsys)
     ]
     if os.path.exists("/dev/null"):
         cases.append(("/dev/null", tmp_path / "e.npy", "not a regular file"))
+    # standard output and pipes: the .npy is renamed over its file, which replaced a pipe (or
+    # /dev/stdout, for root) with a regular file; "-" wrote a file named "-"
+    cases.append((src, "-", "--output -: writing to standard output is not supported"))
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe")
+        cases.append((src, tmp_path / "pipe", "pipe: not a regular file"))
     for s, d, message in cases:
         assert _embed(model, s, d) == 2, (s, d)
         err = capsys.readouterr().err
@@ -215,6 +221,18 @@ def test_embed_keeps_a_users_partial_file(tmp_path, capsys):
     assert mine.read_text() == "keep me\n"
     assert np.load(dst).shape[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.partial", "model", "texts.txt"]
+
+
+def test_embed_through_a_symbolic_link_keeps_the_link(tmp_path, capsys):
+    import numpy as np
+
+    model, src = _embed_setup(tmp_path)
+    (tmp_path / "real.npy").write_text("old\n")
+    link = tmp_path / "link.npy"
+    link.symlink_to("real.npy")
+    assert _embed(model, src, link) == 0
+    assert link.is_symlink()  # (was replaced by a regular file, the link's file left as it was)
+    assert np.load(tmp_path / "real.npy").shape[0] == 2
 
 
 def test_embed_sigterm_removes_the_partial_output(tmp_path, monkeypatch, capsys):

@@ -98,14 +98,22 @@ def _bench(args, argv: Sequence[str]) -> int:
 
 def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = None) -> Optional[str]:
     """Why ``path``, the output file that option ``flag`` names, cannot be written (checked
-    before any work): empty, a directory, in a directory that does not exist, or without
-    ``suffix``; None when it can (or when path is None). One check for every subcommand."""
+    before any work): empty, ``-``, a directory, an existing file that is not a regular file
+    (a device or pipe: outputs are written beside their file and renamed over it, which would
+    replace the device, e.g. /dev/stdout, with a file), in a directory that does not exist,
+    or without ``suffix``; None when it can (or when path is None). One check for every
+    subcommand."""
     if path is None:
         return None
     if not path:
         return f"{flag} needs a file name"
+    if path == "-":
+        return f"{flag} -: writing to standard output is not supported; name a file (./- for a file named '-')"
     if os.path.isdir(path):
         return f"{flag} {path}: is a directory"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return (f"{flag} {path}: not a regular file (a device or pipe such as standard output is not "
+                "supported: the output is written beside it and renamed into place)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return f"{flag} {path}: its directory does not exist ({parent})"

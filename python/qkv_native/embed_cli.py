@@ -6,8 +6,9 @@ The input is streamed: it is read twice (once to count the lines, once to embed
 them a chunk at a time) and the embeddings go straight into a memory-mapped
 .npy, so memory does not grow with the file. The output is written under a
 temporary name beside it (OUTPUT.<random>.partial) and renamed when complete; on
-an error or SIGTERM the temporary file is removed. --input must be a regular
-file (not standard input: it is read twice). Lines end at "\\n" (a trailing "\\r"
+an error or SIGTERM the temporary file is removed (an --output that is a symbolic
+link: its file is replaced, the link kept). --input and --output must be regular
+files (not standard input, which is read twice, nor standard output). Lines end at "\\n" (a trailing "\\r"
 is dropped); every line, empty ones included, gives one row.
 
 Wiring: ``add_parser(subparsers)`` adds the sub-command to an argparse parser
@@ -199,10 +200,11 @@ def run(args: argparse.Namespace) -> int:
                 n = sum(1 for _ in _read_lines(src))
             except UnicodeDecodeError as e:
                 return fail(f"{src}: not UTF-8 text ({e})")
-            tmp = _temporary_path(dst)
+            target = Path(os.path.realpath(dst))  # a symbolic link's file, not the link, is replaced
+            tmp = _temporary_path(target)
             try:
                 _embed_file(enc, src, tmp, n, args)
-                os.replace(tmp, dst)
+                os.replace(tmp, target)
             finally:
                 if tmp.exists():
                     tmp.unlink()
