@@ -129,6 +129,10 @@ def test_parse_threads_and_lists():
     for bad in ("", "0", "two", "1,-2"):
         with pytest.raises(bench.BenchError):
             bench.parse_threads(bad)
+    # a count twice ran its cases twice; the table showed the second run's times for both and
+    # the JSON held both runs under one peak
+    with pytest.raises(bench.BenchError, match="--threads names 1 more than once"):
+        bench.parse_threads("1,2,01")
     assert bench.parse_list("gemm,attention", "only") == ["gemm", "attention"]
 
 

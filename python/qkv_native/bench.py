@@ -1397,6 +1397,9 @@ def parse_threads(text: Optional[str]) -> Optional[List[int]]:
         raise BenchError(f"--threads needs positive integers like 1,2,4, got {text!r}") from None
     if any(not 1 <= n <= _core.MAX_THREADS for n in threads):
         raise BenchError(f"--threads needs integers in [1, {_core.MAX_THREADS}], got {text!r}")
+    twice = sorted({n for n in threads if threads.count(n) > 1})
+    if twice:  # (the report keys a thread count's peak and table rows by the count)
+        raise BenchError(f"--threads names {', '.join(map(str, twice))} more than once, got {text!r}")
     return threads
 
 
