@@ -83,6 +83,29 @@ def test_bench_runs_and_writes_json(monkeypatch, tmp_path, capsys):
     assert {r["group"] for r in data["results"]} == {"gemm", "attention"}
 
 
+def test_bench_output_that_cannot_be_written_is_an_error_and_leaves_no_file(tmp_path):
+    """A full disk (here a file size limit) when --json is written after the run: one 'error:'
+    line and no file, where json.dump's OSError was a traceback and half a JSON file was left."""
+    pytest.importorskip("resource")
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(__import__("os").path.dirname(__file__))!r})
+from qkv_native import bench, cli
+from test_bench import TINY_CASES
+bench.CASES = tuple(c for c in TINY_CASES if c.group == "gemm")
+bench.QUICK = bench.Budget(seconds=0.001, rounds=1, min_runs=1, max_runs=1, probe_seconds=0.002)
+bench.detect_baselines = bench.Baselines  # NumPy only: importing torch takes seconds
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(cli.main(["bench", "--threads", "1", "--no-progress", "--json", {str(tmp_path / "out.json")!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("qkv-native bench: error: --json") and "Traceback" not in done.stderr
+    assert "GEMM" in done.stdout  # the table was printed
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["bench", "--plot", str(tmp_path / "p.png")]) == 2

@@ -34,6 +34,7 @@ import datetime
 import functools
 import gc
 import importlib
+import io
 import math
 import os
 import platform
@@ -1906,9 +1907,9 @@ def write_json(report: Dict[str, Any], path: str) -> None:
             return [clean(val) for val in x]
         return x
 
-    with open(path, "w") as f:
-        json.dump(clean(report), f, indent=1)
-        f.write("\n")
+    from .cli import write_output
+
+    write_output(path, (json.dumps(clean(report), indent=1) + "\n").encode())
 
 
 def require_matplotlib():
@@ -1970,5 +1971,9 @@ def plot_report(report: Dict[str, Any], path: str) -> None:
     m = report["machine"]
     fig.suptitle(f"qkv_native bench ({report['mode']}): {m['cpu_brand']}, {m['isa']}, {report['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    from .cli import write_output
+
+    write_output(path, png.getvalue())

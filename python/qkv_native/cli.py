@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import qkv_native as qn
@@ -87,12 +89,13 @@ def _bench(args, argv: Sequence[str]) -> int:
     report = bench.run_bench(mode=args.mode, only=only, threads=threads, budget=budget,
                              progress=args.progress, argv=list(argv))
     print(bench.format_report(report), flush=True)
-    if args.json is not None:
-        bench.write_json(report, args.json)
-        print(f"\nwrote {args.json}")
-    if args.plot:
-        bench.plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+    for flag, path, write in (("--json", args.json, bench.write_json), ("--plot", args.plot, bench.plot_report)):
+        if path:
+            try:
+                write(report, path)
+            except OSError as exc:  # (a full disk: the table above is all there is)
+                raise bench.BenchError(f"{flag} {path}: could not be written ({exc})") from None
+            print(f"{chr(10) if flag == '--json' else ''}wrote {path}")
     return 0
 
 
@@ -120,6 +123,32 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
     if suffix and not path.lower().endswith(suffix):
         return f"{flag} {path}: the file name must end in {suffix}"
     return None
+
+
+def temporary_path(dst: Path) -> Path:
+    """A new, empty file beside dst that no other file has the name of (created mode 0666 & ~umask)."""
+    for _ in range(100):
+        tmp = dst.with_name(f"{dst.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{dst.parent}: could not create a temporary file beside {dst.name}")
+
+
+def write_output(path: str, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` (a symbolic link's file): through a temporary file beside
+    it, renamed over it when complete, so that a failure (a full disk) leaves no partial file and
+    the previous one as it was. Raises OSError."""
+    target = Path(os.path.realpath(path))
+    tmp = temporary_path(target)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

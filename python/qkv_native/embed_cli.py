@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -131,18 +130,6 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _temporary_path(dst: Path) -> Path:
-    """A new, empty file beside dst that no other file has the name of (created mode 0666 & ~umask)."""
-    for _ in range(100):
-        tmp = dst.with_name(f"{dst.name}.{secrets.token_hex(4)}.partial")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"{dst.parent}: could not create a temporary file beside {dst.name}")
-
-
 def _check_paths(src: Path, dst: Path, raw_input: str, raw_output: str) -> Optional[str]:
     """The problem with --input/--output, or None; checked before any work."""
     if raw_input == "-":
@@ -174,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``embed`` with parsed arguments; returns the exit status (0, 2 on a user error,
     143 when SIGTERM stopped it: the partial output is removed)."""
     import qkv_native
+
+    from .cli import temporary_path
     from .encoder import CheckpointError, SentenceEncoder
 
     def fail(msg: str) -> int:
@@ -201,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             except UnicodeDecodeError as e:
                 return fail(f"{src}: not UTF-8 text ({e})")
             target = Path(os.path.realpath(dst))  # a symbolic link's file, not the link, is replaced
-            tmp = _temporary_path(target)
+            tmp = temporary_path(target)
             try:
                 _embed_file(enc, src, tmp, n, args)
                 os.replace(tmp, target)
