@@ -173,6 +173,19 @@ def test_train_resume_from_a_bad_checkpoint_exits_2(tmp_path, capsys):
         assert "does not match this trainer" in captured.err and "test accuracy" not in captured.out
 
 
+def test_train_checkpoint_that_cannot_be_written_is_an_error(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    from qkv_native import train
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.Trainer, "save", disk_full)
+    assert _train(["--checkpoint", str(tmp_path / "ck.npz")]) == 2  # (was a traceback after the epoch)
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native train: error: --checkpoint") and "No space left" in err, err
+
+
 # ----------------------------------------------------------------------------
 # qkv-native embed: paths checked up front, a collision-free temporary file, SIGTERM
 # ----------------------------------------------------------------------------

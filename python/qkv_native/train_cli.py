@@ -142,7 +142,10 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     t0 = time.perf_counter()
-    history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    try:
+        history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    except OSError as e:  # the only file written: the checkpoint after an epoch (a full disk)
+        return fail(f"--checkpoint {args.checkpoint}: could not be written ({e})")
     total = time.perf_counter() - t0
     result = trainer.evaluate(x_test, y_test)
     times = history.get("time", [])
