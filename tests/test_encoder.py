@@ -382,6 +382,24 @@ def test_encode_argument_errors(tmp_path):
             enc.encode(raw)
     with pytest.raises(TypeError, match="single text"):
         enc.encode_into("cat", np.zeros((3, d), np.float32))
+    # tokenize("cat dog") tokenized each character as a text; tokenize([None]) was tokenizers' error
+    with pytest.raises(TypeError, match=r"texts must be an iterable of str, got str \(pass \[text\]"):
+        enc.tokenize("cat dog")
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got NoneType"):
+        enc.tokenize(["cat", None])
+    assert [e.ids for e in enc.tokenize(iter(["cat dog"]))] == [e.ids for e in enc.tokenize(["cat dog"])]
+    # not iterable: "'NoneType' object is not iterable", naming nothing
+    for call in (lambda t: enc.encode(t), lambda t: enc.encode_into(t, np.zeros((0, d), np.float32)),
+                 lambda t: enc.tokenize(t)):
+        for bad in (None, 5):
+            with pytest.raises(TypeError, match=f"texts must be .*iterable of str, got {type(bad).__name__}"):
+                call(bad)
+    # encode_into takes any iterable as encode does (a generator: "has no len()"; a set: "not subscriptable")
+    for texts in (iter(["cat", "dog"]), {"cat"}):
+        want = enc.encode(list(texts))
+        got = np.zeros_like(want)
+        enc.encode_into(texts if isinstance(texts, set) else iter(["cat", "dog"]), got)
+        np.testing.assert_array_equal(got, want)
     for bad in ("no", 1, None):
         with pytest.raises(TypeError, match="normalize must be a bool"):
             enc.encode(["cat"], normalize=bad)

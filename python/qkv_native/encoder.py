@@ -651,7 +651,7 @@ class SentenceEncoder:
         """Width of an embedding: hidden_size times the number of pooling modes."""
         return self.config.hidden_size * len(self.pooling)
 
-    def tokenize(self, texts: Sequence[str]) -> list:
+    def tokenize(self, texts: Iterable[str]) -> list:
         """``tokenizers.Encoding`` per text: special tokens added, truncated to max_seq_length.
 
         Under a one-thread limit (:func:`qkv_native.set_num_threads`, threadpoolctl,
@@ -659,12 +659,17 @@ class SentenceEncoder:
         this thread: the ``tokenizers`` package's batch call would use its own pool of
         all the cores, which for a few texts costs more than it saves (one text, Zen 5:
         30 us batched, 21 us alone) and, on a machine whose cores our threads keep
-        busy, waits for them.
+        busy, waits for them. Raises ``TypeError`` for a lone str (it is not tokenized
+        character by character) and the errors of :meth:`encode` for a text.
         """
+        return self._tokenize(self._text_list(texts, single_hint="pass [text] for a single text"))
+
+    def _tokenize(self, texts: List[str]) -> list:
+        """tokenize with its argument checked."""
         if _core.get_num_threads() == 1 or len(texts) < 8:
             encs = [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
         else:
-            encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+            encs = self.tokenizer.encode_batch(texts, add_special_tokens=True)
         for e in encs:  # (the position table holds max_seq_length rows)
             if len(e.ids) > self.max_seq_length:
                 raise ValueError(f"the tokenizer returned {len(e.ids)} tokens for a text, more than "
@@ -683,12 +688,9 @@ class SentenceEncoder:
         Raises ``TypeError`` for a text that is not a str (bytes included) and
         ``ValueError`` for one that is not valid Unicode (a lone surrogate).
         """
-        if isinstance(texts, (bytes, bytearray, memoryview)):
-            raise TypeError(f"texts must be a str or an iterable of str, got {type(texts).__name__} "
-                            "(decode it first)")
         single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        batch_size = self._check_args(texts, batch_size, normalize)
+        texts = self._text_list(texts)
+        batch_size = self._check_args(batch_size, normalize)
         out = np.empty((len(texts), self.embedding_dim), np.float32)
         progress = _Progress(len(texts), bool(show_progress_bar))
         try:
@@ -708,13 +710,11 @@ class SentenceEncoder:
 
     _chunk_size = 8192
 
-    def encode_into(self, texts: Sequence[str], out: np.ndarray, *, batch_size: int = 32,
+    def encode_into(self, texts: Iterable[str], out: np.ndarray, *, batch_size: int = 32,
                     normalize: bool = True, progress: Optional[_Progress] = None) -> np.ndarray:
         """:meth:`encode` writing into ``out`` (len(texts), embedding_dim) float32, e.g. a memory map."""
-        if isinstance(texts, (str, bytes, bytearray, memoryview)):
-            raise TypeError(f"texts must be a sequence of str, got {type(texts).__name__}"
-                            + (" (use encode for a single text)" if isinstance(texts, str) else ""))
-        batch_size = self._check_args(texts, batch_size, normalize)
+        texts = self._text_list(texts, single_hint="use encode for a single text")
+        batch_size = self._check_args(batch_size, normalize)
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a float32 NumPy array of shape ({len(texts)}, {self.embedding_dim}), "
                             f"got {type(out).__name__}")
@@ -726,10 +726,27 @@ class SentenceEncoder:
         return self._encode_into(texts, out, batch_size, normalize, progress)
 
     @staticmethod
-    def _check_args(texts: Sequence[str], batch_size, normalize) -> int:
-        """Check encode's arguments (before any work); returns batch_size as an int."""
+    def _check_args(batch_size, normalize) -> int:
+        """Check encode's options (before any work); returns batch_size as an int."""
         batch_size = _check_int(batch_size, "batch_size")
         _flag(normalize, "normalize")
+        return batch_size
+
+    @staticmethod
+    def _text_list(texts, single_hint: Optional[str] = None) -> List[str]:
+        """``texts`` (a str, or an iterable of str) as a list of valid str, checked before any work:
+        a lone str is ``[texts]``, or a TypeError saying ``single_hint`` where one is given."""
+        if isinstance(texts, str):
+            if single_hint is None:
+                return [texts]
+            raise TypeError(f"texts must be an iterable of str, got str ({single_hint})")
+        if isinstance(texts, (bytes, bytearray, memoryview)):
+            raise TypeError(f"texts must be a str or an iterable of str, got {type(texts).__name__} "
+                            "(decode it first)")
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise TypeError(f"texts must be a str or an iterable of str, got {type(texts).__name__}") from None
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
@@ -739,7 +756,7 @@ class SentenceEncoder:
                 except UnicodeEncodeError as e:  # what the tokenizer cannot take
                     raise ValueError(f"texts[{i}] is not valid Unicode: it holds a lone surrogate "
                                      f"(U+{ord(t[e.start]):04X} at index {e.start})") from None
-        return batch_size
+        return texts
 
     def _encode_into(self, texts: Sequence[str], out: np.ndarray, batch_size: int, normalize: bool,
                      progress: Optional[_Progress]) -> np.ndarray:
@@ -747,7 +764,7 @@ class SentenceEncoder:
         normalize = bool(normalize)
         chunk_size = self.chunk_size
         for c0 in range(0, len(texts), chunk_size):
-            chunk = self.tokenize(texts[c0:c0 + chunk_size])
+            chunk = self._tokenize(texts[c0:c0 + chunk_size])
             lengths = np.fromiter((len(e.ids) for e in chunk), np.int64, len(chunk))
             order = np.argsort(-lengths, kind="stable")  # longest first: the workspace grows once
             for b0 in range(0, len(chunk), batch_size):
