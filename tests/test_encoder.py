@@ -426,6 +426,15 @@ def test_encode_argument_errors(tmp_path):
         tiny_texts(5)), rtol=0, atol=1e-6)
 
 
+def test_max_seq_length_must_be_an_int(tmp_path):
+    write_tiny_model(tmp_path)
+    assert qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=np.int64(8)).max_seq_length == 8
+    # 2.5 was cut to 2 tokens silently; "8" was "'<=' not supported between 'int' and 'str'"
+    for bad in (2.5, 8.0, "8", True):
+        with pytest.raises(TypeError, match="max_seq_length must be a positive integer"):
+            qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=bad)
+
+
 def test_encode_docstring_names_the_note():
     assert "Note [Packed batches]" in qe.SentenceEncoder.encode.__doc__
     assert "Note [Packed batches]" in qe.__doc__

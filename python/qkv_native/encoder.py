@@ -506,6 +506,7 @@ class SentenceEncoder:
         ``tokenizers.Tokenizer`` (its padding is turned off and its truncation set
         to ``max_seq_length``).
         """
+        max_seq_length = _check_int(max_seq_length, "max_seq_length", type_error=True)  # (2.5 was cut to 2)
         if not 1 <= max_seq_length <= config.max_position_embeddings:
             raise ValueError(f"max_seq_length must lie in [1, max_position_embeddings="
                              f"{config.max_position_embeddings}], got {max_seq_length}")
