@@ -314,7 +314,14 @@ def test_ctrl_c_in_a_subcommand_is_one_line_and_status_130(command, monkeypatch,
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_cli if command == "train" else embed_cli, "run", interrupted)
+    module = train_cli if command == "train" else embed_cli
+    monkeypatch.setattr(module, "run", interrupted)
     argv = [command] if command == "train" else [command, "--model", "m", "--input", "x.txt", "--output", "y.npy"]
     assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"qkv-native {command}: interrupted"
+    # the same from `python -m qkv_native.train_cli` / `.embed_cli` (was a traceback)
+    try:
+        assert module.main(argv[1:]) == 130
+    except KeyboardInterrupt:  # (not to pytest, which would end the session)
+        pytest.fail(f"python -m qkv_native.{command}_cli let KeyboardInterrupt through")
     assert capsys.readouterr().err.strip() == f"qkv-native {command}: interrupted"

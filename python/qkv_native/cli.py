@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import qkv_native as qn
 
@@ -162,18 +162,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "info":
         print(_info_text())
         return 0
-    try:
-        if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
-            return args.func(args)
-        from .bench import BenchError
+    if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
+        return run_interruptibly(args.command, lambda: args.func(args))
+    return run_interruptibly("bench", lambda: _bench_or_error(args, argv))
 
-        try:
-            return _bench(args, argv)
-        except BenchError as exc:
-            print(f"qkv-native bench: error: {exc}", file=sys.stderr)
-            return 2
-    except KeyboardInterrupt:  # Ctrl-C: a line and the shell's status for SIGINT, not a traceback
-        print(f"qkv-native {args.command}: interrupted", file=sys.stderr)
+
+def _bench_or_error(args, argv: Sequence[str]) -> int:
+    from .bench import BenchError
+
+    try:
+        return _bench(args, argv)
+    except BenchError as exc:
+        print(f"qkv-native bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_interruptibly(command: str, run: Callable[[], int]) -> int:
+    """run()'s exit status; Ctrl-C gives a line and the shell's status for SIGINT (130), not a
+    traceback. Every entry point (qkv-native, python -m qkv_native.train_cli / .embed_cli) runs here."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"qkv-native {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -214,7 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] != "embed":
         argv = ["embed", *argv]
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .cli import run_interruptibly
+
+    return run_interruptibly("embed", lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -167,7 +167,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Standalone entry point: ``python -m qkv_native.train_cli [options]``."""
     parser = argparse.ArgumentParser(prog="qkv-native train", description=__doc__.split("\n\n")[1])
     _add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    from .cli import run_interruptibly
+
+    return run_interruptibly("train", lambda: run(args))
 
 
 if __name__ == "__main__":
