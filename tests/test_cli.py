@@ -259,6 +259,20 @@ def test_embed_keeps_a_users_partial_file(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.partial", "model", "texts.txt"]
 
 
+def test_embed_ignores_a_byte_order_mark(tmp_path, capsys):
+    """A file saved as 'UTF-8 with BOM' (Windows editors): the mark was embedded as part of the
+    first text, which this model's tokenizer (no BERT normalizer) made an unknown word."""
+    import numpy as np
+
+    from qkv_native.encoder import SentenceEncoder
+
+    model, src = _embed_setup(tmp_path)
+    src.write_bytes(b"\xef\xbb\xbfthe cat\nsat on the mat\n")
+    assert _embed(model, src, tmp_path / "e.npy") == 0
+    want = SentenceEncoder.from_pretrained(model).encode(["the cat", "sat on the mat"])
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want, rtol=0, atol=1e-6)
+
+
 def test_embed_through_a_symbolic_link_keeps_the_link(tmp_path, capsys):
     import numpy as np
 

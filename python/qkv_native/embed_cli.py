@@ -9,7 +9,8 @@ temporary name beside it (OUTPUT.<random>.partial) and renamed when complete; on
 an error or SIGTERM the temporary file is removed (an --output that is a symbolic
 link: its file is replaced, the link kept). --input and --output must be regular
 files (not standard input, which is read twice, nor standard output). Lines end at "\\n" (a trailing "\\r"
-is dropped); every line, empty ones included, gives one row.
+is dropped, and a UTF-8 byte order mark at the start); every line, empty ones
+included, gives one row.
 
 Wiring: ``add_parser(subparsers)`` adds the sub-command to an argparse parser
 (and sets ``func=run``); ``run(args)`` returns the exit status. ``python -m
@@ -59,7 +60,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _read_lines(path: Path) -> Iterator[str]:
-    with open(path, "r", encoding="utf-8", newline="\n") as f:
+    with open(path, "r", encoding="utf-8-sig", newline="\n") as f:  # (a byte order mark is not text)
         for line in f:
             if line.endswith("\n"):
                 line = line[:-1]
