@@ -259,6 +259,15 @@ def test_embed_keeps_a_users_partial_file(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "emb.npy.partial", "model", "texts.txt"]
 
 
+def test_embed_without_the_embed_extra_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    model, src = _embed_setup(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `pip install .` without [embed]
+    assert _embed(model, src, tmp_path / "e.npy") == 2  # (was an ImportError traceback)
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native embed: error: ") and "qkv_native[embed]" in err, err
+    assert not (tmp_path / "e.npy").exists()
+
+
 def test_embed_ignores_a_byte_order_mark(tmp_path, capsys):
     """A file saved as 'UTF-8 with BOM' (Windows editors): the mark was embedded as part of the
     first text, which this model's tokenizer (no BERT normalizer) made an unknown word."""

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     except _Terminated:
         print("qkv-native embed: terminated (SIGTERM); no output written", file=sys.stderr)
         return 128 + int(signal.SIGTERM)
-    except (OSError, CheckpointError, ValueError, RuntimeError) as e:  # OSError: the output is a directory, ...
+    except (ImportError, OSError, CheckpointError, ValueError, RuntimeError) as e:  # ImportError: no [embed] extra
         return fail(str(e))
     return 0
 
