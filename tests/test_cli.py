@@ -327,6 +327,36 @@ def test_embed_sigterm_removes_the_partial_output(tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "texts.txt"]  # ... and is gone
 
 
+def test_train_sigterm_during_a_checkpoint_save_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """`timeout`/`kill` while train saves its checkpoint: the save's cleanup runs (Python's default
+    SIGTERM ended the process there, leaving CHECKPOINT.<random>.tmp) and the exit status is 143."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("sklearn")
+
+    def fsync_then_killed(fd):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # interrupted by the handler's exception
+        raise AssertionError("SIGTERM did not stop the run")
+
+    def fallback(signum, frame):  # (so that without a handler this test fails, not pytest dies)
+        raise RuntimeError("train installed no SIGTERM handler")
+
+    previous = signal.signal(signal.SIGTERM, fallback)
+    try:
+        monkeypatch.setattr(os, "fsync", fsync_then_killed)
+        rc = cli.main(["train", *TINY_TRAIN, "--checkpoint", str(tmp_path / "ck.npz")])
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGTERM) is fallback  # the handler is restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "qkv-native train: terminated (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["train", "embed"])
 def test_ctrl_c_in_a_subcommand_is_one_line_and_status_130(command, monkeypatch, capsys):
     """Ctrl-C during train or embed: a line and exit 130 as bench gives, not a 28-line

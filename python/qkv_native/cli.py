@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import qkv_native as qn
 
@@ -177,14 +180,45 @@ def _bench_or_error(args, argv: Sequence[str]) -> int:
         return 2
 
 
-def run_interruptibly(command: str, run: Callable[[], int]) -> int:
-    """run()'s exit status; Ctrl-C gives a line and the shell's status for SIGINT (130), not a
-    traceback. Every entry point (qkv-native, python -m qkv_native.train_cli / .embed_cli) runs here."""
+class Terminated(BaseException):
+    """SIGTERM arrived during a run (a BaseException: no ``except Exception`` on the way swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise :class:`Terminated` for the duration (main thread only: elsewhere a no-op).
+
+    Python has no SIGTERM handler of its own, so ``kill``/``timeout`` would end the process
+    without running the ``finally`` blocks and exit handlers that remove partial outputs and
+    temporary files (embed's output, a checkpoint being saved, the encoder bench's ONNX export).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return run()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_interruptibly(command: str, run: Callable[[], int]) -> int:
+    """run()'s exit status; Ctrl-C and SIGTERM give a line and the shell's status for the signal
+    (130, 143) after the cleanups have run, not a traceback or a kill that leaves temporary files.
+    Every entry point (qkv-native, python -m qkv_native.train_cli / .embed_cli) runs here."""
+    try:
+        with sigterm_raises():
+            return run()
     except KeyboardInterrupt:
         print(f"qkv-native {command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(signal.SIGINT)
+    except Terminated:
+        print(f"qkv-native {command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
 
 
 if __name__ == "__main__":

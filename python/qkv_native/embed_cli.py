@@ -20,11 +20,9 @@ qkv_native.embed_cli ...`` runs it on its own.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -106,31 +104,6 @@ def _embed_file(enc, src: Path, tmp: Path, n: int, args: argparse.Namespace) -> 
         del out
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived during a run (a BaseException: no ``except Exception`` on the way swallows it)."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated()
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Make SIGTERM raise :class:`_Terminated` for the duration (main thread only: elsewhere a no-op).
-
-    Python has no SIGTERM handler of its own, so ``kill``/``timeout`` would end the process
-    without running the ``finally`` that removes the partial output.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _check_paths(src: Path, dst: Path, raw_input: str, raw_output: str) -> Optional[str]:
     """The problem with --input/--output, or None; checked before any work."""
     if raw_input == "-":
@@ -163,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     143 when SIGTERM stopped it: the partial output is removed)."""
     import qkv_native
 
-    from .cli import temporary_path
+    from .cli import Terminated, sigterm_raises, temporary_path
     from .encoder import CheckpointError, SentenceEncoder
 
     def fail(msg: str) -> int:
@@ -183,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         return fail(problem)
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
             enc.chunk_size = args.chunk_size
             try:
@@ -198,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if tmp.exists():
                     tmp.unlink()
-    except _Terminated:
+    except Terminated:
         print("qkv-native embed: terminated (SIGTERM); no output written", file=sys.stderr)
         return 128 + int(signal.SIGTERM)
     except (ImportError, OSError, CheckpointError, ValueError, RuntimeError) as e:  # ImportError: no [embed] extra
