@@ -142,8 +142,10 @@ def _train(argv):
         (["--checkpoint", "", "--resume"], "--checkpoint needs a file name"),
         (["--checkpoint", "{tmp}"], "is a directory"),
         (["--checkpoint", "{tmp}/no-such-dir/ck.npz"], "its directory does not exist"),
-        (["--min-accuracy", "nan"], "--min-accuracy must be a finite number"),
-        (["--min-accuracy", "inf"], "--min-accuracy must be a finite number"),
+        (["--min-accuracy", "nan"], "--min-accuracy must be a fraction in [0, 1]"),
+        (["--min-accuracy", "inf"], "--min-accuracy must be a fraction in [0, 1]"),
+        (["--min-accuracy", "97"], "--min-accuracy must be a fraction in [0, 1] (0.97 for 97%), got 97.0"),
+        (["--min-accuracy", "-0.5"], "--min-accuracy must be a fraction in [0, 1]"),
         (["--seed", "-1"], "--seed must be an integer >= 0"),
     ],
 )

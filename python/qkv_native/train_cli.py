@@ -13,7 +13,6 @@ runnable alone: ``python -m qkv_native.train_cli --epochs 30``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -51,7 +50,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint", default=None, help="save the trainer here after every epoch (atomic)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
-    t.add_argument("--min-accuracy", type=float, default=None, help="exit with status 1 below this test accuracy")
+    t.add_argument("--min-accuracy", type=float, default=None, help="exit with status 1 below this test accuracy (a fraction: 0.97)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -95,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--warmup must lie in [0, 1], got {args.warmup}")
     if args.seed < 0:
         return fail(f"--seed must be an integer >= 0, got {args.seed}")
-    if args.min_accuracy is not None and not math.isfinite(args.min_accuracy):
-        return fail(f"--min-accuracy must be a finite number, got {args.min_accuracy}")
+    if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:  # (97 for 97% always failed)
+        return fail(f"--min-accuracy must be a fraction in [0, 1] (0.97 for 97%), got {args.min_accuracy}")
     try:
         x_train, y_train, x_test, y_test = load_digits_tokens(args.tokens, args.test_fraction, args.seed)
     except ImportError as e:
