@@ -435,6 +435,25 @@ def test_max_seq_length_must_be_an_int(tmp_path):
             qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=bad)
 
 
+def test_max_seq_length_can_be_set_as_in_sentence_transformers(tmp_path):
+    """`enc.max_seq_length = 8`, sentence-transformers' way to change the truncation: it was a plain
+    attribute, so a long text then failed ('the tokenizer returned 16 tokens ... more than
+    max_seq_length=8') and a larger value kept truncating at the old length."""
+    write_tiny_model(tmp_path)
+    texts = tiny_texts(12)
+    for n in (8, MAX_POS):  # below and above sentence_bert_config.json's MAX_LEN
+        enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+        enc.encode(texts)
+        enc.max_seq_length = n
+        assert enc.max_seq_length == n and max(len(e.ids) for e in enc.tokenize(texts)) == n
+        want = qe.SentenceEncoder.from_pretrained(tmp_path, max_seq_length=n).encode(texts)
+        np.testing.assert_allclose(enc.encode(texts), want, rtol=0, atol=1e-6)
+    for bad, error in ((MAX_POS + 1, ValueError), (1, ValueError), (0, ValueError), (4.0, TypeError)):
+        with pytest.raises(error, match="max_seq_length"):
+            enc.max_seq_length = bad
+    assert enc.max_seq_length == MAX_POS
+
+
 def test_encode_docstring_names_the_note():
     assert "Note [Packed batches]" in qe.SentenceEncoder.encode.__doc__
     assert "Note [Packed batches]" in qe.__doc__

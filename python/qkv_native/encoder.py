@@ -506,10 +506,6 @@ class SentenceEncoder:
         ``tokenizers.Tokenizer`` (its padding is turned off and its truncation set
         to ``max_seq_length``).
         """
-        max_seq_length = _check_int(max_seq_length, "max_seq_length", type_error=True)  # (2.5 was cut to 2)
-        if not 1 <= max_seq_length <= config.max_position_embeddings:
-            raise ValueError(f"max_seq_length must lie in [1, max_position_embeddings="
-                             f"{config.max_position_embeddings}], got {max_seq_length}")
         if isinstance(pooling, str) or not isinstance(pooling, Iterable):
             raise TypeError(f"pooling must be a sequence of mode names, got {pooling!r}")
         pooling = tuple(pooling)
@@ -519,29 +515,44 @@ class SentenceEncoder:
             if m not in POOLING_MODES:
                 raise ValueError(f"unknown pooling mode {m!r} (supported: {', '.join(POOLING_MODES)})")
         self.config = config
-        self.max_seq_length = int(max_seq_length)
         self.pooling = pooling
         self.normalize_module = bool(normalize_module)
-        # tokenizers cannot cut below the special tokens ([CLS] ... [SEP]) and then
-        # leaves a text whole: longer than the position table kept below
-        n_special = _special_tokens(tokenizer)
-        if max_seq_length < n_special:
-            raise ValueError(f"max_seq_length must be at least the tokenizer's {n_special} special tokens, "
-                             f"got {max_seq_length}")
         self.tokenizer = tokenizer
         self._tokenizer_path = str(tokenizer_path)
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=self.max_seq_length)
+        self.max_seq_length = max_seq_length  # (checked; sets the tokenizer's truncation)
         # Embedding tables stay memory-mapped: only the rows of the batch's tokens are read.
         self._word_emb = state_dict["embeddings.word_embeddings.weight"]  # (vocab_size, d_model)
-        self._pos_emb = np.array(state_dict["embeddings.position_embeddings.weight"][: self.max_seq_length],
-                                 dtype=np.float32)  # (max_seq_length, d_model)
+        self._pos_emb = np.array(state_dict["embeddings.position_embeddings.weight"],
+                                 dtype=np.float32)  # (max_position_embeddings, d_model)
         self._type_emb = (np.array(state_dict["embeddings.token_type_embeddings.weight"], dtype=np.float32)
                           if config.type_vocab_size > 0 else None)  # (type_vocab_size, d_model)
         self._emb_ln = (np.array(state_dict["embeddings.LayerNorm.weight"], dtype=np.float32),
                         np.array(state_dict["embeddings.LayerNorm.bias"], dtype=np.float32))
         self._layers = _Layer.pack_all(state_dict, config.num_hidden_layers)
         self._ws = _Workspace()
+
+    @property
+    def max_seq_length(self) -> int:
+        """Texts are truncated to this many tokens, special tokens included (as sentence-transformers
+        truncates). Settable like sentence-transformers' ``model.max_seq_length = 128``: an integer
+        from the tokenizer's special tokens to ``max_position_embeddings``."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        value = _check_int(value, "max_seq_length", type_error=True)  # (2.5 was cut to 2)
+        if not 1 <= value <= self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_length must lie in [1, max_position_embeddings="
+                             f"{self.config.max_position_embeddings}], got {value}")
+        # tokenizers cannot cut below the special tokens ([CLS] ... [SEP]) and then
+        # leaves a text whole: longer than max_seq_length
+        n_special = _special_tokens(self.tokenizer)
+        if value < n_special:
+            raise ValueError(f"max_seq_length must be at least the tokenizer's {n_special} special tokens, "
+                             f"got {value}")
+        self.tokenizer.enable_truncation(max_length=value)
+        self._max_seq_length = value
 
     # -- loading ------------------------------------------------------------
 
@@ -684,8 +695,9 @@ class SentenceEncoder:
         A single string gives one (embedding_dim,) vector. ``normalize`` L2-normalises
         each embedding; with ``normalize=False`` the result is the model's output as
         sentence-transformers computes it (still unit length when modules.json lists
-        a Normalize module). Texts are sorted by length and packed into batches without
-        padding (Note [Packed batches]); the result does not depend on ``batch_size``.
+        a Normalize module). A text is truncated to :attr:`max_seq_length` tokens. Texts are
+        sorted by length and packed into batches without padding (Note [Packed batches]);
+        the result does not depend on ``batch_size``.
         Raises ``TypeError`` for a text that is not a str (bytes included) and
         ``ValueError`` for one that is not valid Unicode (a lone surrogate).
         """
@@ -827,7 +839,7 @@ class SentenceEncoder:
                 x += a
             else:
                 x += self._type_emb[0]
-        np.take(self._pos_emb, pos, axis=0, out=a, mode="clip")  # pos < max_seq_length (truncation)
+        np.take(self._pos_emb, pos, axis=0, out=a, mode="clip")  # pos < max_seq_length <= its rows
         x += a
         layer_norm(x, *self._emb_ln, eps, out=x)
 
