@@ -454,6 +454,20 @@ def test_max_seq_length_can_be_set_as_in_sentence_transformers(tmp_path):
     assert enc.max_seq_length == MAX_POS
 
 
+def test_pooling_can_be_set_and_is_checked(tmp_path):
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    enc.pooling = ["cls", "max"]
+    assert enc.pooling == ("cls", "max") and enc.embedding_dim == 2 * TINY_CONFIG["hidden_size"]
+    want = qe.SentenceEncoder.from_pretrained(tmp_path, pooling=("cls", "max")).encode(tiny_texts(5))
+    np.testing.assert_array_equal(enc.encode(tiny_texts(5)), want)
+    # a plain attribute before: "median" pooled as mean_sqrt_len_tokens, "cls" as three such modes
+    for bad, error in (("cls", TypeError), (["median"], ValueError), ([], ValueError), ([None], ValueError)):
+        with pytest.raises(error, match="pooling"):
+            enc.pooling = bad
+    assert enc.pooling == ("cls", "max")
+
+
 def test_encode_docstring_names_the_note():
     assert "Note [Packed batches]" in qe.SentenceEncoder.encode.__doc__
     assert "Note [Packed batches]" in qe.__doc__

@@ -506,16 +506,8 @@ class SentenceEncoder:
         ``tokenizers.Tokenizer`` (its padding is turned off and its truncation set
         to ``max_seq_length``).
         """
-        if isinstance(pooling, str) or not isinstance(pooling, Iterable):
-            raise TypeError(f"pooling must be a sequence of mode names, got {pooling!r}")
-        pooling = tuple(pooling)
-        if not pooling:
-            raise ValueError(f"pooling must name at least one mode (from: {', '.join(POOLING_MODES)})")
-        for m in pooling:
-            if m not in POOLING_MODES:
-                raise ValueError(f"unknown pooling mode {m!r} (supported: {', '.join(POOLING_MODES)})")
+        self.pooling = pooling  # (checked)
         self.config = config
-        self.pooling = pooling
         self.normalize_module = bool(normalize_module)
         self.tokenizer = tokenizer
         self._tokenizer_path = str(tokenizer_path)
@@ -531,6 +523,25 @@ class SentenceEncoder:
                         np.array(state_dict["embeddings.LayerNorm.bias"], dtype=np.float32))
         self._layers = _Layer.pack_all(state_dict, config.num_hidden_layers)
         self._ws = _Workspace()
+
+    @property
+    def pooling(self) -> Tuple[str, ...]:
+        """Pooling modes (:data:`POOLING_MODES`), concatenated in this order. Settable: a sequence
+        of mode names (a mode not in the list was pooled as mean_sqrt_len_tokens, a str as one
+        mode per letter)."""
+        return self._pooling
+
+    @pooling.setter
+    def pooling(self, value: Sequence[str]) -> None:
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise TypeError(f"pooling must be a sequence of mode names, got {value!r}")
+        value = tuple(value)
+        if not value:
+            raise ValueError(f"pooling must name at least one mode (from: {', '.join(POOLING_MODES)})")
+        for m in value:
+            if not isinstance(m, str) or m not in POOLING_MODES:
+                raise ValueError(f"unknown pooling mode {m!r} (supported: {', '.join(POOLING_MODES)})")
+        self._pooling = value
 
     @property
     def max_seq_length(self) -> int:
