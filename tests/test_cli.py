@@ -1,5 +1,6 @@
 """The qkv-native command line: info, bench options and errors, python -m qkv_native."""
 
+import io
 import json
 import subprocess
 import sys
@@ -110,6 +111,30 @@ def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path, cap
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["bench", "--plot", str(tmp_path / "p.png")]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`qkv-native info | head -0`: a BrokenPipeError traceback before; now SIGPIPE's status, no message."""
+    proc = subprocess.Popen([sys.executable, "-m", "qkv_native", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with proc:
+        proc.stdout.close()  # (before the child, still importing, prints)
+        err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_train_with_a_closed_stdout_is_not_a_checkpoint_error(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    from qkv_native import train
+
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(train.Trainer, "fit", reader_gone)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # (no fileno: the process's stdout stays as it is)
+    assert cli.main(["train", *TINY_TRAIN, "--checkpoint", str(tmp_path / "ck.npz")]) == 141
+    assert "--checkpoint" not in capsys.readouterr().err
 
 
 def test_python_dash_m():

@@ -163,8 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.command == "info":
-        print(_info_text())
-        return 0
+        return run_interruptibly("info", lambda: print(_info_text()) or 0)
     if getattr(args, "func", None) is not None:  # subcommands that bring their own runner
         return run_interruptibly(args.command, lambda: args.func(args))
     return run_interruptibly("bench", lambda: _bench_or_error(args, argv))
@@ -208,7 +207,8 @@ def sigterm_raises() -> Iterator[None]:
 
 def run_interruptibly(command: str, run: Callable[[], int]) -> int:
     """run()'s exit status; Ctrl-C and SIGTERM give a line and the shell's status for the signal
-    (130, 143) after the cleanups have run, not a traceback or a kill that leaves temporary files.
+    (130, 143) after the cleanups have run, not a traceback or a kill that leaves temporary files;
+    a closed standard output (a pipe into ``head``) ends the run quietly with SIGPIPE's (141).
     Every entry point (qkv-native, python -m qkv_native.train_cli / .embed_cli) runs here."""
     try:
         with sigterm_raises():
@@ -219,6 +219,12 @@ def run_interruptibly(command: str, run: Callable[[], int]) -> int:
     except Terminated:
         print(f"qkv-native {command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + int(signal.SIGTERM)
+    except BrokenPipeError:  # stdout's reader is gone (`qkv-native info | head -1`): quietly, as SIGPIPE would
+        try:  # (the interpreter's last flush of stdout would fail again, with an 'Exception ignored' message)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+        return 128 + int(getattr(signal, "SIGPIPE", 13))
 
 
 if __name__ == "__main__":

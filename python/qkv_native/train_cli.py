@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     except OSError as e:  # the only file written: the checkpoint after an epoch (a full disk)
+        if not args.checkpoint or isinstance(e, BrokenPipeError):  # (the epoch lines' reader is gone)
+            raise
         return fail(f"--checkpoint {args.checkpoint}: could not be written ({e})")
     total = time.perf_counter() - t0
     result = trainer.evaluate(x_test, y_test)
