@@ -342,6 +342,42 @@ class _Spy:
         return self._inner.encode_batch(*a, **kw)
 
 
+def test_one_encoder_shared_by_threads_gives_each_its_own_answer(tmp_path):
+    """A server's threads sharing one encoder (as they share a sentence-transformers model):
+    their batches overwrote each other's workspace, giving wrong embeddings without an error
+    (or a stray ValueError from attention_varlen). Calls now take turns; copies still work."""
+    import pickle
+    import sys
+    import threading
+
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    texts = [tiny_texts(40, seed=s) for s in range(3)]
+    want = [enc.encode(t, batch_size=4) for t in texts]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(15):
+                np.testing.assert_array_equal(enc.encode(texts[i], batch_size=4), want[i])
+        except Exception as e:  # (reported by the test, not lost in the thread)
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    for copy in (pickle.loads(pickle.dumps(enc)), __import__("copy").deepcopy(enc)):
+        np.testing.assert_array_equal(copy.encode(texts[0], batch_size=4), want[0])
+
+
 def test_buffers_do_not_grow_with_the_corpus(tmp_path):
     write_tiny_model(tmp_path)
     enc = qe.SentenceEncoder.from_pretrained(tmp_path)
