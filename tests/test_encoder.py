@@ -378,6 +378,34 @@ def test_one_encoder_shared_by_threads_gives_each_its_own_answer(tmp_path):
         np.testing.assert_array_equal(copy.encode(texts[0], batch_size=4), want[0])
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_child_forked_during_another_threads_call_can_encode(tmp_path):
+    """fork() while another thread is inside encode (holding the encoder's lock): the child,
+    where that thread does not exist, must not wait for the lock forever."""
+    import os
+    import signal
+    import time
+
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    with enc._lock:  # as another thread's call would hold it
+        pid = os.fork()
+        if pid == 0:  # the child: encode, report by exit status
+            try:
+                enc.encode(["the cat sat"])
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the encoder's lock")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 def test_buffers_do_not_grow_with_the_corpus(tmp_path):
     write_tiny_model(tmp_path)
     enc = qe.SentenceEncoder.from_pretrained(tmp_path)

@@ -52,10 +52,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import sys
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -493,6 +495,20 @@ def _pooling_modes(pool_cfg: dict, path: Path, hidden_size: int) -> Tuple[str, .
     return modes
 
 
+# Every encoder, so that a child fork()ed while another thread held an encoder's lock (a
+# call in progress there) gets it unlocked: the thread holding it does not exist in the child.
+_ENCODERS: "weakref.WeakSet[SentenceEncoder]" = weakref.WeakSet()
+
+
+def _unlock_encoders_in_child() -> None:
+    for enc in list(_ENCODERS):
+        enc._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_encoders_in_child)
+
+
 class SentenceEncoder:
     """Sentence embeddings from a BERT checkpoint, computed with the native ops.
 
@@ -527,6 +543,7 @@ class SentenceEncoder:
         self._layers = _Layer.pack_all(state_dict, config.num_hidden_layers)
         self._ws = _Workspace()
         self._lock = threading.Lock()  # (held while a call uses the workspace)
+        _ENCODERS.add(self)
 
     def __getstate__(self) -> dict:  # a copy gets its own lock and workspace
         state = dict(self.__dict__)
@@ -537,6 +554,7 @@ class SentenceEncoder:
         self.__dict__.update(state)
         self._ws = _Workspace()
         self._lock = threading.Lock()
+        _ENCODERS.add(self)
 
     @property
     def pooling(self) -> Tuple[str, ...]:
