@@ -63,6 +63,25 @@ def test_bench_option_errors_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_outputs_in_a_read_only_directory_fail_before_the_run(tmp_path, monkeypatch, capsys):
+    """A directory this user cannot write (as root no directory is one: os.access is faked):
+    the bench ran for minutes, train for an epoch, and only then failed to write."""
+    import os
+
+    real_access = os.access
+    locked = str(tmp_path / "locked")
+    os.mkdir(locked)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == locked else real_access(p, mode, **kw))
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: pytest.fail("the bench ran"))
+    for argv in (["bench", "--json", f"{locked}/b.json"], ["bench", "--plot", f"{locked}/b.png"]):
+        assert cli.main(argv) == 2
+        assert f"its directory is not writable ({locked})" in capsys.readouterr().err
+    if __import__("importlib").util.find_spec("sklearn"):
+        assert _train(["--checkpoint", f"{locked}/ck.npz"]) == 2
+        captured = capsys.readouterr()
+        assert "its directory is not writable" in captured.err and "test accuracy" not in captured.out
+
+
 def test_quick_and_full_are_exclusive(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--quick", "--full"])

@@ -106,8 +106,8 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
     """Why ``path``, the output file that option ``flag`` names, cannot be written (checked
     before any work): empty, ``-``, a directory, an existing file that is not a regular file
     (a device or pipe: outputs are written beside their file and renamed over it, which would
-    replace the device, e.g. /dev/stdout, with a file), in a directory that does not exist,
-    or without ``suffix``; None when it can (or when path is None). One check for every
+    replace the device, e.g. /dev/stdout, with a file), in a directory that does not exist
+    or that this user cannot write, or without ``suffix``; None when it can (or when path is None). One check for every
     subcommand."""
     if path is None:
         return None
@@ -123,6 +123,8 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         return f"{flag} {path}: its directory does not exist ({parent})"
+    if not os.access(parent, os.W_OK | os.X_OK):  # (the file is made there and renamed: found after the run)
+        return f"{flag} {path}: its directory is not writable ({parent})"
     if suffix and not path.lower().endswith(suffix):
         return f"{flag} {path}: the file name must end in {suffix}"
     return None
