@@ -314,6 +314,15 @@ def test_embed_without_the_embed_extra_says_how_to_install_it(tmp_path, monkeypa
     assert not (tmp_path / "e.npy").exists()
 
 
+def test_embed_names_the_line_that_is_not_utf8(tmp_path, capsys):
+    model, src = _embed_setup(tmp_path)
+    src.write_bytes(b"the cat\n" * 5000 + b"sat on \xff the mat\n")  # (the decoder said "position 7239")
+    assert _embed(model, src, tmp_path / "e.npy") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native embed: error: ") and "line 5001 is not UTF-8 text" in err, err
+    assert "byte 8 of the line" in err and not (tmp_path / "e.npy").exists()
+
+
 def test_embed_ignores_a_byte_order_mark(tmp_path, capsys):
     """A file saved as 'UTF-8 with BOM' (Windows editors): the mark was embedded as part of the
     first text, which this model's tokenizer (no BERT normalizer) made an unknown word."""

@@ -67,6 +67,20 @@ def _read_lines(path: Path) -> Iterator[str]:
             yield line
 
 
+def _count_lines(path: Path) -> int:
+    """The number of lines _read_lines gives; a ValueError names the first that is not UTF-8
+    (the decoder's own message gave a position in its buffer, not in the file)."""
+    n = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):  # (split at b"\n", as _read_lines splits)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not UTF-8 text ({e.reason} at byte {e.start + 1} "
+                                 f"of the line: {raw[e.start:e.start + 4]!r})") from None
+    return n
+
+
 def _chunks(lines: Iterator[str], size: int) -> Iterator[List[str]]:
     chunk: List[str] = []
     for line in lines:
@@ -159,10 +173,7 @@ def run(args: argparse.Namespace) -> int:
         with sigterm_raises():
             enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
             enc.chunk_size = args.chunk_size
-            try:
-                n = sum(1 for _ in _read_lines(src))
-            except UnicodeDecodeError as e:
-                return fail(f"{src}: not UTF-8 text ({e})")
+            n = _count_lines(src)
             target = Path(os.path.realpath(dst))  # a symbolic link's file, not the link, is replaced
             tmp = temporary_path(target)
             try:
