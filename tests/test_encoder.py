@@ -341,6 +341,9 @@ class _Spy:
         self._calls.append("encode_batch")
         return self._inner.encode_batch(*a, **kw)
 
+    def __getattr__(self, name):  # padding, truncation, ...: the tokenizer's
+        return getattr(self._inner, name)
+
 
 def test_one_encoder_shared_by_threads_gives_each_its_own_answer(tmp_path):
     """A server's threads sharing one encoder (as they share a sentence-transformers model):
@@ -516,6 +519,24 @@ def test_max_seq_length_can_be_set_as_in_sentence_transformers(tmp_path):
         with pytest.raises(error, match="max_seq_length"):
             enc.max_seq_length = bad
     assert enc.max_seq_length == MAX_POS
+
+
+def test_a_tokenizer_shared_or_changed_elsewhere_does_not_change_results(tmp_path, restore_threads):
+    """The tokenizer is the caller's object: a second encoder built on it with another
+    max_seq_length set its truncation for both (the first then cut texts at the second's length
+    without a word), and padding turned on elsewhere padded batched texts with [PAD] tokens."""
+    write_tiny_model(tmp_path)
+    sd = tiny_state_dict()
+    cfg = qe.BertConfig.from_dict(TINY_CONFIG)
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = tiny_texts(12)
+    want = qe.SentenceEncoder.from_pretrained(tmp_path).encode(texts)
+    a = qe.SentenceEncoder(cfg, sd, tok, max_seq_length=MAX_LEN)
+    qe.SentenceEncoder(cfg, sd, tok, max_seq_length=4)
+    np.testing.assert_allclose(a.encode(texts), want, rtol=0, atol=1e-6)
+    qn.set_num_threads(2)  # (12 texts: tokenized as one batch, where padding applies)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    np.testing.assert_allclose(a.encode(texts), want, rtol=0, atol=1e-6)
 
 
 def test_pooling_can_be_set_and_is_checked(tmp_path):

@@ -530,8 +530,7 @@ class SentenceEncoder:
         self.normalize_module = bool(normalize_module)
         self.tokenizer = tokenizer
         self._tokenizer_path = str(tokenizer_path)
-        tokenizer.no_padding()
-        self.max_seq_length = max_seq_length  # (checked; sets the tokenizer's truncation)
+        self.max_seq_length = max_seq_length  # (checked; turns the tokenizer's padding off, sets its truncation)
         # Embedding tables stay memory-mapped: only the rows of the batch's tokens are read.
         self._word_emb = state_dict["embeddings.word_embeddings.weight"]  # (vocab_size, d_model)
         self._pos_emb = np.array(state_dict["embeddings.position_embeddings.weight"],
@@ -594,8 +593,9 @@ class SentenceEncoder:
         if value < n_special:
             raise ValueError(f"max_seq_length must be at least the tokenizer's {n_special} special tokens, "
                              f"got {value}")
-        self.tokenizer.enable_truncation(max_length=value)
         self._max_seq_length = value
+        self._truncation = None  # (set again below)
+        self._own_settings()
 
     # -- loading ------------------------------------------------------------
 
@@ -719,8 +719,18 @@ class SentenceEncoder:
         """
         return self._tokenize(self._text_list(texts, single_hint="pass [text] for a single text"))
 
+    def _own_settings(self) -> None:
+        """Padding off, truncation at max_seq_length: set again when the tokenizer, the caller's
+        object, was changed elsewhere (another encoder built on it, padding turned on)."""
+        tok = self.tokenizer
+        if tok.padding is not None or tok.truncation != self._truncation:
+            tok.no_padding()
+            tok.enable_truncation(max_length=self._max_seq_length)
+            self._truncation = tok.truncation
+
     def _tokenize(self, texts: List[str]) -> list:
         """tokenize with its argument checked."""
+        self._own_settings()  # (a read unless they changed: ~0.3 us)
         if _core.get_num_threads() == 1 or len(texts) < 8:
             encs = [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
         else:
