@@ -126,6 +126,29 @@ sys.exit(cli.main(["bench", "--threads", "1", "--no-progress", "--json", {str(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_writes_its_json_when_stdout_is_closed(tmp_path):
+    """`qkv-native bench --json out.json | head -3`: the table's reader left, and the JSON of the
+    whole run was lost with a BrokenPipeError traceback (the table was printed first)."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(__import__("os").path.dirname(__file__))!r})
+from qkv_native import bench, cli
+from test_bench import TINY_CASES
+bench.CASES = tuple(c for c in TINY_CASES if c.group == "gemm")
+bench.QUICK = bench.Budget(seconds=0.001, rounds=1, min_runs=1, max_runs=1, probe_seconds=0.002)
+bench.detect_baselines = bench.Baselines  # NumPy only: importing torch takes seconds
+time.sleep(1)  # (the reader is gone by now)
+sys.exit(cli.main(["bench", "--threads", "1", "--no-progress", "--json", {str(tmp_path / "out.json")!r}]))
+"""
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        proc.stdout.close()
+        err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err
+    assert json.loads((tmp_path / "out.json").read_text())["results"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "out.json"]
+
+
 def test_plot_without_matplotlib_fails_before_running(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert cli.main(["bench", "--plot", str(tmp_path / "p.png")]) == 2

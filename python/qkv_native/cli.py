@@ -91,14 +91,22 @@ def _bench(args, argv: Sequence[str]) -> int:
         budget = bench.Budget(**{**vars(base), "seconds": args.budget})
     report = bench.run_bench(mode=args.mode, only=only, threads=threads, budget=budget,
                              progress=args.progress, argv=list(argv))
-    print(bench.format_report(report), flush=True)
+    # The files first: a reader of the table that is gone (`| head`) must not lose them.
+    wrote, problems = [], []
     for flag, path, write in (("--json", args.json, bench.write_json), ("--plot", args.plot, bench.plot_report)):
         if path:
             try:
                 write(report, path)
-            except OSError as exc:  # (a full disk: the table above is all there is)
-                raise bench.BenchError(f"{flag} {path}: could not be written ({exc})") from None
-            print(f"{chr(10) if flag == '--json' else ''}wrote {path}")
+                wrote.append(f"wrote {path}")
+            except OSError as exc:  # (a full disk: the table below is all there is)
+                problems.append(f"{flag} {path}: could not be written ({exc})")
+            except bench.BenchError as exc:  # (nothing to plot)
+                problems.append(str(exc))
+    print(bench.format_report(report), flush=True)
+    if wrote:
+        print("\n" + "\n".join(wrote))
+    if problems:
+        raise bench.BenchError("; ".join(problems))
     return 0
 
 
