@@ -115,8 +115,8 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
     before any work): empty, ``-``, a directory, an existing file that is not a regular file
     (a device or pipe: outputs are written beside their file and renamed over it, which would
     replace the device, e.g. /dev/stdout, with a file), in a directory that does not exist
-    or that this user cannot write, or without ``suffix``; None when it can (or when path is None). One check for every
-    subcommand."""
+    or that this user cannot write, or without ``suffix``; None when it can (or when path
+    is None). One check for every subcommand."""
     if path is None:
         return None
     if not path:

@@ -50,7 +50,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint", default=None, help="save the trainer here after every epoch (atomic)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar and no per-epoch lines")
-    t.add_argument("--min-accuracy", type=float, default=None, help="exit with status 1 below this test accuracy (a fraction: 0.97)")
+    t.add_argument("--min-accuracy", type=float, default=None,
+                   help="exit with status 1 below this test accuracy (a fraction: 0.97)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
