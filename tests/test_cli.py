@@ -255,6 +255,17 @@ def test_train_checkpoint_that_cannot_be_written_is_an_error(tmp_path, monkeypat
     assert err.startswith("qkv-native train: error: --checkpoint") and "No space left" in err, err
 
 
+def test_train_checkpoint_through_a_symbolic_link_keeps_the_link(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    link = tmp_path / "latest.ck"
+    link.symlink_to("run1.ck")
+    assert _train(["--checkpoint", str(link)]) == 0
+    assert link.is_symlink()  # (was replaced by a regular file)
+    assert (tmp_path / "run1.ck").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["latest.ck", "run1.ck"]
+    assert _train(["--checkpoint", str(link), "--resume", "--epochs", "2"]) == 0
+    assert "resumed from" in capsys.readouterr().out and link.is_symlink()
+
+
 # ----------------------------------------------------------------------------
 # qkv-native embed: paths checked up front, a collision-free temporary file, SIGTERM
 # ----------------------------------------------------------------------------

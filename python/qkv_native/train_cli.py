@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             opt = optim.SGD(lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
                             weight_decay=args.weight_decay, schedule=schedule, decay=optim.decay_matrices_only)
-        callbacks = [ModelCheckpoint(args.checkpoint)] if args.checkpoint else []
+        # (a symbolic link's file: Trainer.save renames over the path it is given, which replaced the link)
+        callbacks = [ModelCheckpoint(os.path.realpath(args.checkpoint))] if args.checkpoint else []
         trainer = Trainer(
             model, nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), opt,
             clip_grad_norm=args.clip_grad_norm, callbacks=callbacks, progress=not args.no_progress,
