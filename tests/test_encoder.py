@@ -205,6 +205,27 @@ def test_tiny_bert_pooling_modes(tmp_path, pooling, legacy):
     np.testing.assert_allclose(unit, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=0, atol=2e-5)
 
 
+def test_a_text_of_no_tokens_pools_to_zeros_in_encoder_and_reference(tmp_path):
+    """A tokenizer that adds no special tokens gives an empty text no token: the encoder pools it to
+    zeros; its float64 twin gave -inf for max (NaN once normalised) and a padding state for cls."""
+    pooling = qe.POOLING_MODES
+    sd = write_tiny_model(tmp_path, pooling=pooling, normalize=False, legacy_pooling=False)
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    texts = ["", "the cat sat", "   "]
+    got = enc.encode(texts, normalize=False)
+    mask = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]])
+    ids = np.array([[0, 0, 0], [enc.tokenizer.token_to_id(w) for w in ("the", "cat", "sat")], [0, 0, 0]])
+    for normalize in (False, True):
+        want = rq.encode(sd, TINY_CONFIG, ids, np.zeros_like(ids), mask, pooling=pooling, normalize=normalize)
+        assert np.isfinite(want).all() and not want[[0, 2]].any()
+        np.testing.assert_allclose(enc.encode(texts, normalize=normalize), want, rtol=0,
+                                   atol=3e-5 * max(1.0, np.abs(want).max()))
+    assert not got[[0, 2]].any()
+
+
 def test_tiny_bert_without_sentence_transformers_files(tmp_path):
     """A bare BERT directory (no modules.json): mean pooling, max length from tokenizer_config.json."""
     sd = write_tiny_model(tmp_path, normalize=False)

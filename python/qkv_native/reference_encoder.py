@@ -100,7 +100,8 @@ def pool(hidden, attention_mask, modes: Sequence[str] = ("mean",)) -> np.ndarray
     """sentence-transformers' Pooling for right-padded rows, modes concatenated in order.
 
     hidden: (batch, seq, d_model); attention_mask: (batch, seq) of 0/1.
-    Returns (batch, len(modes)·d_model).
+    Returns (batch, len(modes)·d_model). A row of no tokens pools to zeros in every mode,
+    as the encoder's does (max gave -inf, hence NaN once normalised, and cls a padding state).
     """
     h = _f64(hidden)
     m = np.asarray(attention_mask).astype(np.float64)
@@ -124,7 +125,9 @@ def pool(hidden, attention_mask, modes: Sequence[str] = ("mean",)) -> np.ndarray
             parts.append((h * w[:, :, None]).sum(axis=1) / np.maximum(w.sum(axis=1, keepdims=True), 1e-9))
         else:
             raise ValueError(f"unknown pooling mode {mode!r}")
-    return np.concatenate(parts, axis=1)
+    out = np.concatenate(parts, axis=1)
+    out[lengths == 0] = 0.0
+    return out
 
 
 def encode(params: Mapping[str, np.ndarray], config: Mapping, input_ids, token_type_ids, attention_mask, *,
