@@ -402,6 +402,31 @@ def test_one_encoder_shared_by_threads_gives_each_its_own_answer(tmp_path):
         np.testing.assert_array_equal(copy.encode(texts[0], batch_size=4), want[0])
 
 
+def test_an_encode_from_a_progress_callback_does_not_hang(tmp_path):
+    """encode_into's progress object may itself call the encoder (the lock is reentrant; the
+    outer call keeps nothing in the workspace between batches)."""
+    import threading
+
+    write_tiny_model(tmp_path)
+    enc = qe.SentenceEncoder.from_pretrained(tmp_path)
+    texts = tiny_texts(10)
+    want = enc.encode(texts, batch_size=3)
+    inner = []
+
+    class Progress:
+        def update(self, n):
+            inner.append(enc.encode(["the cat"])[0])
+
+    out = np.zeros_like(want)
+    worker = threading.Thread(target=enc.encode_into, args=(texts, out), kwargs={"batch_size": 3,
+                              "progress": Progress()}, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "encode from the progress callback waited for the encoder's lock forever"
+    np.testing.assert_array_equal(out, want)
+    assert len(inner) == 4 and all(np.array_equal(v, inner[0]) for v in inner)
+
+
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
 def test_a_child_forked_during_another_threads_call_can_encode(tmp_path):
     """fork() while another thread is inside encode (holding the encoder's lock): the child,

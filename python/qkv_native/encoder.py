@@ -502,7 +502,7 @@ _ENCODERS: "weakref.WeakSet[SentenceEncoder]" = weakref.WeakSet()
 
 def _unlock_encoders_in_child() -> None:
     for enc in list(_ENCODERS):
-        enc._lock = threading.Lock()
+        enc._lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -541,7 +541,7 @@ class SentenceEncoder:
                         np.array(state_dict["embeddings.LayerNorm.bias"], dtype=np.float32))
         self._layers = _Layer.pack_all(state_dict, config.num_hidden_layers)
         self._ws = _Workspace()
-        self._lock = threading.Lock()  # (held while a call uses the workspace)
+        self._lock = threading.RLock()  # (held while a call uses the workspace; a call from its progress may nest)
         _ENCODERS.add(self)
 
     def __getstate__(self) -> dict:  # a copy gets its own lock and workspace
@@ -552,7 +552,7 @@ class SentenceEncoder:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._ws = _Workspace()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         _ENCODERS.add(self)
 
     @property
