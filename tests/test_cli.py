@@ -348,6 +348,22 @@ def test_embed_without_the_embed_extra_says_how_to_install_it(tmp_path, monkeypa
     assert not (tmp_path / "e.npy").exists()
 
 
+def test_embed_out_of_memory_is_an_error_line(tmp_path, monkeypatch, capsys):
+    """--batch-size 100000 on long texts: the workspace's MemoryError was a traceback."""
+    from qkv_native import encoder
+
+    model, src = _embed_setup(tmp_path)
+
+    def too_big(self, texts, out, **kw):
+        raise MemoryError
+
+    monkeypatch.setattr(encoder.SentenceEncoder, "encode_into", too_big)
+    assert _embed(model, src, tmp_path / "e.npy", "--batch-size", "100000") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkv-native embed: error: out of memory with --batch-size 100000"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "texts.txt"]
+
+
 def test_embed_names_the_line_that_is_not_utf8(tmp_path, capsys):
     model, src = _embed_setup(tmp_path)
     src.write_bytes(b"the cat\n" * 5000 + b"sat on \xff the mat\n")  # (the decoder said "position 7239")

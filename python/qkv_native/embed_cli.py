@@ -185,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
     except Terminated:
         print("qkv-native embed: terminated (SIGTERM); no output written", file=sys.stderr)
         return 128 + int(signal.SIGTERM)
+    except MemoryError:  # a batch's activations: --batch-size (x the texts' tokens) too large for this machine
+        return fail(f"out of memory with --batch-size {args.batch_size} (a batch's activations grow with it); "
+                    "try a smaller one")
     except (ImportError, OSError, CheckpointError, ValueError, RuntimeError) as e:  # ImportError: no [embed] extra
         return fail(str(e))
     return 0
