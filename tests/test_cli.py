@@ -255,6 +255,23 @@ def test_train_checkpoint_that_cannot_be_written_is_an_error(tmp_path, monkeypat
     assert err.startswith("qkv-native train: error: --checkpoint") and "No space left" in err, err
 
 
+@pytest.mark.parametrize("where", ["attention_classifier", "Trainer.fit"])
+def test_train_out_of_memory_is_an_error_line(where, monkeypatch, capsys):
+    """--d-model 100000000 (or a batch too large): the MemoryError was a traceback."""
+    pytest.importorskip("sklearn")
+    from qkv_native import train
+
+    def too_big(*args, **kwargs):
+        raise MemoryError
+
+    if where == "Trainer.fit":
+        monkeypatch.setattr(train.Trainer, "fit", too_big)
+    else:
+        monkeypatch.setattr(train, where, too_big)
+    assert _train([]) == 2
+    assert capsys.readouterr().err.startswith("qkv-native train: error: out of memory")
+
+
 def test_train_checkpoint_through_a_symbolic_link_keeps_the_link(tmp_path, capsys):
     pytest.importorskip("sklearn")
     link = tmp_path / "latest.ck"

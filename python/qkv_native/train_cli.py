@@ -54,6 +54,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit with status 1 below this test accuracy (a fraction: 0.97)")
 
 
+_OUT_OF_MEMORY = ("out of memory: the model (--d-model, --d-ff, --num-layers) or --batch-size is too large "
+                  "for this machine")
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` subcommand to an ``argparse`` subparsers object; sets ``func=run``."""
     p = subparsers.add_parser(
@@ -130,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ImportError, ValueError, TypeError) as e:  # an option the model, optimizer or data refuse
         return fail(str(e))
+    except MemoryError:
+        return fail(_OUT_OF_MEMORY)
     if args.resume and os.path.exists(args.checkpoint):
         try:
             trainer.load(args.checkpoint)
@@ -145,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         history = trainer.fit(x_train, y_train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    except MemoryError:
+        return fail(_OUT_OF_MEMORY)
     except OSError as e:  # the only file written: the checkpoint after an epoch (a full disk)
         if not args.checkpoint or isinstance(e, BrokenPipeError):  # (the epoch lines' reader is gone)
             raise
