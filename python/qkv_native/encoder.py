@@ -558,8 +558,7 @@ class SentenceEncoder:
     @property
     def pooling(self) -> Tuple[str, ...]:
         """Pooling modes (:data:`POOLING_MODES`), concatenated in this order. Settable: a sequence
-        of mode names (a mode not in the list was pooled as mean_sqrt_len_tokens, a str as one
-        mode per letter)."""
+        of mode names, checked (a str is not one: it would be a mode per letter)."""
         return self._pooling
 
     @pooling.setter
