@@ -144,6 +144,22 @@ class _InterruptOnce(nn.CrossEntropyLoss):
         return super().forward(logits, targets)
 
 
+def _continue_as(full, h_full, stopped, x, y, epochs, ckpt_dir):
+    """Continues the stopped trainer to `epochs` (through a checkpoint in ckpt_dir, loaded by a
+    fresh trainer, unless None) and checks that its weights and history are those of `full`, the
+    uninterrupted run (history h_full). Returns the trainer that continued."""
+    if ckpt_dir is not None:
+        stopped.save(str(ckpt_dir / "run.npz"))
+        stopped = _make_trainer(rng=99)
+        stopped.load(str(ckpt_dir / "run.npz"))
+    h = stopped.fit(x, y, epochs=epochs, batch_size=16)
+    for (n, p), (_, q) in zip(full.model.named_parameters(), stopped.model.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
+    for k in ("loss", "accuracy", "lr"):
+        np.testing.assert_array_equal(h_full[k], h[k], err_msg=k)
+    return stopped
+
+
 @pytest.mark.parametrize("via_checkpoint", [False, True])
 def test_fit_stopped_part_way_continues_the_epoch(tmp_path, via_checkpoint):
     """Ctrl-C in the middle of an epoch left its completed batches in the weights and optimizer
@@ -158,15 +174,7 @@ def test_fit_stopped_part_way_continues_the_epoch(tmp_path, via_checkpoint):
     with pytest.raises(KeyboardInterrupt):
         stopped.fit(x, y, epochs=3, batch_size=16, seed=7)
     assert stopped.epoch == 1 and stopped.optimizer.step_count == 6 + 3
-    if via_checkpoint:
-        stopped.save(str(tmp_path / "run.npz"))
-        stopped = _make_trainer(rng=99)
-        stopped.load(str(tmp_path / "run.npz"))
-    h = stopped.fit(x, y, epochs=3, batch_size=16)
-    for (n, p), (_, q) in zip(full.model.named_parameters(), stopped.model.named_parameters()):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
-    for k in ("loss", "accuracy", "lr"):
-        np.testing.assert_array_equal(h_full[k], h[k], err_msg=k)
+    stopped = _continue_as(full, h_full, stopped, x, y, 3, tmp_path if via_checkpoint else None)
     assert stopped.optimizer.step_count == full.optimizer.step_count == 18
     t = _interrupted(x, y)  # continuing needs the same data and order
     with pytest.raises(ValueError, match=r"^epoch 1 stopped part-way \(32 of 96 samples done.*got 95 samples"):
@@ -211,14 +219,7 @@ def test_ctrl_c_as_an_optimizer_step_returns(tmp_path, monkeypatch, via_checkpoi
         stopped.fit(x, y, epochs=2, batch_size=16, seed=7)
     monkeypatch.undo()
     assert stopped.optimizer.step_count == 8 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if via_checkpoint:
-        stopped.save(str(tmp_path / "run.npz"))
-        stopped = _make_trainer(rng=99)
-        stopped.load(str(tmp_path / "run.npz"))
-    h = stopped.fit(x, y, epochs=2, batch_size=16)
-    for (n, p), (_, q) in zip(full.model.named_parameters(), stopped.model.named_parameters()):
-        np.testing.assert_array_equal(p.data, q.data, err_msg=n)
-    np.testing.assert_array_equal(h_full["loss"], h["loss"])
+    stopped = _continue_as(full, h_full, stopped, x, y, 2, tmp_path if via_checkpoint else None)
     assert stopped.optimizer.step_count == 12
 
 

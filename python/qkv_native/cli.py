@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -139,15 +138,13 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
 
 
 def temporary_path(dst: Path) -> Path:
-    """A new, empty file beside dst that no other file has the name of (created mode 0666 & ~umask)."""
-    for _ in range(100):
-        tmp = dst.with_name(f"{dst.name}.{secrets.token_hex(4)}.partial")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-    raise FileExistsError(f"{dst.parent}: could not create a temporary file beside {dst.name}")
+    """A new, empty file beside dst that no other file has the name of, with dst's mode when
+    dst exists (nn.new_file_beside)."""
+    from .nn import new_file_beside
+
+    fd, tmp = new_file_beside(str(dst), ".partial")
+    os.close(fd)
+    return Path(tmp)
 
 
 def write_output(path: str, data: bytes) -> None:

@@ -455,7 +455,7 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = _new_file_beside(path)
+    fd, tmp = new_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{_HEADER_KEY: blob}, **arrays)
@@ -476,12 +476,14 @@ def save_arrays(path: str, arrays: Dict[str, np.ndarray], meta: dict) -> None:
         pass
 
 
-def _new_file_beside(path: str) -> Tuple[int, str]:
-    """(fd, name) of a new empty file in path's folder, open for writing, that becomes path.
-    Its mode is path's if path exists (a save keeps the file's permissions), else 0666 less
-    the umask, as open() gives (tempfile.mkstemp's 0600 made every checkpoint private)."""
+def new_file_beside(path: str, suffix: str = ".tmp") -> Tuple[int, str]:
+    """(fd, name) of a new empty file in path's folder, open for writing, that becomes path
+    (renamed over it when complete), named path.<random>.suffix. Its mode is path's if path
+    exists (a save keeps the file's permissions), else 0666 less the umask, as open() gives
+    (tempfile.mkstemp's 0600 made every checkpoint private). Every file this package writes
+    (checkpoints, model files, the CLI's outputs) goes through here."""
     for _ in range(100):
-        tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+        tmp = f"{path}.{secrets.token_hex(4)}{suffix}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
