@@ -529,6 +529,16 @@ def test_encode_argument_errors(tmp_path):
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         enc.encode_into(["cat"], read_only)
+    # rows of out on one another (as_strided, a zero row stride): each text's row overwrote the
+    # others', silently; a Fortran-order or row-strided out is fine
+    buf = np.zeros((2, d), np.float32)
+    for shared in (np.lib.stride_tricks.as_strided(buf, (2, d), (0, 4)),
+                   np.lib.stride_tricks.as_strided(buf, (2, d), (8, 4))):
+        with pytest.raises(ValueError, match="out has overlapping elements"):
+            enc.encode_into(["cat", "dog"], shared)
+    want = enc.encode(["cat", "dog"])
+    for out in (np.zeros((d, 2), np.float32).T, np.zeros((4, d), np.float32)[::2]):
+        np.testing.assert_array_equal(enc.encode_into(["cat", "dog"], out), want)
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match="chunk_size must be a positive int"):
             enc.chunk_size = bad

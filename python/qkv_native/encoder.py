@@ -65,7 +65,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from .functional import PackedWeight, _check_int, _flag, pack_weights
+from .functional import PackedWeight, _check_int, _check_self_overlap, _flag, pack_weights
 from .functional import layer_norm as _native_layer_norm
 
 __all__ = [
@@ -788,6 +788,7 @@ class SentenceEncoder:
                              f"got {out.dtype} {out.shape}")
         if not out.flags.writeable:
             raise ValueError("out is read-only")
+        _check_self_overlap(out, "out")  # (rows as_strided onto one another got each other's embeddings)
         return self._encode_into(texts, out, batch_size, normalize, progress)
 
     @staticmethod

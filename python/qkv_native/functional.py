@@ -80,6 +80,20 @@ def _check_no_overlap(out: Optional[np.ndarray], out_name: str, **inputs) -> Non
             raise ValueError(f"{out_name} must not overlap the input {name}")
 
 
+def _check_self_overlap(out: np.ndarray, name: str) -> None:
+    """A ValueError when two elements of ``out`` share an address (a zero stride, rows that
+    interleave): the binding's rule for the native ops' outputs (self_overlapping in
+    module.cpp), for outputs the Python layer writes itself. Sorted by |stride|, each axis
+    must step past everything the smaller ones span."""
+    if out.size <= 1:
+        return
+    span = out.itemsize  # bytes covered by the smaller axes
+    for stride, extent in sorted((abs(st), n) for st, n in zip(out.strides, out.shape) if n > 1):
+        if stride < span:
+            raise ValueError(f"{name} has overlapping elements (e.g. a zero stride); pass a fresh array")
+        span += stride * (extent - 1)
+
+
 def pack_weight(w: np.ndarray, *, trans: bool = False) -> PackedWeight:
     """Pack a weight once for many products (inference): a :class:`PackedWeight`.
 
