@@ -683,9 +683,9 @@ ProjShapes check_projection(const Arr& x, const Arr& wq, const Arr& wk, const Ar
 template <class F>
 py::tuple project_heads(const Arr& x, const ProjShapes& s, const py::object& q_out, const py::object& k_out,
                         const py::object& v_out, F&& project) {
-  auto [q, qa] = output(q_out, "q_out", {s.batch, s.num_heads, s.seq, s.d_head});
-  auto [k, ka] = output(k_out, "k_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
-  auto [v, va] = output(v_out, "v_out", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  auto [q, qa] = output(q_out, "out[0]", {s.batch, s.num_heads, s.seq, s.d_head});
+  auto [k, ka] = output(k_out, "out[1]", {s.batch, s.num_kv_heads, s.seq, s.d_head});
+  auto [v, va] = output(v_out, "out[2]", {s.batch, s.num_kv_heads, s.seq, s.d_head});
   std::vector<qkv::Segment> osegs;
   add_head_segments(osegs, qa);
   add_head_segments(osegs, ka);
