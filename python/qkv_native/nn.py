@@ -6,6 +6,11 @@ Every layer is a :class:`Module` with ``forward(x) -> y`` and ``backward(dy) -> 
 gradient of the input. Gradients keep accumulating until :meth:`Module.zero_grad`.
 ``backward`` takes a float32 ``dy`` of exactly the shape of the last ``forward``'s
 output (TypeError, ValueError otherwise; RuntimeError before any ``forward``).
+The cache holds references, not copies, as torch's saved tensors do: an input changed
+in place between ``forward`` and ``backward`` gives the gradient of the changed input
+(torch raises there; :class:`qkv_native.train.Trainer` passes each batch as a fresh
+array), and after a ``forward`` that raised, ``backward`` belongs to no forward call:
+run ``forward`` again first.
 
 Shapes use the project's names: ``batch``, ``seq`` (``seq_q``/``seq_k``),
 ``d_model``, ``num_heads``, ``num_kv_heads``, ``d_head``, ``d_ff``. Everything is
