@@ -818,7 +818,6 @@ py::tuple qkv_project_backward(const py::object& x_obj, const py::object& wq_obj
   return py::make_tuple(dx, dwq, dwk, dwv, dbq, dbk, dbv);
 }
 
-
 // The shared checks of attention forward and backward; fills args (not o, lse).
 void attention_args(qkv::AttentionArgs& args, const Arr& q, const Arr& k, const Arr& v, bool causal,
                     const py::object& key_lengths, const py::object& bias, float scale,

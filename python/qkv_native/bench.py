@@ -1405,8 +1405,8 @@ def parse_threads(text: Optional[str]) -> Optional[List[int]]:
 
 
 def check_output_path(path: Optional[str], flag: str, suffix: Optional[str] = None) -> None:
-    """Fail before running when ``path`` (an output file) cannot be written: empty, a
-    directory, in a directory that does not exist, or without ``suffix``."""
+    """Fail before running (BenchError) when ``path``, an output file, cannot be written
+    (cli.output_path_problem says why)."""
     from .cli import output_path_problem
 
     problem = output_path_problem(path, flag, suffix)

@@ -137,28 +137,30 @@ def output_path_problem(path: Optional[str], flag: str, suffix: Optional[str] = 
     return None
 
 
-def temporary_path(dst: Path) -> Path:
-    """A new, empty file beside dst that no other file has the name of, with dst's mode when
-    dst exists (nn.new_file_beside)."""
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[Path]:
+    """Yields a new, empty file beside the file ``path`` names (a symbolic link's file; with its
+    mode when it exists: nn.new_file_beside) for the block to write; renamed over that file when
+    the block completes, removed when it raises (a full disk, SIGTERM), so that no partial output
+    is left and the previous file stays as it was."""
     from .nn import new_file_beside
 
-    fd, tmp = new_file_beside(str(dst), ".partial")
-    os.close(fd)
-    return Path(tmp)
-
-
-def write_output(path: str, data: bytes) -> None:
-    """Write ``data`` as the file ``path`` (a symbolic link's file): through a temporary file beside
-    it, renamed over it when complete, so that a failure (a full disk) leaves no partial file and
-    the previous one as it was. Raises OSError."""
     target = Path(os.path.realpath(path))
-    tmp = temporary_path(target)
+    fd, name = new_file_beside(str(target), ".partial")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_output(path: str, data: bytes) -> None:
+    """Write ``data`` as the file ``path`` (:func:`replacing`). Raises OSError."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

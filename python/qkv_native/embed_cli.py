@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
@@ -146,11 +145,12 @@ def _check_paths(src: Path, dst: Path, raw_input: str, raw_output: str) -> Optio
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``embed`` with parsed arguments; returns the exit status (0, 2 on a user error,
-    143 when SIGTERM stopped it: the partial output is removed)."""
+    """Run ``embed`` with parsed arguments; returns the exit status (0, or 2 on a user error).
+    Under cli.run_interruptibly (every entry point) SIGTERM raises: the partial output is
+    removed on the way out, and the status is 143."""
     import qkv_native
 
-    from .cli import Terminated, sigterm_raises, temporary_path
+    from .cli import replacing
     from .encoder import CheckpointError, SentenceEncoder
 
     def fail(msg: str) -> int:
@@ -170,21 +170,11 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         return fail(problem)
     try:
-        with sigterm_raises():
-            enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
-            enc.chunk_size = args.chunk_size
-            n = _count_lines(src)
-            target = Path(os.path.realpath(dst))  # a symbolic link's file, not the link, is replaced
-            tmp = temporary_path(target)
-            try:
-                _embed_file(enc, src, tmp, n, args)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-    except Terminated:
-        print("qkv-native embed: terminated (SIGTERM); no output written", file=sys.stderr)
-        return 128 + int(signal.SIGTERM)
+        enc = SentenceEncoder.from_pretrained(args.model, max_seq_length=args.max_seq_length)
+        enc.chunk_size = args.chunk_size
+        n = _count_lines(src)
+        with replacing(args.output) as tmp:  # (SIGTERM: run_interruptibly's exception removes it)
+            _embed_file(enc, src, tmp, n, args)
     except MemoryError:  # a batch's activations: --batch-size (x the texts' tokens) too large for this machine
         return fail(f"out of memory with --batch-size {args.batch_size} (a batch's activations grow with it); "
                     "try a smaller one")

@@ -310,13 +310,9 @@ def _check_int(value, name: str, minimum: int = 1, *, type_error: bool = False, 
 
 
 def _positive_int(n, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {n}")
-    if n > _INT64_MAX:
-        raise ValueError(f"{name} must be below 2**63, got {n}")
-    return int(n)
+    """n as an int the native code takes as int64: _check_int's positive integer below 2**63
+    (a TypeError for a non-integer)."""
+    return _check_int(n, name, type_error=True, maximum=_INT64_MAX)
 
 
 

@@ -16,7 +16,6 @@ count (saved in a checkpoint) is the whole schedule position.
 from __future__ import annotations
 
 import math
-import numbers
 import signal
 import threading
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -97,10 +96,7 @@ class LinearWarmup(Schedule):
     steps, then ``after`` (default constant) counted from the end of the warmup."""
 
     def __init__(self, warmup_steps: int, after: Optional[Schedule] = None):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
-            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        _F._check_int(warmup_steps, "warmup_steps", 0, type_error=True)
         if after is not None and not isinstance(after, Schedule):
             raise TypeError(f"after must be a Schedule or None, got {type(after).__name__}")
         self.warmup_steps, self.after = int(warmup_steps), after if after is not None else Constant()
@@ -419,8 +415,7 @@ class Optimizer:
         if bad:
             raise ValueError("optimizer state shapes differ: " + "; ".join(bad))
         step_count = meta.get("step_count")
-        if isinstance(step_count, (bool, np.bool_)) or not isinstance(step_count, numbers.Integral) or step_count < 0:
-            raise ValueError(f"optimizer step_count must be an integer >= 0, got {step_count!r}")
+        _F._check_int(step_count, "optimizer step_count", 0)
         values = {k: np.asarray(arrays[k], dtype=F32) for k in want}  # all converted before any is copied
         for k, a in want.items():
             np.copyto(a, values[k])
