@@ -344,14 +344,17 @@ def test_few_row_strips_split_by_work(isa, rng, restore_threads, m, n):
 
 
 # Note [misaligned operands]: the few-row path starts its column strips on B's cache
-# lines when B's rows all start alike (a row step of whole lines: ldb 112, 32, 80) and
-# copies pieces of strips off lines into lines when four or more row tiles read them
-# (m = 60, 100: every strip with ldb 97, the first with ldb 80); the micro-tiles prefetch
-# every line of C's rows (m = 200: the packed path). Each element is the same sum in the
-# same order whatever strip it falls in, so every offset gives the same bits.
+# lines when B's rows all start alike (a row step of whole lines: ldb 112, 32, 80); where
+# four or more row tiles read a piece of a strip, the first leaves a copy on lines for
+# the others if B's rows alias in L1 (ldb 1024, 2048: every CPU) or start off lines (m =
+# 60, 100: every strip with ldb 97, the first with ldb 80; not on Zen 5, which reads
+# them in place); the micro-tiles prefetch every line of C's rows (m = 200: the packed
+# path). Each element is the same sum in the same order whatever strip it falls in, so
+# every offset gives the same bits.
 @pytest.mark.parametrize(
     "m,n,k,ldb",
-    [(13, 97, 40, 112), (5, 20, 7, 32), (40, 70, 33, 70), (60, 97, 40, 97), (100, 70, 33, 80), (200, 70, 300, 80)],
+    [(13, 97, 40, 112), (5, 20, 7, 32), (40, 70, 33, 70), (60, 97, 40, 97), (100, 70, 33, 80), (200, 70, 300, 80),
+     (60, 97, 40, 1024), (100, 70, 33, 2048), (29, 17, 5, 1024)],
 )
 def test_operands_off_cache_lines(isa, rng, m, n, k, ldb):
     a, b = randn(rng, m, k), randn(rng, k, ldb)

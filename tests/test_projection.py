@@ -10,7 +10,7 @@ import pytest
 import qkv_native as qn
 from qkv_native import reference as ref
 
-from _helpers import assert_within, gemm_bound, randn, rounding
+from _helpers import assert_within, at_line_offset, gemm_bound, randn, rounding
 
 # (batch, seq, d_model, num_heads, num_kv_heads, d_head, biases given)
 CASES = [
@@ -182,6 +182,20 @@ def test_out_written_in_place(isa, rng):
     outside = np.ones(v_big.shape, bool)
     outside[:, :, 1 : 1 + seq, 2 : 2 + d_head] = False
     assert np.all(v_big[outside] == -7.0)
+
+
+@pytest.mark.parametrize("off", [0, 4])
+def test_weights_whose_rows_alias(isa, rng, off):
+    """W_Q, W_K, W_V as column blocks of one (d_model, 1024) array: rows 4 KiB apart,
+    which the few-row GEMM's first row tile copies into lines as it streams them
+    (Note [misaligned operands]), here into heads of 64, wide tiles and a ragged last
+    row tile, on and 4 floats off cache lines."""
+    x = randn(rng, 1, 61, 40)
+    w_all = at_line_offset(randn(rng, 40, 1024), off)
+    ws = (w_all[:, :256], w_all[:, 256:384], w_all[:, 384:512])
+    bs = (randn(rng, 256), None, randn(rng, 128))
+    got = qn.qkv_project(x, *ws, *bs, num_heads=4, num_kv_heads=2)
+    check_forward(got, x, ws, bs, 4, 2)
 
 
 def test_strided_inputs(isa, rng):

@@ -104,6 +104,11 @@ bool gemv_prefetch() {
   return on;
 }
 
+bool misaligned_b_in_place() {
+  static const bool on = cpu_features().vendor == "AuthenticAMD" && cpu_features().family == 0x1a;
+  return on;
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (const char* name : {"scalar", "avx2", "avx512"})

@@ -10,6 +10,8 @@
 // A B packed beforehand (Note [packed weights]) skips the packing of B.
 #include "qkv/gemm.h"
 
+#include "qkv/dispatch.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -145,6 +147,9 @@ struct ABlock {
   idx tile_step, rs, cs;
 };
 
+// How many distinct 4 KiB page offsets (L1 set groups) rows `step` floats apart fall on.
+idx spread(idx step) { return 4096 / std::gcd(step * static_cast<idx>(sizeof(float)), idx{4096}); }
+
 // Note [A in place]
 // The micro-tiles can read A where it lies instead of a packed copy, which saves the
 // packing pass: ~10% when the product per element of A is short (N = 256, K = 256:
@@ -165,9 +170,7 @@ bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
   idx rstep, cstep, rows, cols;
   const float* src = A.block(ic, pc, &rstep, &cstep, &rows, &cols);
   if (rows < mc || cols < kc) return false;
-  // distinct 4 KiB page offsets of the rows (L1 set groups); at least 4 for rows, so
-  // that at most mr / 4 rows of a tile share a set
-  auto spread = [](idx step) { return 4096 / std::gcd(step * static_cast<idx>(sizeof(float)), idx{4096}); };
+  // rows on at least 4 page offsets, so that at most mr / 4 rows of a tile share a set
   if (cstep == 1 && rstep > 0 && kc <= 384 && spread(rstep) >= 4) {
     *a = {src, rstep, rstep, 1};  // tile row i at src + i·rstep
     return true;
@@ -365,14 +368,26 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
   const idx a_rs = A.row_step(0);
   std::vector<idx> rb(static_cast<size_t>(M)), rr(static_cast<size_t>(M));
   for (idx i = 0; i < M; ++i) C.row_offset(i, &rb[i], &rr[i]);
-  // Note [misaligned operands]: a piece of a strip whose rows of B do not start on lines
-  // (B or C in pieces, a row step of no whole number of lines, the first strip) is
-  // copied into lines first where at least four row tiles read it. One process, old and
-  // new taking turns, Ice Lake, 1 thread, GFLOP/s: fused projection (128, 384, 1152)
+  // Note [misaligned operands]: where at least four row tiles read a piece of a strip,
+  // the first of them leaves a copy of it on lines as it streams it (GemmTile::b_copy)
+  // for the others, if B's rows
+  // - fall on fewer than 4 page offsets (L1 sets; a row step of 3072 floats puts them
+  //   all in one), or
+  // - do not start on lines (B or C in pieces, a row step of no whole number of lines,
+  //   the first strip), except where misaligned_b_in_place() (Zen 5).
+  // Copied by a pass of its own before the tiles (until 2026-11), on Ice Lake, 1 thread,
+  // one process, old and new taking turns, GFLOP/s: fused projection (128, 384, 1152)
   // 90 -> 110 (NumPy 88), (192, 1024, 3072) 49 -> 102, (128, 768, 2304) 104 -> 106;
   // matmul (100, 1024, 1000) 74 -> 82, (80, 384, 1000) 104 -> 108; with two or three
-  // tiles the copy cost 8-20% (M = 20-40). Buffers of K × tw per worker, kept by the
-  // calling thread (Note [workspace]).
+  // tiles the copy cost 8-20% (M = 20-40). On Zen 5 (same method; that pass -> the
+  // first tile's copy where rows alias, in place otherwise), NumPy-allocated operands
+  // (16 bytes into a line), 1 thread: q/k/v projection (128, 384, 1152) 221 -> 233,
+  // (128, 768, 2304) 223 -> 240, (192, 1024, 3072) 223 -> 238 (its weight on lines:
+  // 202 -> 242); matmul (100, 1024, 1000) 219 -> 241, (80, 384, 1000) 205 -> 227, (64,
+  // 1024, 4096) 176 -> 205, (128, 1024, 4096) 195 -> 226, (128, 384, 1152) even; 2
+  // threads: projection (192, 1024, 3072) 434 -> 469, matmul (100, 1024, 1000) 424 ->
+  // 465, (128, 1024, 4096) 370 -> 439. Buffers of K × tw per worker, kept by the calling
+  // thread (Note [workspace]).
   const bool copy_b = !B.packed && n_row_tiles >= 4;
   const int team = team_size(nt);
   std::vector<AlignedBuffer>& strip_buf = worker_buffers(copy_b ? team : 0, K * tw);
@@ -412,14 +427,9 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
       // packed panels: a wide tile reads the next panel where it is
       if (B.packed && len == nr && n > nr) b_panel = B.packed->at(0, j + nr) - bp;
       else n = std::min(n, len);
-      const bool copied = copy_b && !on_lines(bp, rs_b);
-      if (copied) {
-        float* lines = strip_buf[static_cast<size_t>(omp_get_thread_num())].data();
-        // (n columns in rows tw apart, no zeros past them: the tile masks its lanes past n)
-        kt.copy_rows(K, static_cast<int>(n), bp, rs_b, lines, tw, static_cast<int>(n));
-        bp = lines;
-        rs_b = tw;
-      }
+      // (the first row tile's copy: n columns in rows tw apart; the tiles mask their lanes past n)
+      const bool copy = copy_b && (spread(rs_b) < 4 || (!on_lines(bp, rs_b) && !misaligned_b_in_place()));
+      float* const lines = copy ? strip_buf[static_cast<size_t>(omp_get_thread_num())].data() : nullptr;
       const bool wide = n > nr;
       const idx row_tiles_n = wide ? row_tiles(M, kt.wide_mr) : n_row_tiles;
       for (idx tile = 0; tile < row_tiles_n; ++tile) {  // rows split evenly (row_tiles)
@@ -433,10 +443,14 @@ void gemm_small_m(const KernelTable& kt, idx M, idx N, idx K, float alpha, const
         t.a = a0 + i0 * a_rs;
         t.rs_a = a_rs;
         t.cs_a = astep;
-        t.b = bp;
-        t.rs_b = rs_b;
+        t.b = tile > 0 && lines ? lines : bp;
+        t.rs_b = tile > 0 && lines ? tw : rs_b;
         t.b_panel = wide ? b_panel : 0;
-        t.stream_b = tile == 0 && !copied;  // the first row tile reads the strip from memory
+        t.stream_b = tile == 0;  // the first row tile reads the strip from memory (and copies it)
+        if (tile == 0 && lines) {
+          t.b_copy = lines;
+          t.b_copy_rs = tw;
+        }
         t.c_rows = rows;
         t.alpha = alpha;
         t.beta = beta;

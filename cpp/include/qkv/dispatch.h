@@ -18,6 +18,10 @@ const CpuFeatures& cpu_features();
 // software, Note [streaming prefetch] in cpp/src/kernels/kernels.cpp: on AMD family
 // 19h; QKV_NATIVE_GEMV_PREFETCH=0 or 1 overrides (read once).
 bool gemv_prefetch();
+// Whether the few-row GEMM reads rows of B that start inside cache lines where they
+// lie (Note [misaligned operands] in cpp/src/gemm.cpp): on AMD family 1Ah (Zen 5),
+// whose split loads cost less than the copy; elsewhere they are copied into lines.
+bool misaligned_b_in_place();
 // Names of the variants compiled into this module and runnable on this CPU, best last.
 std::vector<std::string> supported_isas();
 // The table for a named variant; throws std::invalid_argument if unknown or unsupported.

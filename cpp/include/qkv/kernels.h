@@ -15,8 +15,9 @@ constexpr idx kLineFloats = 16;  // floats per 64-byte cache line
 // touches two lines (a split load, two of the core's load slots), and a row of n floats
 // spans one line more than n / 16. The micro-tiles stream their vector operand (B) from
 // it k times per tile, so the drivers give them whole lines: the few-row GEMM starts
-// its column strips on B's lines, or copies a strip into lines where four or more row
-// tiles read it (gemm_small_m); attention forward copies each V block into lines once
+// its column strips on B's lines, or, where four or more row tiles read a strip, has
+// the first of them leave a copy on lines as it streams the strip (GemmTile::b_copy,
+// gemm_small_m); attention forward copies each V block into lines once
 // for all the row blocks of its task (stream_keys); the tiles prefetch every line C's
 // rows touch. Packed operands (AlignedBuffer) start on lines.
 // One process, old and new taking turns, NumPy arrays, Ice Lake, GFLOP/s on 1 thread:
@@ -55,6 +56,8 @@ struct GemmTile {
   const float* bias;     // (n,) or null
   int act = 0;           // epilogue applied last: 0 none, 1 GELU (exact, erf form)
   bool stream_b = false; // b is read once from memory: prefetch its rows ahead (Note [streaming prefetch])
+  float* b_copy = nullptr; // with stream_b, or null: the tile also stores B's rows as it reads them,
+  idx b_copy_rs = 0;       // row p at b_copy + p·b_copy_rs (its columns past n unspecified)
   bool prefetch_c = false; // C's rows may lie outside L1: start their lines before the k loop
   float* col_max = nullptr; // (n,) or null: col_max[j] = max(col_max[j], C(i, j) for the tile's rows i)
   const float* beta_rows = nullptr; // (m,) or null: row i's beta is beta_rows[i] (in place of beta)

@@ -202,6 +202,8 @@ void gemm_tile_m(const GemmTile& t) {
       const float* src = v * W < NR ? bp + v * W : bp + b_panel + (v * W - NR);
       bv[v] = FullN ? V::load(src) : V::load(src, tails[v]);
     }
+    if (Stream && t.b_copy)
+      for (int v = 0; v < NV; ++v) V::store(t.b_copy + p * t.b_copy_rs + v * W, bv[v]);
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
       const float* r = ag[ColA ? 0 : i / 3] + p;
