@@ -510,10 +510,13 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
   const idx tw = tile_cols(kt);
   const int mr = tw > nr ? kt.wide_mr : kt.mr;
   // K in one block up to 4/3 of the kernel's kc (one pass over C), else in equal
-  // blocks of at most that; M and N blocks as the kernel table says.
+  // blocks of at most that; N in equal blocks of at most nc, whole packed panels (2304
+  // columns as 2048 + 256 packed each A block once more for a narrow sliver of B: one
+  // process, old and new taking turns, Zen 5, 1 thread, GFLOP/s, dW = Xᵀ·dY (768, 2048,
+  // 2304) 231 -> 235, (2048, 768, 2304) 243 -> 244, (8192, 1024, 3072) 247 -> 248).
   const idx n_kb = ceil_div(std::max<idx>(K, 1), kt.kc * 4 / 3);
   const idx kc_max = std::max<idx>(1, ceil_div(K, n_kb));
-  const idx nc_max = std::min<idx>(ceil_div(kt.nc, nr) * nr, ceil_div(N, nr) * nr);
+  const idx n_jc = ceil_div(N, kt.nc), nc_max = ceil_div(ceil_div(N, n_jc), kPackedPanel) * kPackedPanel;
   const double flops = 2.0 * static_cast<double>(M) * N * std::max<idx>(K, 1);
   const int nt = team_size(threads_for(flops, 4.0e6));  // Note [whole teams]: blocks for the whole team
   // M blocks of equal size in micro-tiles (at most kt.mc rows; one per thread when
