@@ -124,19 +124,23 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
   }
   for (idx i0 = 0; i0 < mc; i0 += mr) {
     const int m = static_cast<int>(std::min<idx>(mr, mc - i0));
-    float* dst = ap + i0 * kc;
-    const float* src = A.block(ic + i0, pc, &rstep, &cstep, &rows, &cols);
-    if (cstep == 1 && rows >= m && cols >= kc) {  // plain row-major rows: the kernel's transpose
-      kt.pack_a(m, kc, src, rstep, dst, mr);
-      continue;
+    // one run of k at a time over which the panel's rows are one rectangle of A (all
+    // of kc, or a head of [dQ | dK | dV] in dX = [dQ | dK | dV]·Wᵀ)
+    for (idx p = 0; p < kc;) {
+      float* dst = ap + i0 * kc + p * mr;
+      const float* src = A.block(ic + i0, pc + p, &rstep, &cstep, &rows, &cols);
+      const idx len = std::min<idx>(cols, kc - p);
+      if (cstep == 1 && rows >= m) {  // plain row-major rows: the kernel's transpose
+        kt.pack_a(m, len, src, rstep, dst, mr);
+      } else if (rstep == 1 && rows >= m) {  // a transposed A, the block not one rectangle
+        kt.copy_rows(len, m, src, cstep, dst, mr, mr);
+      } else {  // rows in several batches
+        copy_window(A, ic + i0, pc + p, m, len, dst, 1, mr);
+        for (idx q = 0; q < len; ++q)
+          for (int i = m; i < mr; ++i) dst[q * mr + i] = 0.0f;
+      }
+      p += len;
     }
-    if (rstep == 1 && rows >= m && cols >= kc) {  // a transposed A, the block not one rectangle
-      kt.copy_rows(kc, m, src, cstep, dst, mr, mr);
-      continue;
-    }
-    copy_window(A, ic + i0, pc, m, kc, dst, 1, mr);
-    for (idx p = 0; p < kc; ++p)
-      for (int i = m; i < mr; ++i) dst[p * mr + i] = 0.0f;
   }
 }
 
@@ -186,16 +190,24 @@ bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
 // past nc_left zero-filled.
 void pack_b_panel(const KernelTable& kt, const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, float* bp) {
   const int nr = kt.nr, n = static_cast<int>(std::min<idx>(nr, nc_left));
-  idx rstep, cstep, rows, cols;
-  const float* src = B.block(pc, j0, &rstep, &cstep, &rows, &cols);
-  if (rows >= kc && cols >= n) {
-    if (cstep == 1) return kt.copy_rows(kc, n, src, rstep, bp, nr, nr);  // rows of B
-    if (rstep == 1) return kt.pack_a(n, kc, src, cstep, bp, nr);         // a transposed B
+  // one run of k at a time over which the panel is one rectangle of B (all of kc, or
+  // the rows of W_Q, W_K, W_V in turn in Wᵀ of dX = [dQ | dK | dV]·Wᵀ)
+  for (idx p = 0; p < kc;) {
+    idx rstep, cstep, rows, cols;
+    const float* src = B.block(pc + p, j0, &rstep, &cstep, &rows, &cols);
+    const idx len = std::min<idx>(rows, kc - p);
+    float* dst = bp + p * nr;
+    if (cols >= n && cstep == 1) {
+      kt.copy_rows(len, n, src, rstep, dst, nr, nr);  // rows of B
+    } else if (cols >= n && rstep == 1) {
+      kt.pack_a(n, len, src, cstep, dst, nr);  // a transposed B
+    } else {  // columns in several segments
+      copy_window(B, pc + p, j0, len, n, dst, nr, 1);
+      for (idx q = 0; q < len; ++q)
+        for (int j = n; j < nr; ++j) dst[q * nr + j] = 0.0f;
+    }
+    p += len;
   }
-  copy_window(B, pc, j0, kc, n, bp, nr, 1);
-  if (n < nr)
-    for (idx p = 0; p < kc; ++p)
-      for (int j = n; j < nr; ++j) bp[p * nr + j] = 0.0f;
 }
 
 // Where the driver reads B: a map (packed per call by the big path, read in place
