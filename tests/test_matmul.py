@@ -243,6 +243,16 @@ def test_wide_tiles(isa, rng, n, trans_b):
         check(qn.matmul(a, qn.pack_weight(b)), a, b)
 
 
+@pytest.mark.parametrize("trans_a", [False, True], ids=["N", "T"])
+@pytest.mark.parametrize("m", [601, 602, 605, 606])
+def test_packed_a_panels(isa, rng, m, trans_a):
+    """A packed into micro-panels (k = 421 > 384: not read in place), 16 columns at a
+    time and 5 left over, with a last panel of 1, 2, 5 and 6 rows (AVX-512's 6-row
+    panels have their own transpose); and the transposed A's copy."""
+    a, b = randn(rng, 421, m) if trans_a else randn(rng, m, 421), randn(rng, 421, 70)
+    check(qn.matmul(a, b, trans_a=trans_a), a, b, trans_a=trans_a)
+
+
 @pytest.mark.parametrize("m", [736, 1729])
 def test_m_blocks(isa, rng, restore_threads, m):
     """M is cut into blocks of equal micro-tile counts, as many as the threads or

@@ -358,6 +358,49 @@ inline void transpose16(__m512 r[16]) {
 void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
   idx p0 = 0;
 #if defined(QKV_ISA_AVX512)
+  if (width == 6) {
+    // The wide tiles' panels (WIDE_MR = 6): 16 columns of the 6 rows are 96 floats of the
+    // panel, six whole vectors. Pairs of rows interleaved (pair g, columns 0-7 in lo[g],
+    // 8-15 in hi[g]: row 2g+t of column c at 2c+t), then each output vector gathered
+    // from the three pairs by two two-source permutes; 18 permutes in all where the
+    // 16 x 16 transpose below spends 64 shuffles and 16 masked stores on 6 rows.
+    static const auto index = [] {
+      struct {
+        alignas(64) int32_t pair[2][16];     // lo, hi: (row 2g, row 2g+1) interleaved
+        alignas(64) int32_t first[3][16];    // output vector j of a half from pairs 0 and 1
+        alignas(64) int32_t second[3][16];   // ... then pair 2 over the first's result
+      } x{};
+      for (int l = 0; l < 16; ++l) {
+        x.pair[0][l] = (l / 2) + (l % 2) * 16;
+        x.pair[1][l] = 8 + (l / 2) + (l % 2) * 16;
+      }
+      for (int j = 0; j < 3; ++j)
+        for (int l = 0; l < 16; ++l) {
+          const int e = 16 * j + l, c = e / 6, g = e % 6 / 2, at = 2 * c + e % 2;  // c < 8
+          x.first[j][l] = g == 1 ? 16 + at : at;
+          x.second[j][l] = g == 2 ? 16 + at : l;
+        }
+      return x;
+    }();
+    const __m512i lo = _mm512_load_si512(index.pair[0]), hi = _mm512_load_si512(index.pair[1]);
+    for (; p0 + 16 <= k; p0 += 16) {
+      __m512 r[6];
+      for (int i = 0; i < 6; ++i) {
+        if (i < m) _mm_prefetch(reinterpret_cast<const char*>(a + i * lda + p0 + 64), _MM_HINT_T0);
+        r[i] = i < m ? _mm512_loadu_ps(a + i * lda + p0) : _mm512_setzero_ps();
+      }
+      for (int half = 0; half < 2; ++half) {
+        const __m512i sel = half ? hi : lo;
+        __m512 pr[3];
+        for (int g = 0; g < 3; ++g) pr[g] = _mm512_permutex2var_ps(r[2 * g], sel, r[2 * g + 1]);
+        for (int j = 0; j < 3; ++j) {
+          const __m512 t = _mm512_permutex2var_ps(pr[0], _mm512_load_si512(index.first[j]), pr[1]);
+          _mm512_storeu_ps(dst + (p0 + 8 * half) * 6 + 16 * j,
+                           _mm512_permutex2var_ps(t, _mm512_load_si512(index.second[j]), pr[2]));
+        }
+      }
+    }
+  }
   // 16 columns at a time: 16 rows in registers, transposed, each column stored as the
   // (up to) 16 floats of the panel row it packs to
   for (; p0 + 16 <= k; p0 += 16) {
