@@ -296,6 +296,8 @@ def _check_int(value, name: str, minimum: int = 1, *, type_error: bool = False, 
     when given); otherwise a ValueError naming it (a TypeError for a non-integer when
     ``type_error``). For sizes, counts, seeds and indices, where 2.5, True and -1 are
     all bad values."""
+    if type(value) is int and value >= minimum and (maximum is None or value <= maximum):
+        return value  # the common case, without the ABC check (0.2 us a call)
     if maximum is not None:
         what = f"an integer in [{minimum}, {maximum}]"
     else:
@@ -318,6 +320,8 @@ def _positive_int(n, name: str) -> int:
 
 def _real(x, name: str) -> float:
     """x as a float: a Python or NumPy real number (not a string, not a bool)."""
+    if type(x) is float:  # the common case, without the ABC check (0.2 us a call)
+        return x
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     return float(x)
@@ -331,7 +335,9 @@ def _real32(x, name: str) -> float:
     is refused (alpha=1e39 became inf, and the product inf or NaN where the float64
     answer is finite)."""
     x = _real(x, name)
-    if math.isfinite(x) and abs(x) > _FLOAT32_MAX:
+    if -_FLOAT32_MAX <= x <= _FLOAT32_MAX:
+        return x
+    if math.isfinite(x):
         raise ValueError(f"{name} must lie within float32's range (|{name}| <= {_FLOAT32_MAX:.8g}), got {x!r}")
     return x
 
