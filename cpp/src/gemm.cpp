@@ -100,6 +100,30 @@ void copy_window(const MatMap& M, idx i0, idx j0, idx rows, idx cols, float* dst
   }
 }
 
+// Packs the window rows [p0, p0+k) × columns [j0, j0+n) of M into dst[p][j], rows
+// `width` floats apart, columns n..width zero-filled: B's panels, and A's micro-panels
+// as windows of Aᵀ. One run of p at a time over which the window is one rectangle of M
+// (all of k; or one head of [dQ | dK | dV], A of dX = [dQ | dK | dV]·Wᵀ; or the rows
+// of W_Q, W_K, W_V in turn, its B = Wᵀ), with the ISA's copy or transpose.
+void pack_panel(const KernelTable& kt, const MatMap& M, idx p0, idx k, idx j0, int n, int width, float* dst) {
+  for (idx p = 0; p < k;) {
+    idx rstep, cstep, rows, cols;
+    const float* src = M.block(p0 + p, j0, &rstep, &cstep, &rows, &cols);
+    const idx len = std::min<idx>(rows, k - p);
+    float* d = dst + p * width;
+    if (cols >= n && cstep == 1) {
+      kt.copy_rows(len, n, src, rstep, d, width, width);  // rows of M
+    } else if (cols >= n && rstep == 1) {
+      kt.pack_a(n, len, src, cstep, d, width);  // columns of M, transposed
+    } else {  // columns in several segments (or rows of A in several batches)
+      copy_window(M, p0 + p, j0, len, n, d, width, 1);
+      for (idx q = 0; q < len; ++q)
+        for (int j = n; j < width; ++j) d[q * width + j] = 0.0f;
+    }
+    p += len;
+  }
+}
+
 // Packs A[ic:ic+mc, pc:pc+kc] into ceil(mc/mr) micro-panels of mr rows:
 // ap[panel][p][i], rows past mc zero-filled.
 void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx kc, int mr, float* ap) {
@@ -122,26 +146,9 @@ void pack_a(const KernelTable& kt, const MatMap& A, idx ic, idx mc, idx pc, idx 
     }
     return;
   }
-  for (idx i0 = 0; i0 < mc; i0 += mr) {
-    const int m = static_cast<int>(std::min<idx>(mr, mc - i0));
-    // one run of k at a time over which the panel's rows are one rectangle of A (all
-    // of kc, or a head of [dQ | dK | dV] in dX = [dQ | dK | dV]·Wᵀ)
-    for (idx p = 0; p < kc;) {
-      float* dst = ap + i0 * kc + p * mr;
-      const float* src = A.block(ic + i0, pc + p, &rstep, &cstep, &rows, &cols);
-      const idx len = std::min<idx>(cols, kc - p);
-      if (cstep == 1 && rows >= m) {  // plain row-major rows: the kernel's transpose
-        kt.pack_a(m, len, src, rstep, dst, mr);
-      } else if (rstep == 1 && rows >= m) {  // a transposed A, the block not one rectangle
-        kt.copy_rows(len, m, src, cstep, dst, mr, mr);
-      } else {  // rows in several batches
-        copy_window(A, ic + i0, pc + p, m, len, dst, 1, mr);
-        for (idx q = 0; q < len; ++q)
-          for (int i = m; i < mr; ++i) dst[q * mr + i] = 0.0f;
-      }
-      p += len;
-    }
-  }
+  const MatMap At = A.transposed();
+  for (idx i0 = 0; i0 < mc; i0 += mr)
+    pack_panel(kt, At, pc, kc, ic + i0, static_cast<int>(std::min<idx>(mr, mc - i0)), mr, ap + i0 * kc);
 }
 
 // One row block of A as the micro-tiles read it: row ir of the block's tile starts at
@@ -184,30 +191,6 @@ bool a_in_place(const MatMap& A, idx ic, idx mc, idx pc, idx kc, ABlock* a) {
     return true;
   }
   return false;
-}
-
-// Packs the micro-panel of B[pc:pc+kc, j0:j0+nr]: bp[p][j] (nr wide), columns
-// past nc_left zero-filled.
-void pack_b_panel(const KernelTable& kt, const MatMap& B, idx pc, idx kc, idx j0, idx nc_left, float* bp) {
-  const int nr = kt.nr, n = static_cast<int>(std::min<idx>(nr, nc_left));
-  // one run of k at a time over which the panel is one rectangle of B (all of kc, or
-  // the rows of W_Q, W_K, W_V in turn in Wᵀ of dX = [dQ | dK | dV]·Wᵀ)
-  for (idx p = 0; p < kc;) {
-    idx rstep, cstep, rows, cols;
-    const float* src = B.block(pc + p, j0, &rstep, &cstep, &rows, &cols);
-    const idx len = std::min<idx>(rows, kc - p);
-    float* dst = bp + p * nr;
-    if (cols >= n && cstep == 1) {
-      kt.copy_rows(len, n, src, rstep, dst, nr, nr);  // rows of B
-    } else if (cols >= n && rstep == 1) {
-      kt.pack_a(n, len, src, cstep, dst, nr);  // a transposed B
-    } else {  // columns in several segments
-      copy_window(B, pc + p, j0, len, n, dst, nr, 1);
-      for (idx q = 0; q < len; ++q)
-        for (int j = n; j < nr; ++j) dst[q * nr + j] = 0.0f;
-    }
-    p += len;
-  }
 }
 
 // Where the driver reads B: a map (packed per call by the big path, read in place
@@ -575,8 +558,8 @@ void gemm_driver(const KernelTable& kt, idx M, idx N, idx K, float alpha, const 
 #pragma omp for schedule(static)
           for (idx item = 0; item < n_rblk * n_panels; ++item) {
             const idx r0 = item / n_panels * rblk, jp = item % n_panels;
-            pack_b_panel(kt, *B.map, pc + r0, std::min<idx>(rblk, kc - r0), jc + jp * nr, nc - jp * nr,
-                         bpack + jp * kc * nr + r0 * nr);
+            pack_panel(kt, *B.map, pc + r0, std::min<idx>(rblk, kc - r0), jc + jp * nr,
+                       static_cast<int>(std::min<idx>(nr, nc - jp * nr)), nr, bpack + jp * kc * nr + r0 * nr);
           }
           // (implicit barrier: the B panel is complete)
         }

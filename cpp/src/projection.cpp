@@ -8,20 +8,12 @@
 
 namespace qkv {
 
-namespace {
-MatMap transposed(const MatMap& m) {
-  MatMap t = m;
-  t.trans = !m.trans;
-  return t;
-}
-}  // namespace
-
 void project_backward(const KernelTable& kt, idx M, idx d_model, idx N, const MatMap& x, const MatMap& w,
                       const MatMap& dout, const MatMap* dx, const MatMap* dw, float* db) {
   // dx (M×d_model) = dout (M×N) · wᵀ (N×d_model)
-  if (dx) gemm(kt, M, d_model, N, 1.0f, dout, transposed(w), 0.0f, *dx, nullptr);
+  if (dx) gemm(kt, M, d_model, N, 1.0f, dout, w.transposed(), 0.0f, *dx, nullptr);
   // dw (d_model×N) = xᵀ (d_model×M) · dout (M×N)
-  if (dw) gemm(kt, d_model, N, M, 1.0f, transposed(x), dout, 0.0f, *dw, nullptr);
+  if (dw) gemm(kt, d_model, N, M, 1.0f, x.transposed(), dout, 0.0f, *dw, nullptr);
   if (db) {
     // db[j] = Σ_i dout(i, j): threads own column chunks (deterministic order of rows).
     constexpr idx kChunk = 64;

@@ -64,6 +64,13 @@ struct MatMap {
 
   // The step from (i, j) to (i+1, j) inside one batch of rows.
   idx row_step(idx j) const { return trans ? cs : segs[(j / seg_cols)].rs; }
+
+  // The same storage viewed as the transpose.
+  MatMap transposed() const {
+    MatMap t = *this;
+    t.trans = !trans;
+    return t;
+  }
 };
 
 // A plain matrix: element (i, j) at ptr[i*rs + j*cs]. Holds its one segment.

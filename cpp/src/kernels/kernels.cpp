@@ -221,13 +221,14 @@ void gemm_tile_m(const GemmTile& t) {
   float* const col_max = t.col_max;
   // A full tile takes one pass over the rows for each combination of the flags (with_*:
   // constants), in straight-line code: one pass for all, branching per element, kept the
-  // maxima on the stack (a tenth of an attention Sᵀ tile's time, k = d). One process, old and new
-  // taking turns, Zen 5, 1 thread, GFLOP/s: attention forward (8, 12, 512, 64) 208 ->
-  // 217, (1, 16, 2048, 64, causal) 209 -> 216, (1, 8, 4096, 128, causal) 223 -> 227,
-  // (32, 12, 128, 32) 164 -> 177; matmul (2048, 768, 2304) 246 -> 249. (The module grew
-  // from 2.3 to 3.8 MB.) GELU, a long sequence, walks the rows in a loop over a copy of
-  // acc (a loop over acc itself would index it by a variable, and keep it in memory in
-  // the k loop); the others are unrolled: acc indexed by constants stays in registers.
+  // maxima on the stack (a tenth of an attention Sᵀ tile's time, k = d). One process, old
+  // and new taking turns, Zen 5, 1 thread, GFLOP/s: attention forward (8, 12, 512, 64)
+  // 208 -> 217, (1, 16, 2048, 64, causal) 209 -> 216, (1, 8, 4096, 128, causal) 223 ->
+  // 227, (32, 12, 128, 32) 164 -> 177 (-2.5% of that again with edge tiles left out, see
+  // below); matmul (2048, 768, 2304) 246 -> 249. The module: 2.3 -> 3.0 MB. GELU, a long
+  // sequence, walks the rows in a loop over a copy of acc (a loop over acc itself would
+  // index it by a variable, and keep it in memory in the k loop); the others are
+  // unrolled: acc indexed by constants stays in registers.
   auto epilogue = [&](auto gelu, auto with_bias, auto with_beta, auto with_max) {
     V::reg biasv[NV], cmax[NV];
     for (int v = 0; v < NV; ++v) {
@@ -365,8 +366,9 @@ inline void transpose16(__m512 r[16]) {
 void pack_a(int m, idx k, const float* a, idx lda, float* dst, int width) {
   idx p0 = 0;
 #if defined(QKV_ISA_AVX512)
-  if (width == 6) {
-    // The wide tiles' panels (WIDE_MR = 6): 16 columns of the 6 rows are 96 floats of the
+  static_assert(WIDE_MR == 6, "the permutes below pack 6-row panels");
+  if (width == WIDE_MR) {
+    // The wide tiles' panels: 16 columns of the 6 rows are 96 floats of the
     // panel, six whole vectors. Pairs of rows interleaved (pair g, columns 0-7 in lo[g],
     // 8-15 in hi[g]: row 2g+t of column c at 2c+t), then each output vector gathered
     // from the three pairs by two two-source permutes; 18 permutes in all where the
